@@ -1,0 +1,138 @@
+"""Every hyperparameter and setting of hilserl-so101, in one dataclass.
+
+This is the bottom of the import graph: every other file reads its settings from a `Config`.
+Each field says what it means, its unit, and where its default comes from:
+  hil-serl  = rail-berkeley/hil-serl (the HIL-SERL paper's code, JAX)
+  RLPD      = Ball et al. 2023, "Efficient Online RL with Offline Data"
+  LeRobot   = huggingface/lerobot's SO-100/101 HIL-SERL port
+  lessons   = a real SO-101 run whose failures taught these defaults
+Any field can be overridden on the command line: `python hilserl.py --utd_ratio 10`.
+"""
+
+import dataclasses
+import sys
+
+
+@dataclasses.dataclass
+class Config:
+    # --- run -----------------------------------------------------------------------------
+    seed: int = 0                        # seeds numpy, torch and the sim's cube placement
+    device: str = "auto"                 # "auto" = cuda when available, else cpu
+
+    # --- SAC / RLPD learning ----------------------------------------------------------------
+    utd_ratio: int = 20                  # critic updates per control step (RLPD; lessons: 2 is far too few)
+    batch_size: int = 256                # transitions per update, half demo + half online (hil-serl)
+    discount: float = 0.97               # gamma (hil-serl launcher)
+    tau: float = 0.005                   # soft target update rate (hil-serl)
+    lr: float = 3e-4                     # Adam step size for actor, critics, grasp critic, temperature (hil-serl)
+    temperature_init: float = 0.01       # initial entropy temperature alpha (hil-serl launcher; lessons: 0.2 shakes)
+    num_critics: int = 2                 # critic ensemble size, clipped-min target (hil-serl)
+    hidden_dim: int = 256                # width of the two hidden layers of every MLP (hil-serl)
+    state_latent_dim: int = 64           # state encoder output width (hil-serl proprio encoder)
+    actor_std_min: float = 1e-5          # lower clip of the actor's std (hil-serl)
+    actor_std_max: float = 5.0           # upper clip of the actor's std (hil-serl launcher)
+    training_starts: int = 100           # online transitions collected before updates begin (hil-serl)
+    replay_capacity: int = 100_000       # online ring buffer size, transitions (LeRobot)
+    demo_capacity: int = 100_000         # demo ring buffer size, transitions (LeRobot)
+
+    # --- reward and gripper -----------------------------------------------------------------
+    reward_success: float = 10.0         # reward on success, which ends the episode (HIL-SERL; lessons)
+    reward_step: float = -0.05           # reward on every other step (HIL-SERL; lessons: 0 lets it stall)
+    grasp_penalty: float = -0.02         # grasp-critic reward when a command flips the gripper (hil-serl USB task)
+
+    # --- demos ------------------------------------------------------------------------------
+    demo_episodes: int = 20              # demos recorded when the demo file is missing (hil-serl; lessons: 15 too few)
+
+    # --- robot (robot.py) ---------------------------------------------------------------------
+    port: str = ""                       # serial port of the follower arm; empty = the simulated SO-101
+    baudrate: int = 1_000_000            # STS3215 factory default (Feetech)
+    calibration: str = "so101_calibration.json"  # calibration file (ours or LeRobot's follower JSON)
+    control_hz: float = 10.0             # control rate (hil-serl, LeRobot)
+    episode_steps: int = 100             # steps before an episode is truncated (gym-hil: 100 at 10 Hz)
+    ee_step_m: float = 0.01              # metres moved per unit of EE-delta action per step (hil-serl RAM task)
+    cameras: str = "front=0,wrist=2"     # name=index-or-path, comma separated
+    image_size: int = 128                # camera frames are resized to image_size x image_size (hil-serl)
+
+    # --- sim (sim.py) -------------------------------------------------------------------------
+    privileged_state: bool = True        # sim only: add the cube position to the state (never on a real arm)
+    use_images: bool = False             # put camera frames in the observations
+
+    # --- teleop (teleop.py) -------------------------------------------------------------------
+
+
+def _parse_value(name, text, default):
+    """Convert one command-line value to the type of the field's default."""
+    if isinstance(default, bool):
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"--{name} expects true or false, got {text!r}")
+    for kind in (int, float, str):
+        if isinstance(default, kind):
+            try:
+                return kind(text)
+            except ValueError:
+                raise ValueError(f"--{name} expects {kind.__name__}, got {text!r}") from None
+    raise ValueError(f"--{name} cannot be set from the command line")
+
+
+def parse_overrides(args, cfg=None):
+    """Apply `--field value` pairs to a Config; return (cfg, leftover words).
+
+    Words not starting with `--` are returned untouched so that programs can take positional
+    arguments. Raises ValueError with a one-line message for an unknown field or a bad value.
+    """
+    cfg = cfg or Config()
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    leftover = []
+    i = 0
+    while i < len(args):
+        word = args[i]
+        if not word.startswith("--"):
+            leftover.append(word)
+            i += 1
+            continue
+        name, _, value = word[2:].partition("=")
+        if name not in fields:
+            close = [f for f in fields if name.split("_")[0] in f]
+            hint = f" (did you mean --{close[0]}?)" if close else ""
+            raise ValueError(f"unknown option --{name}{hint}; see config.py for every setting")
+        if not value:
+            if i + 1 >= len(args):
+                raise ValueError(f"--{name} needs a value")
+            i += 1
+            value = args[i]
+        setattr(cfg, name, _parse_value(name, value, getattr(cfg, name)))
+        i += 1
+    return cfg, leftover
+
+
+def warnings_for(cfg, num_demo_episodes=None):
+    """One line per setting that the lessons file found to break learning on a real SO-101."""
+    lines = []
+    if cfg.temperature_init > 0.05:
+        lines.append(f"warning: temperature_init {cfg.temperature_init} is far above hil-serl's 0.01; "
+                     "expect shaky exploration and wasted interventions")
+    if cfg.utd_ratio < 10:
+        lines.append(f"warning: utd_ratio {cfg.utd_ratio} is below 10; RLPD uses 20 and learning per "
+                     "sample will be slow")
+    if cfg.reward_step >= 0:
+        lines.append("warning: reward_step is not negative; with no step penalty the policy has no "
+                     "reason not to stall (HIL-SERL uses -0.05)")
+    if cfg.reward_success <= 1:
+        lines.append(f"warning: reward_success {cfg.reward_success} is weak next to the step penalty "
+                     "(HIL-SERL uses +10)")
+    if num_demo_episodes is not None and num_demo_episodes < 20:
+        lines.append(f"warning: only {num_demo_episodes} demo episodes; HIL-SERL uses 20-30")
+    return lines
+
+
+def load_config(args=None):
+    """Parse sys.argv (or `args`); on a bad option print one line and exit with status 2."""
+    try:
+        return parse_overrides(sys.argv[1:] if args is None else args)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2)
+
