@@ -1,0 +1,146 @@
+"""Replay buffers: preallocated numpy rings of transitions, the 50/50 batch, atomic .npz files.
+
+Place in the loop: every control step adds one transition to the online buffer, and to the demo
+buffer too when the human acted (hil-serl). Before the updates, `sample_batches` draws every
+batch of the control step at once, half from the demos and half from the online data (RLPD).
+
+Layout. A transition is (obs, act, rew, next_obs, terminated, truncated, intervened,
+grasp_penalty). Vectors such as obs["state"] are stored twice, as obs and next_obs. Camera frames
+are big (128x128x3 bytes each), so they are stored once per frame: slot i holds the frame of
+obs_i, and next_obs_i's frame is the one in slot i+1. When an episode ends, its last frame
+still needs a home, so slot i+1 keeps it and is marked invalid (never sampled); the next episode
+starts at i+2. That costs one slot per episode, and the last step of an episode never
+bootstraps from the first frame of the next one.
+"""
+
+import os
+import tempfile
+
+import numpy as np
+
+
+class ReplayBuffer:
+    def __init__(self, capacity, example_obs, act_dim):
+        assert capacity >= 2, "a buffer needs at least two slots"
+        self.capacity = capacity
+        self.image_keys = [k for k, v in example_obs.items() if v.dtype == np.uint8]
+        self.vector_keys = [k for k, v in example_obs.items() if v.dtype != np.uint8]
+        self.arrays = {}
+        for key in self.image_keys:                          # once per frame (see the docstring)
+            self.arrays[key] = np.zeros((capacity, *example_obs[key].shape), np.uint8)
+        for key in self.vector_keys:
+            shape = example_obs[key].shape
+            self.arrays[key] = np.zeros((capacity, *shape), np.float32)
+            self.arrays["next_" + key] = np.zeros((capacity, *shape), np.float32)
+        self.arrays["act"] = np.zeros((capacity, act_dim), np.float32)
+        for key in ("rew", "grasp_penalty"):
+            self.arrays[key] = np.zeros(capacity, np.float32)
+        for key in ("terminated", "truncated", "intervened", "valid"):
+            self.arrays[key] = np.zeros(capacity, bool)
+        self.cursor = 0          # the slot the next transition goes to
+        self.size = 0            # slots written so far, up to capacity (valid or not)
+
+    def __len__(self):
+        """Number of transitions that can be sampled."""
+        return int(self.arrays["valid"].sum())
+
+    @property
+    def num_episodes(self):
+        """Episodes that ended in the buffer (an episode still running is not counted)."""
+        a = self.arrays
+        return int((a["valid"] & (a["terminated"] | a["truncated"])).sum())
+
+    def add(self, obs, act, rew, next_obs, terminated, truncated, intervened, grasp_penalty=0.0):
+        i, j = self.cursor, (self.cursor + 1) % self.capacity
+        a = self.arrays
+        for key in self.image_keys:
+            a[key][i] = obs[key]
+            a[key][j] = next_obs[key]                    # becomes obs of slot j on the next add
+        for key in self.vector_keys:
+            a[key][i] = obs[key]
+            a["next_" + key][i] = next_obs[key]
+        a["act"][i], a["rew"][i], a["grasp_penalty"][i] = act, rew, grasp_penalty
+        a["terminated"][i], a["truncated"][i], a["intervened"][i] = terminated, truncated, intervened
+        a["valid"][i] = True
+        a["valid"][j] = False                            # slot j now holds only a frame
+        episode_over = terminated or truncated
+        self.cursor = (j + 1) % self.capacity if episode_over else j
+        self.size = self.capacity if j == 0 or self.size == self.capacity else max(self.size, j + 1)
+
+    def sample_indices(self, n, rng):
+        """n slot indices drawn uniformly from the valid transitions."""
+        valid = np.flatnonzero(self.arrays["valid"])
+        if len(valid) == 0:
+            raise ValueError("cannot sample from an empty replay buffer")
+        return valid[rng.integers(0, len(valid), size=n)]
+
+    def gather(self, idx):
+        """The transitions at slot indices idx, as a dict of arrays with idx's shape in front."""
+        a = self.arrays
+        batch = {k: a[k][idx] for k in ("act", "rew", "grasp_penalty", "terminated", "truncated")}
+        for key in self.image_keys:
+            batch["obs/" + key] = a[key][idx]
+            batch["next_obs/" + key] = a[key][(idx + 1) % self.capacity]
+        for key in self.vector_keys:
+            batch["obs/" + key] = a[key][idx]
+            batch["next_obs/" + key] = a["next_" + key][idx]
+        return batch
+
+    # --- files -------------------------------------------------------------------------------
+    def save(self, path):
+        """Write the filled slots to `path` atomically: a temporary file, then a rename."""
+        full = self.size == self.capacity
+        order = (np.arange(self.size) + (self.cursor + 1 if full else 0)) % self.capacity   # oldest first
+        arrays = {k: v[order] for k, v in self.arrays.items()}
+        if self.size:
+            arrays["valid"][-1] = False  # its next frame, if any, is not in the file
+        directory = os.path.dirname(os.path.abspath(path))
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp.npz")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, **arrays)
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+
+    def load(self, path):
+        """Replace the contents with a file written by `save`, checking every key, shape and dtype."""
+        try:
+            data = np.load(path)
+        except (OSError, ValueError) as error:
+            raise ValueError(f"{path}: not a readable .npz replay file ({error})") from None
+        with data:
+            missing = sorted(set(self.arrays) - set(data.files))
+            if missing:
+                raise ValueError(f"{path}: missing key '{missing[0]}'; expected keys {sorted(self.arrays)}")
+            n = len(data["valid"])
+            if n > self.capacity:
+                raise ValueError(f"{path}: holds {n} slots but the buffer has {self.capacity}; "
+                                 "raise --replay_capacity or --demo_capacity")
+            loaded = {}
+            for key, mine in self.arrays.items():
+                theirs = data[key]
+                if theirs.shape[1:] != mine.shape[1:] or theirs.dtype != mine.dtype or len(theirs) != n:
+                    raise ValueError(f"{path}: key '{key}' is {theirs.dtype}{list(theirs.shape)}, expected "
+                                     f"{mine.dtype}{[n, *mine.shape[1:]]} (recorded with other cameras, "
+                                     "image size or state?)")
+                loaded[key] = theirs
+        for key, values in loaded.items():
+            self.arrays[key][:n] = values
+        self.arrays["valid"][n:] = False
+        self.size, self.cursor = n, n % self.capacity
+
+
+def sample_batches(demo, online, num_batches, batch_size, rng):
+    """num_batches batches, each half demo and half online (RLPD's symmetric sampling).
+
+    Returned arrays have shape (num_batches, batch_size, ...): rows [:batch_size // 2] of every
+    batch come from the demo buffer, the rest from the online buffer. Drawing a whole control
+    step's batches at once lets the caller move them to the GPU in one copy.
+    """
+    half = batch_size // 2
+    d = demo.gather(demo.sample_indices(num_batches * half, rng).reshape(num_batches, half))
+    o = online.gather(online.sample_indices(num_batches * half, rng).reshape(num_batches, half))
+    return {k: np.concatenate([d[k], o[k]], axis=1) for k in d}
