@@ -58,6 +58,15 @@ class Config:
     use_images: bool = False             # put camera frames in the observations
 
     # --- teleop (teleop.py) -------------------------------------------------------------------
+    teleop: str = "auto"                 # who intervenes: gamepad, keyboard, leader, expert, or auto (see teleop.make_teleop)
+    gamepad_layout: str = "auto"         # xbox or playstation button numbering (pygame 2 docs); auto picks from the pad's name
+    gamepad_map: str = ""                # remap pad controls, e.g. "intervene=10,success=3" (find numbers: python teleop.py pad)
+    dead_zone: float = 0.1               # stick deflection that reads as zero, so a resting stick does not drift (LeRobot gamepad)
+    teleop_speed: float = 1.0            # full stick or a held key = this fraction of the largest action (ee_step_m per step)
+    leader_port: str = ""                # serial port of an SO-101 leader arm used to intervene; empty = none
+    leader_calibration: str = "so101_leader_calibration.json"  # the leader arm's calibration file (ours or LeRobot's)
+    show_window: bool = True             # open the operator's window when a display exists; headless prints a line per episode
+    demo_keep_failed: bool = False       # also keep demo episodes not marked successful (hil-serl keeps successes only)
 
 
 def _parse_value(name, text, default):
