@@ -52,6 +52,11 @@ class Config:
     ee_step_m: float = 0.01              # metres moved per unit of EE-delta action per step (hil-serl RAM task)
     cameras: str = "front=0,wrist=2"     # name=index-or-path, comma separated
     image_size: int = 128                # camera frames are resized to image_size x image_size (hil-serl)
+    camera_roi: str = ""                 # crop before resizing, "front=x:y:w:h,wrist=x:y:w:h" in pixels; empty = whole frame (hil-serl crops per camera)
+    workspace_m: str = "0.15,0.30,-0.12,0.12,0.01,0.10"  # SAFETY: EE target box x0,x1,y0,y1,z0,z1, base frame (ours: the SO-101 reaches all of it pointing down, within 20 deg)
+    max_joint_step_rad: float = 0.1      # SAFETY: most an arm joint's goal may move in one control step (ours: 1 rad/s at 10 Hz)
+    read_retries: int = 2                # bus retries after a missed or corrupt reply before the error names the servo (LeRobot PR #4207)
+    bus_latency_s: float = 0.02          # added to a reply's wire time to make its timeout: USB + servo turnaround (raise for ESP32 boards: 17-28 ms)
 
     # --- sim (sim.py) -------------------------------------------------------------------------
     privileged_state: bool = True        # sim only: add the cube position to the state (never on a real arm)
