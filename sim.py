@@ -1,0 +1,345 @@
+"""The simulated SO-101: a MuJoCo arm, table and cube behind the real robot's interfaces.
+
+With no --port, hilserl.py and teleop.py run on this file instead of hardware. The sim is the
+robot's twin, not a separate program: robot.py's FeetechBus, SO101 and SO101Env run unchanged on
+it, because the sim answers the same Feetech packets a real servo would (robot.py's ServoEmulator
+holds the six control tables; on every tick the sim copies their goal registers into MuJoCo, steps
+the physics one control period, and writes the present positions back). Only the physics and the
+cameras are simulated. One control step in the sim:
+
+  SO101Env.step: SYNC_WRITE goals -> emulator registers
+  SimWorld.tick: registers -> MuJoCo ctrl -> 50 physics steps of 2 ms -> present registers
+  SO101Env.step: SYNC_READ positions, SimCamera.read() renders a frame, SimWorld.success()
+
+Simulated time advances one control period per tick, independent of the wall clock, so training
+runs as fast as the machine allows. A ScriptedExpert stands in for the human: it records demos and
+takes over when the policy goes astray. Run `python sim.py --bench`, `python sim.py --snapshot
+docs/sim_cameras.png`, or `python sim.py --view` (needs a display).
+"""
+
+import os
+import sys
+
+os.environ.setdefault("MUJOCO_GL", "egl")  # MuJoCo picks its GL backend at import; egl runs headless
+
+import mujoco  # noqa: E402
+import numpy as np  # noqa: E402
+
+from config import load_config  # noqa: E402
+from robot import (HOME_RAD, IDS, JOINTS, SO101, SO101_CHAIN, TICKS_PER_RAD, TOOL_POS, TOOL_QUAT,  # noqa: E402
+                   FeetechBus, ServoEmulator, chain_calibration, forward_kinematics)
+
+# ------------------------------------------------------------------------------------------------
+# The scene, generated as MJCF text from robot.py's kinematic table, so the sim and the real arm's
+# FK/IK share one set of numbers. Geometry is primitives: capsules from each joint to the next, two
+# jaws with collision pads. Only the pads, the cube and the table collide: the arm links are
+# visual, a simplification (the sim arm can pass through the table; the workspace box keeps it up).
+PAD_HALF_M = (0.004, 0.010, 0.014)  # fixed-jaw pad box: half thickness, width, length
+TIP_RADIUS_M = 0.005                # moving-jaw tip: a capsule across the jaw, touches the pad at 0 rad
+TIP_UP_M = 0.004                    # the moving tip sits this far above the tool point when closed
+CUBE_MASS_KG = 0.05
+WRIST_CAMERA_M = (0.0, -0.05, -0.03)  # on the side of the gripper, looking between the jaw tips
+GRIPPER_OPEN_RAD = 1.0              # the reset pose's gripper angle: wide enough for a 4 cm cube
+
+
+def _mat(quat):
+    rot = np.zeros(9)
+    mujoco.mju_quat2Mat(rot, np.asarray(quat, dtype=float))
+    return rot.reshape(3, 3)
+
+
+def _v(vec):
+    return " ".join(f"{x:.6g}" for x in vec)
+
+
+def _look_at(pos, target, up=(0.0, 0.0, 1.0)):
+    """MJCF xyaxes for a camera at pos looking at target (MuJoCo cameras look along their -z)."""
+    back = np.asarray(pos, float) - target
+    back /= np.linalg.norm(back)
+    right = np.cross(up, back)
+    right /= np.linalg.norm(right)
+    return _v(np.concatenate([right, np.cross(back, right)]))
+
+
+def _link_geoms(i):
+    """Primitive geoms of body i of SO101_CHAIN, in that body's frame."""
+    name, _, pos, quat, _, _, _ = SO101_CHAIN[i]
+    tool = np.asarray(TOOL_POS)
+    if name == "base":
+        top = np.asarray(SO101_CHAIN[1][2])
+        return [f'<geom class="link" type="cylinder" size="0.045 {top[2] / 2:.4g}" pos="{top[0]:.4g} 0 {top[2] / 2:.4g}"/>']
+    if name == "gripper":  # fixed jaw: a finger to the tool point, a pad whose inner face is at the tool point
+        return ['<geom class="link" type="box" size="0.022 0.028 0.02" pos="0 0 -0.02"/>',
+                f'<geom class="link" type="capsule" size="0.007" fromto="0 0 -0.02 {_v(tool + [-0.008, 0, 0.008])}"/>',
+                f'<geom name="fixed_pad" class="pad" type="box" size="{_v(PAD_HALF_M)}" '
+                f'pos="{_v(tool + [-PAD_HALF_M[0], 0, PAD_HALF_M[2] - 0.002])}"/>',
+                f'<site name="tool" pos="{_v(tool)}" quat="{_v(TOOL_QUAT)}"/>',
+                f'<camera name="wrist" pos="{_v(WRIST_CAMERA_M)}" xyaxes="{_look_at(WRIST_CAMERA_M, tool + [0.02, 0, 0.01], up=(0, 0, 1))}" fovy="70"/>']
+    if name == "moving_jaw":  # its tip closes onto the fixed pad; the jaw opens with positive angles
+        tip = _mat(quat).T @ (tool + [TIP_RADIUS_M, 0, TIP_UP_M] - np.asarray(pos))
+        across = np.array([0.0, 0.0, PAD_HALF_M[1]])
+        return [f'<geom class="link" type="capsule" size="0.006" fromto="0 0 {tip[2]:.4g} {_v(tip)}"/>',
+                f'<geom name="moving_pad" class="pad" type="capsule" size="{TIP_RADIUS_M}" '
+                f'fromto="{_v(tip - across)} {_v(tip + across)}"/>']
+    return [f'<geom class="link" type="capsule" size="0.02" fromto="0 0 0 {_v(SO101_CHAIN[i + 1][2])}"/>']
+
+
+def scene_xml(cfg):
+    """The whole scene as MJCF text: table, SO-101 from robot.py's chain, cube, two cameras."""
+    arm = ""
+    for i in reversed(range(len(SO101_CHAIN))):  # nest from the jaw outwards: each body holds its child
+        name, _, pos, quat, mass, joint, joint_range = SO101_CHAIN[i]
+        hinge = f'<joint name="{joint}" range="{joint_range[0]} {joint_range[1]}"/>' if joint else ""
+        arm = (f'<body name="{name}" pos="{_v(pos)}" quat="{_v(quat)}">{hinge}'
+               f'<inertial pos="0 0 0" mass="{mass}" diaginertia="5e-5 5e-5 5e-5"/>'
+               + "".join(_link_geoms(i)) + arm + "</body>")
+    # STS3215 as the published SO-101 MJCF tunes it: kp 17.8, +-3.35 N m, ctrl range = joint range.
+    servos = "".join(f'<position name="{joint}" joint="{joint}" kp="17.8" forcerange="-3.35 3.35" '
+                     f'ctrlrange="{r[0]} {r[1]}"/>' for (_, _, _, _, _, joint, r) in SO101_CHAIN if joint)
+    half = cfg.cube_size_m / 2
+    return f"""<mujoco model="so101_cube">
+  <compiler angle="radian"/>
+  <!-- Grasping is reliable only with noslip, an elliptic cone and implicitfast (measured). -->
+  <option timestep="{cfg.sim_timestep_s}" integrator="implicitfast" cone="elliptic" impratio="10" noslip_iterations="5"/>
+  <visual><global offwidth="{cfg.image_size}" offheight="{cfg.image_size}"/><quality shadowsize="0" offsamples="0"/></visual>
+  <default>
+    <joint damping="0.6" frictionloss="0.052" armature="0.028"/>
+    <!-- Stiff contacts (time constant 2 timesteps): with MuJoCo's default 20 ms the 3 N m gripper
+         squeezes the light cube 9 mm deep into the pads. -->
+    <geom friction="1.5 0.005 0.0001" solref="{2 * cfg.sim_timestep_s} 1" solimp="0.95 0.99 0.001"/>
+    <default class="link"><geom contype="0" conaffinity="0" rgba="0.95 0.75 0.2 1"/></default>
+    <default class="pad"><geom rgba="0.15 0.15 0.15 1"/></default>
+  </default>
+  <asset><texture type="skybox" builtin="gradient" rgb1="0.7 0.75 0.8" rgb2="0.3 0.3 0.35" width="32" height="32"/></asset>
+  <worldbody>
+    <light pos="0.2 0 1.5" dir="0 0 -1" directional="true" castshadow="false"/>
+    <geom name="table" type="box" size="0.6 0.6 0.02" pos="0.2 0 -0.02" rgba="0.82 0.8 0.76 1"/>
+    <camera name="front" pos="0.5 0 0.3" xyaxes="{_look_at([0.5, 0, 0.3], [0.15, 0, 0.03])}" fovy="50"/>
+    {arm}
+    <body name="cube" pos="0.2 0 {half}">
+      <freejoint/>
+      <geom name="cube" type="box" size="{half} {half} {half}" mass="{CUBE_MASS_KG}" rgba="0.85 0.15 0.15 1"/>
+    </body>
+  </worldbody>
+  <actuator>{servos}</actuator>
+</mujoco>"""
+
+
+# ------------------------------------------------------------------------------------------------
+# The world: MuJoCo behind the emulated servos. A servo's encoder reads 2048 at its joint's 0 rad
+# (the "new calibration" convention: mid-range is 2048); Present_Position = encoder - Homing_Offset
+# and the servo drives its encoder to Goal_Position + Homing_Offset, as on a real STS3215.
+STALL_TORQUE_NM = 3.35  # STS3215 at 7.4 V, the actuators' force range at Torque_Limit 1000
+
+
+def _rad_to_encoder(q_rad):
+    return np.round(2048 + np.asarray(q_rad) * TICKS_PER_RAD).astype(int)
+
+
+class SimWorld:
+    """The world protocol (tick, reset_scene, extra_state, success) on MuJoCo physics."""
+
+    def __init__(self, cfg, model, emulator, seed=None):
+        self.cfg, self.model, self.emulator = cfg, model, emulator
+        self.data = mujoco.MjData(model)
+        self.substeps = round(1.0 / (cfg.control_hz * model.opt.timestep))  # 50 x 2 ms at 10 Hz
+        self.servo_ids = [JOINTS.index(model.actuator(i).name) + 1 for i in range(model.nu)]
+        self.cube_qpos = model.jnt_qposadr[model.body("cube").jntadr[0]]
+        self.cube_geom, self.table_geom = model.geom("cube").id, model.geom("table").id
+        self.pad_geoms = (model.geom("fixed_pad").id, model.geom("moving_pad").id)
+        self.tool_site = model.site("tool").id
+        area = [float(x) for x in cfg.cube_area_m.split(",")]
+        assert len(area) == 4, f"cube_area_m needs 4 numbers x0,x1,y0,y1, got {cfg.cube_area_m!r}"
+        self.cube_low, self.cube_high = np.array(area[0::2]), np.array(area[1::2])
+        self.rng = np.random.default_rng(seed)
+        self.reset_scene(seed)
+
+    def tick(self):
+        """Advance the physics by one control period; simulated time never waits for the clock."""
+        for i, servo_id in enumerate(self.servo_ids):
+            get = lambda name: self.emulator.get(servo_id, name)  # noqa: E731
+            low, high = get("Min_Position_Limit"), get("Max_Position_Limit")
+            goal = get("Goal_Position") if low == high == 0 else np.clip(get("Goal_Position"), low, high)
+            self.data.ctrl[i] = (goal + get("Homing_Offset") - 2048) / TICKS_PER_RAD
+            # Torque off makes the joint limp; Torque_Limit (0.1 %) scales the servo's stall torque.
+            torque_nm = STALL_TORQUE_NM * get("Torque_Limit") / 1000 * (get("Torque_Enable") > 0)
+            self.model.actuator_forcerange[i] = (-torque_nm, torque_nm)
+        mujoco.mj_step(self.model, self.data, nstep=self.substeps)
+        self._write_present()
+        return 0.0
+
+    def _write_present(self):
+        """Joint state -> Present_* registers of each emulated servo."""
+        joint_q = self.data.qpos[self.model.actuator_trnid[:, 0]]
+        joint_qd = self.data.qvel[self.model.jnt_dofadr[self.model.actuator_trnid[:, 0]]]
+        for i, servo_id in enumerate(self.servo_ids):
+            offset = self.emulator.get(servo_id, "Homing_Offset")
+            force = self.data.actuator_force[i]
+            limit = max(self.model.actuator_forcerange[i, 1], 1e-9)
+            self.emulator.set(servo_id, "Present_Position", (_rad_to_encoder(joint_q[i]) - offset) % 4096)
+            self.emulator.set(servo_id, "Present_Velocity", int(round(joint_qd[i] * TICKS_PER_RAD)))
+            self.emulator.set(servo_id, "Present_Load", int(round(np.clip(force / limit, -1, 1) * 1000)))
+            self.emulator.set(servo_id, "Moving", int(abs(joint_qd[i]) * TICKS_PER_RAD > 20))
+            # Voltage and temperature stay at the emulator's 7.4 V / 25 C: the sim has no battery or heat.
+
+    def reset_scene(self, seed=None):
+        """Arm at HOME_RAD with the gripper open, the cube on the table at a random place and yaw.
+
+        The arm is placed, not driven, there (the human's reset of the real scene). The cube's
+        yaw is its bearing from the base +-0.2 rad, so the radial jaws meet two faces, as a
+        person would place it; the arm cannot turn its wrist to meet a cube at any angle.
+        """
+        rng = self.rng if seed is None else np.random.default_rng(seed)
+        mujoco.mj_resetData(self.model, self.data)
+        arm_q = np.append(HOME_RAD, GRIPPER_OPEN_RAD)
+        self.data.qpos[self.model.actuator_trnid[:, 0]] = arm_q
+        self.data.ctrl[:] = arm_q
+        xy = rng.uniform(self.cube_low, self.cube_high)
+        yaw = np.arctan2(xy[1], xy[0] - SO101_CHAIN[1][2][0]) + rng.uniform(-0.2, 0.2)
+        self.data.qpos[self.cube_qpos:self.cube_qpos + 7] = [*xy, self.cfg.cube_size_m / 2,
+                                                             np.cos(yaw / 2), 0, 0, np.sin(yaw / 2)]
+        mujoco.mj_forward(self.model, self.data)
+        self._write_present()
+        for servo_id in self.servo_ids:  # a servo holds where it is: goal = present
+            self.emulator.set(servo_id, "Goal_Position", self.emulator.get(servo_id, "Present_Position"))
+
+    def cube_pos(self):
+        return self.data.qpos[self.cube_qpos:self.cube_qpos + 3].copy()
+
+    def tool_pos(self):
+        return self.data.site_xpos[self.tool_site].copy()
+
+    def extra_state(self):
+        """Privileged state for fast state-only training: cube position minus tool position (m)."""
+        if not self.cfg.privileged_state:
+            return np.zeros(0, np.float32)
+        return (self.cube_pos() - self.tool_pos()).astype(np.float32)
+
+    def success(self):
+        """Exactly from physics: both jaws touch the cube and its bottom is success_lift_m up."""
+        touching = set()
+        for contact in self.data.contact[:self.data.ncon]:
+            pair = {contact.geom1, contact.geom2}
+            if self.cube_geom in pair:
+                touching |= pair
+        lifted = self.cube_pos()[2] - self.cfg.cube_size_m / 2 >= self.cfg.success_lift_m
+        return lifted and all(pad in touching for pad in self.pad_geoms)
+
+
+class SimCamera:
+    """A MuJoCo camera with a real camera's interface: read() -> uint8 (S, S, 3) RGB, close().
+
+    The renderer (an OpenGL context) is made at the first read, so state-only runs never need GL.
+    """
+
+    def __init__(self, world, name):
+        self.world, self.name, self.renderer = world, name, None
+
+    def read(self):
+        if self.renderer is None:
+            size = self.world.cfg.image_size
+            self.renderer = mujoco.Renderer(self.world.model, size, size)
+        self.renderer.update_scene(self.world.data, camera=self.name)
+        return self.renderer.render()
+
+    def close(self):
+        if self.renderer is not None:  # explicitly: a renderer left to the interpreter's exit raises
+            self.renderer.close()
+            self.renderer = None
+
+
+def make_sim(cfg, seed=None):
+    """The simulated SO-101 as (arm, cameras, world), ready for SO101Env(cfg, arm, cameras, world).
+
+    The arm is robot.py's SO101 on a FeetechBus whose port is the emulator; its calibration is the
+    one whose ranges are the model's joint ranges (homing offset 0), so ticks map to MuJoCo radians.
+    """
+    model = mujoco.MjModel.from_xml_string(scene_xml(cfg))
+    emulator = ServoEmulator(IDS)
+    world = SimWorld(cfg, model, emulator, seed)
+    arm = SO101(FeetechBus(emulator, cfg.baudrate), chain_calibration())
+    cameras = {name: SimCamera(world, name) for name in ("front", "wrist")}
+    return arm, cameras, world
+
+
+# ------------------------------------------------------------------------------------------------
+# The scripted expert: the human of the sim. It reads the arm's state from the observation (what
+# the robot measures) and the cube from the world (what a person sees), and answers in the policy's
+# action space: EE delta in [-1, 1] (x ee_step_m) and a gripper command -1 close / 0 stay / +1 open.
+class ScriptedExpert:
+    """Above the cube -> descend -> close -> lift, with Gaussian noise; and when to intervene.
+
+    act() keeps no memory: the phase is read from the state, so the expert can take over at any
+    moment of an episode. wants_control() keeps a short history of how far the arm is from done.
+    """
+
+    HOVER_M = 0.03        # clearance above the cube while moving to it
+    GRASP_Z_M = 0.01      # tool point (fixed jaw tip) height above the table when closing: workspace floor
+    MARGIN_M = 0.006      # gap left between the fixed jaw and the cube, so the jaw never lands on it
+    CLOSED_BELOW = 0.45   # gripper opening under which the jaws are closed (or holding the cube)
+    PROGRESS_M = 0.005    # less than this much progress in expert_patience steps = astray or stalled
+
+    def __init__(self, cfg, world, seed=None):
+        self.cfg, self.world = cfg, world
+        self.rng = np.random.default_rng(seed)
+        self.half = cfg.cube_size_m / 2
+        self.reset()
+
+    def reset(self):
+        """Call at the start of every episode: forget the intervention history."""
+        self.history, self.in_control, self.control_steps = [], False, 0
+
+    def _situation(self, obs):
+        """(tool position, direction from the fixed jaw to the moving one, cube position, holding)."""
+        q, opening = obs["state"][:5], obs["state"][5]
+        tool, rot = forward_kinematics(q)
+        # The tool point is the fixed jaw's tip; the moving jaw closes along the tool's z axis.
+        jaw_dir = np.array([rot[0, 2], rot[1, 2], 0.0])
+        jaw_dir /= np.linalg.norm(jaw_dir)
+        cube = self.world.cube_pos()
+        in_jaws = np.linalg.norm(cube[:2] - (tool[:2] + jaw_dir[:2] * self.half)) < self.half
+        holding = opening < self.CLOSED_BELOW and in_jaws and cube[2] > tool[2] - self.half
+        return tool, jaw_dir, cube, holding
+
+    def act(self, obs):
+        tool, jaw_dir, cube, holding = self._situation(obs)
+        opening = obs["state"][5]
+        grasp = np.append(cube[:2] - jaw_dir[:2] * (self.half + self.MARGIN_M), self.GRASP_Z_M)  # close here
+        hover_z = 2 * self.half + self.HOVER_M
+        if holding:  # lift
+            target, gripper = tool + [0, 0, 2 * self.cfg.ee_step_m], -1.0
+        elif opening < self.CLOSED_BELOW:  # closed on nothing: open and rise
+            target, gripper = np.append(tool[:2], max(tool[2], hover_z)), 1.0
+        elif np.linalg.norm(grasp[:2] - tool[:2]) > 0.008:  # go above the grasp point
+            target, gripper = np.append(grasp[:2], hover_z), 0.0
+        elif tool[2] > grasp[2] + 0.008:  # descend, still correcting sideways
+            target, gripper = grasp, 0.0
+        else:  # jaws around the cube: close, without moving
+            target, gripper = tool, -1.0
+        delta = (target - tool) / self.cfg.ee_step_m + self.rng.normal(0, self.cfg.expert_noise, 3)
+        return np.append(np.clip(delta, -1, 1), gripper).astype(np.float32)
+
+    def _distance(self, obs):
+        """How far from done (m): remaining lift when holding, else distance to the grasp pose."""
+        tool, jaw_dir, cube, holding = self._situation(obs)
+        if holding:
+            return max(0.0, self.cfg.success_lift_m - (cube[2] - self.half))
+        grasp = np.append(cube[:2] - jaw_dir[:2] * (self.half + self.MARGIN_M), self.GRASP_Z_M)
+        return self.cfg.success_lift_m + np.linalg.norm(grasp - tool)
+
+    def wants_control(self, obs):
+        """Call once per step: True while the expert should act instead of the policy.
+
+        It takes over when the policy made less than PROGRESS_M of progress over the last
+        expert_patience steps (it moves away from the cube or stalls), and hands back once its own
+        expert_patience steps have brought the arm closer: interventions stay short and sparse.
+        """
+        self.history.append(self._distance(obs))
+        n = self.cfg.expert_patience
+        if self.in_control:
+            self.control_steps += 1
+            if self.control_steps >= n and self.history[-1] < self.history[-1 - n] - self.PROGRESS_M:
+                self.history, self.in_control = [self.history[-1]], False
+        elif len(self.history) > n and self.history[-1] > self.history[-1 - n] - self.PROGRESS_M:
+            self.in_control, self.control_steps = True, 0
+        return self.in_control
