@@ -129,11 +129,11 @@ def inverse_kinematics(q_rad, target_pos, iters=200, tol_m=1e-4, damping=0.02):
             dq_down = null @ _damped_pinv(jr @ null, damping) @ (err_rot - jr @ dq)
             # A small secondary step (0.1 rad): larger ones fight the position task and stall it.
             dq += dq_down * min(1.0, 0.1 / (np.abs(dq_down).max() + 1e-12))
+            dq *= min(1.0, 0.2 / (np.abs(dq).max() + 1e-12))  # stay where the linearisation holds
             blocked = (q[:4] + dq < ARM_LOW_RAD[:4]) | (q[:4] + dq > ARM_HIGH_RAD[:4])
             if not (blocked & free).any():
                 break
             free &= ~blocked
-        dq *= min(1.0, 0.2 / (np.abs(dq).max() + 1e-12))  # stay where the linearisation holds
         if np.linalg.norm(err_pos) < tol_m and np.abs(dq).max() < 1e-4:
             break  # on target, and pointing as far down as it can get
         q[:4] = np.clip(q[:4] + dq, ARM_LOW_RAD[:4], ARM_HIGH_RAD[:4])
@@ -345,3 +345,568 @@ class ServoEmulator:
         elif fault == "garbage":
             status = b"\xff" + status  # a stray FF is the hardest case: FF FF FF id ...
         self._outgoing += status
+
+
+# ------------------------------------------------------------------------------------------------
+# The bus: one transaction = one instruction out, the expected status packets back.
+class BusError(RuntimeError):
+    """A servo did not answer properly after every retry."""
+
+
+class ServoError(RuntimeError):
+    """A servo answered with error bits set (they stay latched until its power is cycled)."""
+
+
+def _joint_of(servo_id):
+    return JOINTS[servo_id - 1] if servo_id in IDS else f"id {servo_id}"
+
+
+class FeetechBus:
+    """PING, READ, WRITE, SYNC_READ and SYNC_WRITE over anything with pyserial's read/write.
+
+    A reply is hunted for in the byte stream (FF FF header, then id, length and checksum checks,
+    as Feetech's SDK does), within a timeout of the bytes' wire time at this baud rate plus
+    `latency_s`. A missing, corrupt or truncated reply is retried `retries` times, then BusError
+    names the servo and what to check. Error bits raise ServoError at once: retrying cannot clear them.
+    """
+
+    def __init__(self, port, baudrate=1_000_000, retries=2, latency_s=0.02):
+        self.port, self.baudrate, self.retries, self.latency_s = port, baudrate, retries, latency_s
+        self._rx = bytearray()  # received bytes not yet parsed
+
+    def ping(self, servo_id):
+        self._transact(packet(servo_id, PING), [servo_id], 0, "PING")
+
+    def read(self, servo_id, name):
+        address, size, _ = REGISTERS[name]
+        [data] = self._transact(packet(servo_id, READ, [address, size]), [servo_id], size, f"READ {name}")
+        return register_value(name, data)
+
+    def write(self, servo_id, name, value):
+        address = REGISTERS[name][0]
+        request = packet(servo_id, WRITE, bytes([address]) + register_bytes(name, value))
+        self._transact(request, [servo_id], 0, f"WRITE {name}")
+
+    def sync_read(self, name, ids):
+        """One request, one status packet per servo back to back; returns the values in ids order."""
+        address, size, _ = REGISTERS[name]
+        request = packet(BROADCAST_ID, SYNC_READ, bytes([address, size, *ids]))
+        return [register_value(name, data) for data in self._transact(request, ids, size, f"SYNC_READ {name}")]
+
+    def sync_write(self, name, values):
+        """One broadcast packet setting `name` on several servos ({id: value}); servos do not reply."""
+        address, size, _ = REGISTERS[name]
+        params = bytes([address, size]) + b"".join(bytes([i]) + register_bytes(name, v) for i, v in values.items())
+        self.port.write(packet(BROADCAST_ID, SYNC_WRITE, params))
+
+    def _transact(self, request, ids, size, what):
+        reply_bytes = len(ids) * (6 + size)
+        timeout_s = (len(request) + reply_bytes) * 10 / self.baudrate + self.latency_s  # 10 bits a byte
+        for _ in range(1 + self.retries):
+            self.port.reset_input_buffer()  # a late reply to an earlier try must not pass for this one
+            self._rx.clear()
+            self.port.write(request)
+            deadline = time.monotonic() + timeout_s
+            try:
+                replies = [self._receive(servo_id, size, deadline) for servo_id in ids]
+                break
+            except _BadReply as bad:
+                failure = bad
+        else:
+            servo_id, problem = failure.args
+            raise BusError(f"servo {servo_id} ({_joint_of(servo_id)}) {problem} to {what} after "
+                           f"{1 + self.retries} tries: check the arm's power supply, the cable to this "
+                           f"servo, that its id is {servo_id} and that it runs at {self.baudrate} baud")
+        for servo_id, (err, _) in zip(ids, replies):
+            if err:
+                raise ServoError(f"servo {servo_id} ({_joint_of(servo_id)}) reports {error_names(err)} "
+                                 f"error on {what}: check the power supply and the load on this joint, "
+                                 f"then power-cycle the arm to clear it")
+        return [data for _, data in replies]
+
+    def _receive(self, servo_id, size, deadline):
+        """Hunt the stream for servo_id's status packet; return (error byte, data bytes)."""
+        buf = self._rx
+        while True:
+            start = buf.find(b"\xff\xff")
+            if start < 0:  # no header yet: keep a trailing FF, it may start one
+                start = len(buf) - 1 if buf.endswith(b"\xff") else len(buf)
+            del buf[:start]
+            # Not a header after all (an id, length or error byte no servo sends): skip one byte.
+            if ((len(buf) > 2 and buf[2] > 0xFD) or (len(buf) > 3 and not 2 <= buf[3] <= 250)
+                    or (len(buf) > 4 and buf[4] > 0x7F)):
+                del buf[0]
+                continue
+            total = buf[3] + 4 if len(buf) > 3 else 6
+            if len(buf) >= total:
+                raw = bytes(buf[:total])
+                del buf[:total]
+                if checksum(raw[2:-1]) != raw[-1]:
+                    raise _BadReply(servo_id, "sent a reply with a bad checksum")
+                if raw[2] != servo_id:
+                    continue  # a late reply from another servo: skip it, as Feetech's SDK does
+                if total - 6 != size:
+                    raise _BadReply(servo_id, f"sent {total - 6} data bytes instead of {size}")
+                return raw[4], raw[5:-1]
+            chunk = self._read(total - len(buf), deadline)
+            if not chunk:
+                raise _BadReply(servo_id, "sent a truncated reply" if buf else "did not answer")
+            buf += chunk
+
+    def _read(self, size, deadline):
+        """Up to `size` bytes, waiting no later than the deadline (b"" once it has passed)."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return b""
+        self.port.timeout = remaining
+        return self.port.read(size)
+
+
+class _BadReply(Exception):
+    """(servo id, what went wrong): one try of a transaction failed; the bus may retry."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Calibration: where each joint's range lies in servo ticks. The JSON file is LeRobot's SO-101
+# follower format field for field ({joint: {id, drive_mode, homing_offset, range_min,
+# range_max}}), so an arm calibrated with LeRobot needs no recalibration here. The homing offset
+# makes the servo read 2048 at the pose the owner centred, which is the model's 0 rad.
+@dataclasses.dataclass
+class JointCalibration:
+    id: int
+    drive_mode: int
+    homing_offset: int
+    range_min: int
+    range_max: int
+
+
+RECALIBRATE = "recalibrate with python robot.py --port PORT calibrate"
+TICKS_PER_RAD = TICKS_PER_REV / (2 * math.pi)
+
+
+def save_calibration(path, calibration):
+    with open(path, "w") as f:
+        json.dump({name: dataclasses.asdict(c) for name, c in calibration.items()}, f, indent=4)
+
+
+def load_calibration(path):
+    """A calibration JSON (ours or LeRobot's) -> {joint: JointCalibration}, checked joint by joint."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise SystemExit(f"calibration {path}: no such file - {RECALIBRATE}") from None
+    calibration = {}
+    for name, servo_id in zip(JOINTS, IDS):
+        if name not in data:
+            raise ValueError(f"calibration {path}: joint {name!r} is missing - {RECALIBRATE}")
+        c = calibration[name] = JointCalibration(**{k: int(data[name][k]) for k in
+                                                    ("id", "drive_mode", "homing_offset", "range_min", "range_max")})
+        if c.id != servo_id or not 0 <= c.range_min < c.range_max <= 4095 or abs(c.homing_offset) > 2047:
+            raise ValueError(f"calibration {path}: joint {name!r} has id {c.id}, min {c.range_min}, max "
+                             f"{c.range_max}, offset {c.homing_offset} (want id {servo_id}, 0 <= min < max "
+                             f"<= 4095, |offset| <= 2047) - {RECALIBRATE}")
+    return calibration
+
+
+def chain_calibration():
+    """The calibration whose ranges are the model's joint ranges (homing offset 0): sim.py's arm."""
+    return {body[5]: JointCalibration(servo_id, 0, 0, 2048 + math.ceil(body[6][0] * TICKS_PER_RAD),
+                                      2048 + math.floor(body[6][1] * TICKS_PER_RAD))
+            for servo_id, body in zip(IDS, SO101_CHAIN[1:])}
+
+
+def ticks_to_joints(ticks, calibration):
+    """Servo ticks (6,) -> 5 arm angles in rad (0 at tick 2048) and the gripper opening in [0, 1]."""
+    gripper = calibration["gripper"]
+    joints = (np.asarray(ticks[:5], dtype=float) - 2048) / TICKS_PER_RAD
+    opening = (ticks[5] - gripper.range_min) / (gripper.range_max - gripper.range_min)
+    return np.append(joints, np.clip(opening, 0.0, 1.0))
+
+
+def joints_to_ticks(joints, calibration):
+    gripper = calibration["gripper"]
+    ticks = np.append(2048 + np.asarray(joints[:5]) * TICKS_PER_RAD,
+                      gripper.range_min + joints[5] * (gripper.range_max - gripper.range_min))
+    return np.round(ticks).astype(int)
+
+
+# ------------------------------------------------------------------------------------------------
+# The arm.
+class SO101:
+    """The SO-101 follower on a FeetechBus: connect, configure, torque, joints in, safe goals out.
+
+    Use it as a context manager: torque goes off when the block ends, whatever ends it (an
+    exception, Ctrl-C, or SIGTERM, which is turned into SystemExit so that the block unwinds).
+    """
+
+    def __init__(self, bus, calibration, max_step_rad=0.1):
+        self.bus, self.calibration = bus, calibration
+        self.max_step_ticks = max_step_rad * TICKS_PER_RAD
+        self.last_ticks = None  # the latest positions read; the per-step jump limit starts from them
+        self._old_sigterm = None
+
+    def connect(self):
+        """Ping every servo and check it is an STS3215 (model 777)."""
+        problems = []
+        for name, servo_id in zip(JOINTS, IDS):
+            try:
+                self.bus.ping(servo_id)
+                model = self.bus.read(servo_id, "Model_Number")
+            except BusError:
+                problems.append(f"{name} (id {servo_id}) does not answer")
+                continue
+            if model != STS3215_MODEL:
+                problems.append(f"{name} (id {servo_id}) is model {model}, not an STS3215 ({STS3215_MODEL})")
+        if problems:
+            raise BusError(f"SO-101: {'; '.join(problems)} - check power, cables, ids and baud rate")
+
+    def configure(self):
+        """LeRobot's SO-101 follower settings, written with torque off so the EPROM keeps them."""
+        self.torque(False)
+        for name, servo_id in zip(JOINTS, IDS):
+            write = lambda register, value: self.bus.write(servo_id, register, value)  # noqa: E731
+            write("Lock", 0)  # unlocked: EPROM writes persist
+            write("Return_Delay_Time", 0)  # reply at once (2 us units)
+            write("Maximum_Acceleration", 254)
+            write("Acceleration", 254)
+            # Phase bit 4 = multi-turn readings, which break homing offsets (LeRobot #1296): clear it.
+            phase = self.bus.read(servo_id, "Phase")
+            if phase & 0x10:
+                write("Phase", phase & ~0x10)
+            write("Operating_Mode", 0)  # position control
+            write("P_Coefficient", 16)  # LeRobot's follower: softer than the factory 32, less shaking
+            write("I_Coefficient", 0)
+            write("D_Coefficient", 32)
+            if name == "gripper":
+                # SAFETY: a gripper squeezing a cube at full torque trips a latched overload (LeRobot PR #1809).
+                write("Max_Torque_Limit", 500)
+                write("Protection_Current", 250)
+                write("Overload_Torque", 25)
+            if self.calibration:
+                c = self.calibration[name]
+                # SAFETY: the servo itself then refuses goals outside the calibrated range.
+                write("Homing_Offset", c.homing_offset)
+                write("Min_Position_Limit", c.range_min)
+                write("Max_Position_Limit", c.range_max)
+
+    def torque(self, on):
+        if on:
+            # SAFETY: goal := present position first, so that enabling torque never jumps.
+            self.bus.sync_write("Goal_Position", dict(zip(IDS, self.read_ticks())))
+        self.bus.sync_write("Torque_Enable", {servo_id: int(on) for servo_id in IDS})
+
+    def read_ticks(self):
+        self.last_ticks = np.array(self.bus.sync_read("Present_Position", IDS))
+        return self.last_ticks
+
+    def read_joints(self):
+        """5 arm angles (rad) and the gripper opening in [0, 1]."""
+        return ticks_to_joints(self.read_ticks(), self.calibration)
+
+    def write_joints(self, joints):
+        """Send goals (5 rad + gripper opening) in one SYNC_WRITE, after the safety clips."""
+        self.bus.sync_write("Goal_Position", dict(zip(IDS, self.safe_goal(joints_to_ticks(joints, self.calibration)))))
+
+    def safe_goal(self, ticks):
+        c = self.calibration
+        # SAFETY: never beyond the calibrated range of a joint.
+        ticks = np.clip(ticks, [c[n].range_min for n in JOINTS], [c[n].range_max for n in JOINTS])
+        # SAFETY: an arm joint moves at most max_step_rad per step from where it was last read. The
+        # gripper is exempt so it can close in one step: its torque is limited in configure().
+        last = self.read_ticks() if self.last_ticks is None else self.last_ticks
+        ticks[:5] = np.clip(ticks[:5], last[:5] - self.max_step_ticks, last[:5] + self.max_step_ticks)
+        return ticks.astype(int)
+
+    def close(self):
+        self.bus.sync_write("Torque_Enable", {servo_id: 0 for servo_id in IDS})
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._old_sigterm = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            self.close()  # SAFETY: torque off on every way out of the block
+        finally:
+            if self._old_sigterm is not None:
+                signal.signal(signal.SIGTERM, self._old_sigterm)
+
+
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(f"signal {signum}: turning torque off")
+
+
+# ------------------------------------------------------------------------------------------------
+# Cameras.
+def parse_cameras(cameras, camera_roi):
+    """cfg.cameras "front=0,wrist=/dev/video2" and cfg.camera_roi "front=x:y:w:h" ->
+    {name: (index or path, (x, y, w, h) or None)}."""
+    rois = dict(item.split("=") for item in camera_roi.split(",") if item)
+    result = {}
+    for item in cameras.split(","):
+        name, source = item.split("=")
+        roi = tuple(int(v) for v in rois[name].split(":")) if name in rois else None
+        result[name] = (int(source) if source.isdigit() else source, roi)
+    return result
+
+
+def process_frame(bgr, roi, size):
+    """OpenCV's BGR frame -> cropped to roi (x, y, w, h), resized to (size, size), RGB uint8."""
+    import cv2
+    if roi:
+        x, y, w, h = roi
+        bgr = bgr[y:y + h, x:x + w]
+    small = cv2.resize(bgr, (size, size), interpolation=cv2.INTER_AREA)
+    return cv2.cvtColor(small, cv2.COLOR_BGR2RGB)
+
+
+class Camera:
+    """An OpenCV camera read in a thread: read() returns the newest frame, never a buffered old one.
+
+    Capture drivers queue frames; reading them one by one in the control loop would hand the
+    policy an image several frames old. The thread keeps only the latest.
+    """
+
+    def __init__(self, name, source, size, roi=None, timeout_s=2.0):
+        import cv2
+        self.name, self.source, self.size, self.roi, self.timeout_s = name, source, size, roi, timeout_s
+        self.capture = cv2.VideoCapture(source)
+        if not self.capture.isOpened():
+            raise RuntimeError(f"camera {name!r} ({source}) cannot be opened: check it is plugged in, not "
+                               f"used by another program, and the index or path in --cameras")
+        self._frame, self._stamp, self._running = None, 0.0, True
+        self._thread = threading.Thread(target=self._grab, daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + timeout_s
+        while self._frame is None:  # fail now, not in the first step, if no frame comes
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"camera {name!r} ({source}) opened but sent no frame in {timeout_s} s")
+            time.sleep(0.005)
+
+    def _grab(self):
+        while self._running:
+            ok, frame = self.capture.read()
+            if not ok:
+                break
+            self._frame, self._stamp = frame, time.monotonic()
+
+    def read(self):
+        if not self._thread.is_alive() or time.monotonic() - self._stamp > self.timeout_s:
+            raise RuntimeError(f"camera {self.name!r} ({self.source}) stopped delivering frames: "
+                               f"check its cable and that no other program uses it")
+        return process_frame(self._frame, self.roi, self.size)
+
+    def close(self):
+        self._running = False
+        self._thread.join(timeout=1.0)
+        self.capture.release()
+
+
+def make_cameras(cfg):
+    return {name: Camera(name, source, cfg.image_size, roi)
+            for name, (source, roi) in parse_cameras(cfg.cameras, cfg.camera_roi).items()}
+
+
+# ------------------------------------------------------------------------------------------------
+# The env. One step: EE target = EE + act[:3] * ee_step_m, clipped to the workspace box -> IK ->
+# goals (clipped in SO101.safe_goal) -> one SYNC_WRITE -> world.tick() -> one SYNC_READ + cameras.
+class RealWorld:
+    """The real robot's world: a clock at control_hz, and a success flag the human sets."""
+
+    def __init__(self, cfg):
+        self.period_s = 1.0 / cfg.control_hz
+        self.next_tick = None
+        self.succeeded = False  # set by teleop.py (the human's success button) or a reward classifier
+
+    def tick(self):
+        """Sleep to the next control tick; return how late this step was (0.0 when on time)."""
+        now = time.perf_counter()
+        self.next_tick = (self.next_tick or now) + self.period_s
+        overrun_s = max(0.0, now - self.next_tick)
+        if overrun_s:
+            self.next_tick = now  # late: start the next period now rather than rushing to catch up
+        else:
+            time.sleep(self.next_tick - now)
+        return overrun_s
+
+    def reset_scene(self, seed):
+        self.succeeded = False  # the human puts the scene back; teleop.py waits for them
+        self.next_tick = None
+
+    def extra_state(self):
+        return np.zeros(0, dtype=np.float32)
+
+    def success(self):
+        return self.succeeded
+
+
+class SO101Env:
+    """reset() -> obs; step(act) -> (obs, rew, terminated, truncated, info); close() -> torque off.
+
+    obs["state"] (float32): 5 arm joint angles (rad), gripper opening (0 closed, 1 open), EE
+    position minus the EE position at reset (m, base frame), then world.extra_state().
+    act (4,): EE delta in [-1, 1] (times cfg.ee_step_m), gripper command -1 close, 0 stay, +1 open.
+    """
+
+    def __init__(self, cfg, arm, cameras, world):
+        self.cfg, self.arm, self.cameras, self.world = cfg, arm, cameras, world
+        self.workspace_low, self.workspace_high = parse_workspace(cfg.workspace_m)
+        self.joints = None  # latest measured joints (5 rad + gripper opening)
+        self.ee_start = None
+        self.gripper_target = 1.0
+        self.steps = 0
+        self.torque_on = False
+
+    def reset(self, seed=None):
+        self.world.reset_scene(seed)
+        if not self.torque_on:
+            self.arm.torque(True)
+            self.torque_on = True
+        # Move home smoothly: straight lines in joint space, each step within the jump limit.
+        start = self.arm.read_joints()
+        home = np.append(HOME_RAD, 1.0)
+        n = max(1, math.ceil(np.abs(home[:5] - start[:5]).max() * TICKS_PER_RAD / self.arm.max_step_ticks))
+        for i in range(1, n + 1):
+            self.arm.write_joints(start + (home - start) * i / n)
+            self.world.tick()
+            self.joints = self.arm.read_joints()
+        self.gripper_target, self.steps = 1.0, 0
+        self.ee_start = forward_kinematics(self.joints[:5])[0]
+        return self._observe()
+
+    def step(self, act):
+        ee = forward_kinematics(self.joints[:5])[0]
+        target = np.clip(ee + np.clip(act[:3], -1, 1) * self.cfg.ee_step_m, self.workspace_low, self.workspace_high)
+        q = inverse_kinematics(self.joints[:5], target)
+        command = int(round(float(act[3])))  # hil-serl's coding: -1 close, 0 stay, +1 open
+        gripper_before = self.gripper_target
+        if command:
+            self.gripper_target = 1.0 if command > 0 else 0.0
+        flipped = self.gripper_target != gripper_before
+        self.arm.write_joints(np.append(q, self.gripper_target))
+        overrun_s = self.world.tick()
+        self.joints = self.arm.read_joints()
+        obs = self._observe()
+        self.steps += 1
+        success = bool(self.world.success())
+        rew = self.cfg.reward_success if success else self.cfg.reward_step
+        truncated = self.steps >= self.cfg.episode_steps and not success
+        info = {"success": success, "grasp_penalty": self.cfg.grasp_penalty if flipped else 0.0,
+                "overrun_s": overrun_s}
+        return obs, rew, success, truncated, info
+
+    def _observe(self):
+        ee = forward_kinematics(self.joints[:5])[0]
+        state = np.concatenate([self.joints, ee - self.ee_start, self.world.extra_state()]).astype(np.float32)
+        obs = {"state": state}
+        if self.cfg.use_images:
+            obs.update({name: camera.read() for name, camera in self.cameras.items()})
+        return obs
+
+    def close(self):
+        try:
+            self.arm.close()  # SAFETY: torque off
+        finally:
+            for camera in self.cameras.values():
+                camera.close()
+
+    def __enter__(self):
+        self.arm.__enter__()  # SIGTERM handling
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            self.close()
+        finally:
+            self.arm.__exit__(*exc)
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line: status (read-only), calibrate, bench.
+def calibrate(arm, ask=input):
+    """Guided calibration: centre the arm, then sweep every joint; returns the calibration.
+
+    Like LeRobot's: homing offsets make the centred pose read 2047, then each joint's min and max
+    are recorded while the owner moves it. wrist_roll turns without end stops, so it keeps the
+    whole turn 0..4095 (a recorded range would break where the encoder wraps).
+    """
+    arm.torque(False)
+    for servo_id in IDS:
+        for register, value in (("Lock", 0), ("Homing_Offset", 0), ("Min_Position_Limit", 0),
+                                ("Max_Position_Limit", 4095)):
+            arm.bus.write(servo_id, register, value)
+    ask("Move every joint to the middle of its range, then press ENTER ")
+    offsets = arm.read_ticks() - 2047
+    for name, servo_id, offset in zip(JOINTS, IDS, offsets):
+        if abs(offset) > 2047:
+            raise RuntimeError(f"joint {name!r} reads {offset + 2047}, beyond one turn: power-cycle the arm and retry")
+        arm.bus.write(servo_id, "Homing_Offset", int(offset))
+    low, high = arm.read_ticks(), arm.read_ticks()
+    done = threading.Event()
+    threading.Thread(target=lambda: (ask("Move every joint through its whole range, then press ENTER "),
+                                     done.set()), daemon=True).start()
+    while not done.is_set():
+        ticks = arm.read_ticks()
+        low, high = np.minimum(low, ticks), np.maximum(high, ticks)
+        time.sleep(0.02)
+    low[4], high[4] = 0, 4095
+    calibration = {}
+    for name, servo_id, offset, lo, hi in zip(JOINTS, IDS, offsets, low, high):
+        if lo >= hi:
+            raise RuntimeError(f"joint {name!r} did not move: run calibrate again and move it end to end")
+        calibration[name] = JointCalibration(servo_id, 0, int(offset), int(lo), int(hi))
+    return calibration
+
+
+def print_status(bus):
+    """Each joint's position, temperature, voltage, load and error bits; reads only."""
+    print(f"{'joint':14} {'id':>3} {'ticks':>6} {'temp C':>7} {'volt V':>7} {'load %':>7}  errors")
+    for name, servo_id in zip(JOINTS, IDS):
+        try:
+            values = [bus.read(servo_id, register) for register in
+                      ("Present_Position", "Present_Temperature", "Present_Voltage", "Present_Load", "Status")]
+        except (BusError, ServoError) as error:
+            print(f"{name:14} {servo_id:>3}  {error}")
+            continue
+        ticks, temperature, voltage, load, status = values
+        print(f"{name:14} {servo_id:>3} {ticks:>6} {temperature:>7} {voltage / 10:>7.1f} {load / 10:>7.1f}  "
+              f"{error_names(status) if status else '-'}")
+
+
+def bench(baudrate, n=2000):
+    """Time one SYNC_READ of six positions plus one SYNC_WRITE against the emulator, beside their wire time."""
+    emulator = ServoEmulator()
+    bus = FeetechBus(emulator, baudrate)
+    start = time.perf_counter()
+    for _ in range(n):
+        bus.sync_write("Goal_Position", dict(zip(IDS, bus.sync_read("Present_Position", IDS))))
+    driver_ms = (time.perf_counter() - start) / n * 1e3
+    wire_bytes = (6 + 2 + 6) + 6 * (6 + 2) + (6 + 2 + 6 * 3)  # request, six replies, SYNC_WRITE
+    print(f"SYNC_READ x6 + SYNC_WRITE: driver + emulator {driver_ms:.3f} ms; wire time of the "
+          f"{wire_bytes} bytes at {baudrate} baud {wire_bytes * 10 / baudrate * 1e3:.3f} ms")
+
+
+def main():
+    cfg, words = load_config()
+    command = words[0] if words else "status"
+    if command == "bench":
+        return bench(cfg.baudrate)
+    if command not in ("status", "calibrate") or not cfg.port:
+        raise SystemExit("usage: python robot.py --port /dev/ttyACM0 status|calibrate   (or: python robot.py bench)")
+    import serial
+    bus = FeetechBus(serial.Serial(cfg.port, cfg.baudrate), cfg.baudrate, cfg.read_retries, cfg.bus_latency_s)
+    if command == "status":
+        return print_status(bus)
+    with SO101(bus, None, cfg.max_joint_step_rad) as arm:
+        arm.connect()
+        arm.configure()
+        arm.calibration = calibrate(arm)
+        arm.configure()  # writes the new offsets and limits to the servos
+    save_calibration(cfg.calibration, arm.calibration)
+    print(f"saved {cfg.calibration}; torque is off")
+
+
+if __name__ == "__main__":
+    main()
