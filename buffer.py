@@ -77,7 +77,7 @@ class ReplayBuffer:
     def gather(self, idx):
         """The transitions at slot indices idx, as a dict of arrays with idx's shape in front."""
         a = self.arrays
-        batch = {k: a[k][idx] for k in ("act", "rew", "grasp_penalty", "terminated", "truncated")}
+        batch = {k: a[k][idx] for k in ("act", "rew", "grasp_penalty", "terminated", "truncated", "intervened")}
         for key in self.image_keys:
             batch["obs/" + key] = a[key][idx]
             batch["next_obs/" + key] = a[key][(idx + 1) % self.capacity]

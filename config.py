@@ -18,6 +18,8 @@ class Config:
     # --- run -----------------------------------------------------------------------------
     seed: int = 0                        # seeds numpy, torch and the sim's cube placement
     device: str = "auto"                 # "auto" = cuda when available, else cpu
+    demos: str = "data/demos.npz"        # demo file (a saved ReplayBuffer); recorded in sim when missing
+    bench: bool = False                  # time one control step's learning against a plain reference, then exit
 
     # --- SAC / RLPD learning ----------------------------------------------------------------
     utd_ratio: int = 20                  # critic updates per control step (RLPD; lessons: 2 is far too few)
@@ -61,6 +63,12 @@ class Config:
     # --- sim (sim.py) -------------------------------------------------------------------------
     privileged_state: bool = True        # sim only: add the cube position to the state (never on a real arm)
     use_images: bool = False             # put camera frames in the observations
+    cube_size_m: float = 0.03            # edge of the sim's cube; 25-40 mm grasp reliably (measured)
+    cube_area_m: str = "0.18,0.25,-0.08,0.08"  # x0,x1,y0,y1 where reset places the cube: all reachable with the gripper pointing down
+    success_lift_m: float = 0.03         # sim success: cube held by both jaws and this far above the table (HIL-SERL: "lifted")
+    sim_timestep_s: float = 0.002        # MuJoCo physics step; 50 per 10 Hz control step (SO-101 MJCF)
+    expert_noise: float = 0.2            # std of Gaussian noise on the scripted expert's EE action, so demos vary
+    expert_patience: int = 5             # steps the policy may move away from the cube or stall before the expert takes over
 
     # --- teleop (teleop.py) -------------------------------------------------------------------
     teleop: str = "auto"                 # who intervenes: gamepad, keyboard, leader, expert, or auto (see teleop.make_teleop)
@@ -112,6 +120,8 @@ def parse_overrides(args, cfg=None):
             close = [f for f in fields if name.split("_")[0] in f]
             hint = f" (did you mean --{close[0]}?)" if close else ""
             raise ValueError(f"unknown option --{name}{hint}; see config.py for every setting")
+        if not value and isinstance(getattr(cfg, name), bool) and (i + 1 >= len(args) or args[i + 1].startswith("--")):
+            value = "true"                # a bare boolean flag: --bench
         if not value:
             if i + 1 >= len(args):
                 raise ValueError(f"--{name} needs a value")

@@ -28,11 +28,22 @@ EE_DIM = 3           # continuous action: EE position delta x, y, z
 GRIPPER_CLASSES = 3  # close, stay, open (hil-serl's hybrid agent)
 
 
+def tanh(x):
+    """tanh(x) = 2 sigmoid(2x) - 1: the same function, but torch's CPU tanh kernel is about 3x slower
+    than its sigmoid here, and tanh is a fifth of an update's time on a CPU."""
+    return torch.sigmoid(2 * x) * 2 - 1
+
+
+class Tanh(nn.Module):
+    def forward(self, x):
+        return tanh(x)
+
+
 def mlp(in_dim, hidden_dim, out_dim):
     """Two hidden Linear -> LayerNorm -> tanh layers, then a linear output (hil-serl)."""
     return nn.Sequential(
-        nn.Linear(in_dim, hidden_dim), nn.LayerNorm(hidden_dim), nn.Tanh(),
-        nn.Linear(hidden_dim, hidden_dim), nn.LayerNorm(hidden_dim), nn.Tanh(),
+        nn.Linear(in_dim, hidden_dim), nn.LayerNorm(hidden_dim), Tanh(),
+        nn.Linear(hidden_dim, hidden_dim), nn.LayerNorm(hidden_dim), Tanh(),
         nn.Linear(hidden_dim, out_dim))
 
 
@@ -45,7 +56,7 @@ class Encoder(nn.Module):
 
     def __init__(self, state_dim, latent_dim):
         super().__init__()
-        self.state = nn.Sequential(nn.Linear(state_dim, latent_dim), nn.LayerNorm(latent_dim), nn.Tanh())
+        self.state = nn.Sequential(nn.Linear(state_dim, latent_dim), nn.LayerNorm(latent_dim), Tanh())
         self.out_dim = latent_dim
 
     def forward(self, obs):
@@ -101,7 +112,7 @@ class CriticEnsemble(nn.Module):
         x = torch.cat([z, act], dim=-1)                                     # (B, F + A)
         h = torch.matmul(x, self.weights[0]) + self.biases[0]               # (E, B, H): one input, E members
         for layer in range(2):
-            h = torch.tanh(torch.addcmul(self.ln_shifts[layer], F.layer_norm(h, h.shape[-1:]), self.ln_gains[layer]))
+            h = tanh(torch.addcmul(self.ln_shifts[layer], F.layer_norm(h, h.shape[-1:]), self.ln_gains[layer]))
             h = torch.baddbmm(self.biases[layer + 1], h, self.weights[layer + 1])   # (E, B, H) then (E, B, 1)
         return h.squeeze(-1)                                                # (E, B)
 

@@ -1,0 +1,280 @@
+"""HIL-SERL on the SO-101: the SAC/RLPD update and the training loop. Run this file.
+
+    python hilserl.py --demos data/demos.npz        train (on the simulated SO-101 without --port)
+    python hilserl.py --bench                       time one control step's learning
+
+Reading order: the update (critic_step, actor_step, learn), then the benchmark.
+The update is RLPD's recipe (Ball et al. 2023) with HIL-SERL's choices (Luo et al. 2024):
+every control step does `utd_ratio` critic updates, each on a fresh batch that is half demo
+and half online data, then one actor and one temperature update.
+"""
+
+import math
+import time
+
+import numpy as np
+import torch
+
+from buffer import ReplayBuffer, sample_batches
+from config import load_config
+from networks import EE_DIM, Actor, Agent, Encoder, GraspCritic, mlp
+
+ACT_DIM = EE_DIM + 1  # EE delta x, y, z and the gripper command
+
+
+def target_entropy():
+    """-|A|/2 with the gripper counted as one action dimension (hil-serl's hybrid agent): -2."""
+    return -ACT_DIM / 2
+
+
+def make_optimizers(agent, cfg):
+    """Adam everywhere (hil-serl). One optimizer for everything the critic loss trains."""
+    def adam(params):
+        # fused: one kernel for all parameters instead of several per tensor
+        return torch.optim.Adam(params, lr=cfg.lr, fused=True)
+    return {"critic": adam(agent.critic_parameters()), "actor": adam(agent.actor.parameters()),
+            "temperature": adam([agent.log_alpha])}
+
+
+# --- the update ---------------------------------------------------------------------------
+def critic_step(agent, critic_opt, b, next_act, discount, tau):
+    """One critic and grasp-critic update on batch b; next_act ~ pi(.|s') drawn beforehand."""
+    with torch.no_grad():
+        z_next_target = agent.target["encoder"](b["next_obs"])                    # (B, F)
+        q_next = agent.target["critic"](z_next_target, next_act).min(0).values     # (B,) clipped double-Q
+        not_terminated = 1.0 - b["terminated"]                 # a truncated step still bootstraps
+        # PAPER: y = r + gamma (1 - terminated) min_j Qbar_j(s', a'), no entropy term (hil-serl sac.py)
+        y = b["rew"] + discount * not_terminated * q_next                          # (B,)
+        # PAPER: Double DQN (van Hasselt et al. 2016): the online net picks a*, the target net values it;
+        # the gripper-flip penalty is added to the grasp critic's reward only (hil-serl)
+        best_next = agent.grasp_critic(agent.encoder(b["next_obs"])).argmax(-1, keepdim=True)  # (B, 1)
+        g_next = agent.target["grasp_critic"](z_next_target).gather(-1, best_next).squeeze(-1)  # (B,)
+        y_grasp = b["rew"] + b["grasp_penalty"] + discount * not_terminated * g_next
+    z = agent.encoder(b["obs"])                                                    # (B, F)
+    q = agent.critic(z, b["act"][:, :EE_DIM])                                      # (E, B)
+    critic_loss = (q - y).pow(2).mean()                  # mean over ensemble and batch (hil-serl)
+    grasp_class = b["act"][:, EE_DIM].round().long() + 1                           # -1/0/1 -> 0/1/2
+    g = agent.grasp_critic(z).gather(-1, grasp_class.unsqueeze(-1)).squeeze(-1)    # (B,)
+    grasp_loss = (g - y_grasp).pow(2).mean()
+    critic_opt.zero_grad(set_to_none=True)
+    (critic_loss + grasp_loss).backward()    # disjoint parameters, except the shared encoder
+    critic_opt.step()
+    # PAPER: soft target update thetabar <- (1 - tau) thetabar + tau theta (SAC; hil-serl averages all)
+    torch._foreach_lerp_(agent.target_parameters(), agent.critic_parameters(), tau)
+    return {"loss/critic": critic_loss.detach(), "loss/grasp_critic": grasp_loss.detach(),
+            "q/mean": q.detach().mean()}
+
+
+def actor_step(agent, actor_opt, temperature_opt, obs, entropy_target):
+    """One actor and one temperature update (SAC, Haarnoja et al. 2018, eqs. 7 and 18)."""
+    act, log_prob = agent.actor(obs)                                               # (B, 3), (B,)
+    with torch.no_grad():
+        z = agent.encoder(obs)
+    q = agent.critic(z, act).mean(0)                  # (B,) mean of the critics, not the min (hil-serl)
+    alpha = agent.log_alpha.exp()
+    # PAPER: J_pi = E[alpha log pi(a|s) - Q(s, a)], a ~ pi reparameterised (SAC eq. 7)
+    actor_loss = (alpha.detach() * log_prob - q).mean()
+    actor_opt.zero_grad(set_to_none=True)
+    actor_loss.backward(inputs=list(agent.actor.parameters()))   # the critics are not trained here
+    actor_opt.step()
+    # PAPER: J_alpha = alpha (H - Htarget) with H = -E[log pi]: alpha falls while the policy is more
+    # random than the target (hil-serl's Lagrange form of SAC eq. 18; H from this batch, as in RLPD)
+    entropy = -log_prob.detach().mean()
+    temperature_loss = alpha * (entropy - entropy_target)
+    temperature_opt.zero_grad(set_to_none=True)
+    temperature_loss.backward()
+    temperature_opt.step()
+    return {"loss/actor": actor_loss.detach(), "loss/temperature": temperature_loss.detach(),
+            "entropy": entropy, "alpha": alpha.detach()}
+
+
+def learn(agent, opts, batches, cfg):
+    """A whole control step's learning: utd_ratio critic updates, then one actor update (RLPD).
+
+    batches: tensors on the agent's device shaped (utd_ratio, B, ...), from `to_device`.
+    Returns detached tensors; nothing here waits for the GPU (no .item()).
+    """
+    with torch.no_grad():   # the actor does not change during the critic updates: draw all a' at once
+        next_act, _ = agent.actor(batches["next_obs"])                             # (U, B, 3)
+    info = {}
+    for i in range(batches["act"].shape[0]):
+        b = index_batch(batches, i)
+        info = critic_step(agent, opts["critic"], b, next_act[i], cfg.discount, cfg.tau)
+    info.update(actor_step(agent, opts["actor"], opts["temperature"], b["obs"], target_entropy()))
+    return info
+
+
+def index_batch(batches, i):
+    return {k: index_batch(v, i) if isinstance(v, dict) else v[i] for k, v in batches.items()}
+
+
+def to_device(arrays, device):
+    """numpy batches from `sample_batches` -> nested dict of tensors, in one copy per array."""
+    out = {"obs": {}, "next_obs": {}}
+    for key, value in arrays.items():
+        t = torch.from_numpy(value)
+        if device.type == "cuda":
+            t = t.pin_memory().to(device, non_blocking=True)   # pinned: the copy overlaps the updates
+        t = t.float() if t.dtype == torch.bool else t
+        if "/" in key:
+            group, name = key.split("/")
+            out[group][name] = t
+        else:
+            out[key] = t
+    return out
+
+
+def pick_device(cfg):
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
+
+
+# --- benchmark: python hilserl.py --bench ------------------------------------------------------
+class ReferenceLearner:
+    """The same update written the straightforward way, as the benchmark's yardstick.
+
+    Separate critic modules in a Python loop, one optimizer per network stepped one at a time,
+    a fresh numpy batch copied to the device for every update, a per-tensor target update.
+    """
+
+    def __init__(self, state_dim, cfg, device):
+        self.cfg, self.device = cfg, device
+        self.actor = Actor(state_dim, EE_DIM, cfg).to(device)
+        self.encoder = Encoder(state_dim, cfg.state_latent_dim).to(device)
+        self.critics = [mlp(self.encoder.out_dim + EE_DIM, cfg.hidden_dim, 1).to(device) for _ in range(cfg.num_critics)]
+        self.grasp_critic = GraspCritic(self.encoder.out_dim, cfg.hidden_dim).to(device)
+        self.online = [self.encoder, *self.critics, self.grasp_critic]
+        self.targets = [Encoder(state_dim, cfg.state_latent_dim).to(device)] + \
+            [mlp(self.encoder.out_dim + EE_DIM, cfg.hidden_dim, 1).to(device) for _ in self.critics] + \
+            [GraspCritic(self.encoder.out_dim, cfg.hidden_dim).to(device)]
+        for target, online in zip(self.targets, self.online):
+            target.load_state_dict(online.state_dict())
+        self.log_alpha = torch.tensor(math.log(cfg.temperature_init), device=device, requires_grad=True)
+        self.opts = [torch.optim.Adam(m.parameters(), lr=cfg.lr) for m in self.online + [self.actor]]
+        self.temperature_opt = torch.optim.Adam([self.log_alpha], lr=cfg.lr)
+
+    def update(self, b, with_actor):
+        cfg, t_enc, *t_critics, t_grasp = self.cfg, *self.targets
+        with torch.no_grad():
+            next_act, _ = self.actor(b["next_obs"])
+            z_next = t_enc(b["next_obs"])
+            q_next = torch.min(torch.stack([c(torch.cat([z_next, next_act], -1)).squeeze(-1) for c in t_critics]), 0).values
+            y = b["rew"] + cfg.discount * (1 - b["terminated"]) * q_next
+            best = self.grasp_critic(self.encoder(b["next_obs"])).argmax(-1, keepdim=True)
+            y_grasp = b["rew"] + b["grasp_penalty"] + cfg.discount * (1 - b["terminated"]) * t_grasp(z_next).gather(-1, best).squeeze(-1)
+        z = self.encoder(b["obs"])
+        loss = sum(((c(torch.cat([z, b["act"][:, :EE_DIM]], -1)).squeeze(-1) - y) ** 2).mean() for c in self.critics) / len(self.critics)
+        cls = b["act"][:, EE_DIM].round().long() + 1
+        loss = loss + ((self.grasp_critic(z).gather(-1, cls[:, None]).squeeze(-1) - y_grasp) ** 2).mean()
+        for opt in self.opts:
+            opt.zero_grad()
+        loss.backward()
+        for opt in self.opts[:-1]:
+            opt.step()
+        with torch.no_grad():
+            for target, online in zip(self.targets, self.online):
+                for pt, p in zip(target.parameters(), online.parameters()):
+                    pt.mul_(1 - cfg.tau).add_(cfg.tau * p)
+        if with_actor:
+            act, log_prob = self.actor(b["obs"])
+            z = self.encoder(b["obs"]).detach()
+            q = torch.stack([c(torch.cat([z, act], -1)).squeeze(-1) for c in self.critics]).mean(0)
+            actor_loss = (self.log_alpha.exp().detach() * log_prob - q).mean()
+            self.opts[-1].zero_grad()
+            actor_loss.backward()
+            self.opts[-1].step()
+            temperature_loss = self.log_alpha.exp() * (-log_prob.detach().mean() - target_entropy())
+            self.temperature_opt.zero_grad()
+            temperature_loss.backward()
+            self.temperature_opt.step()
+
+    def learn(self, demo, online, rng):
+        for i in range(self.cfg.utd_ratio):
+            b = to_device({k: v[0] for k, v in sample_batches(demo, online, 1, self.cfg.batch_size, rng).items()}, self.device)
+            self.update(b, with_actor=i == self.cfg.utd_ratio - 1)
+
+
+def control_step_flops(state_dim, cfg):
+    """Matrix-multiply FLOPs of one control step's learning (2 per multiply-add; elementwise work ignored).
+
+    A linear layer on n rows costs 2 n in out forward, as much again for the gradient of its
+    input and for the gradient of its weights, when those are needed.
+    """
+    B, U, E, H, L, A = cfg.batch_size, cfg.utd_ratio, cfg.num_critics, cfg.hidden_dim, cfg.state_latent_dim, EE_DIM
+    def fwd(rows, dims):
+        return sum(2 * rows * i * o for i, o in zip(dims[:-1], dims[1:]))
+    encoder, critic = fwd(B, [state_dim, L]), E * fwd(B, [L + A, H, H, 1])
+    grasp, actor = fwd(B, [L, H, H, 3]), fwd(B, [state_dim, L, H, H, 2 * A])
+    first_critic_layer = E * fwd(B, [L + A, H])
+    per_critic_update = (
+        encoder + critic + encoder + grasp + grasp         # targets: target enc, critics; online enc, grasp; target grasp
+        + 2 * encoder + 3 * critic + 3 * grasp)            # online: encoder fwd + weight grads; critics, grasp fwd + 2 bwd
+    actor_update = (3 * actor - fwd(B, [state_dim, L])     # the state needs no gradient
+                    + encoder + 2 * critic - first_critic_layer)  # critics: fwd + input grads, no weight grads
+    return U * per_critic_update + U * actor + actor_update   # U*actor: next actions for every batch
+
+
+def matmul_rate(device, n=256, seconds=1.0):
+    """Measured FLOP/s of float32 (n, n) x (n, n) matmuls, the shape that dominates the update."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        for _ in range(20):
+            a @ b
+        count += 20
+        if device.type == "cuda":
+            torch.cuda.synchronize()   # SYNC POINT: timing
+    return 2 * n ** 3 * count / (time.perf_counter() - start)
+
+
+def benchmark(cfg):
+    device = pick_device(cfg)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    state_dim = 12   # the sim's state: 5 joints, gripper, EE position, cube relative to the EE
+    example = {"state": np.zeros(state_dim, np.float32)}
+    demo, online = ReplayBuffer(20_000, example, ACT_DIM), ReplayBuffer(20_000, example, ACT_DIM)
+    for buf in (demo, online):
+        for t in range(10_000):
+            act = np.append(rng.uniform(-1, 1, EE_DIM), rng.integers(-1, 2)).astype(np.float32)
+            buf.add({"state": rng.standard_normal(state_dim, np.float32)}, act, rng.normal(),
+                    {"state": rng.standard_normal(state_dim, np.float32)}, t % 100 == 99, False, False)
+    agent = Agent(state_dim, cfg).to(device)
+    opts = make_optimizers(agent, cfg)
+    reference = ReferenceLearner(state_dim, cfg, device)
+
+    def ours():
+        learn(agent, opts, to_device(sample_batches(demo, online, cfg.utd_ratio, cfg.batch_size, rng), device), cfg)
+
+    def timed(fn, repeats=10):
+        fn(), fn()                                   # warm-up
+        if device.type == "cuda":
+            torch.cuda.synchronize()                 # SYNC POINT: timing
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()                 # SYNC POINT: timing
+        return (time.perf_counter() - start) / repeats
+
+    rate = matmul_rate(device)
+    floor_s = control_step_flops(state_dim, cfg) / rate
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    print(f"device: {name}; torch {torch.__version__}; utd_ratio {cfg.utd_ratio}, batch {cfg.batch_size}, "
+          f"{cfg.num_critics} critics, hidden {cfg.hidden_dim}")
+    print(f"matmul rate ({256}x{256} @ {256}x{256}): {rate / 1e9:.1f} GFLOP/s; one control step = "
+          f"{control_step_flops(state_dim, cfg) / 1e9:.2f} GFLOP; floor {floor_s * 1e3:.1f} ms")
+    results = {}
+    for label, fn in (("hilserl", ours), ("reference", lambda: reference.learn(demo, online, rng))):
+        seconds = timed(fn)
+        results[label] = seconds
+        print(f"{label:>9}: {seconds * 1e3:7.1f} ms per control step, {cfg.utd_ratio / seconds:7.0f} updates/s, "
+              f"{floor_s / seconds:4.0%} of the floor's speed")
+    print(f"speed-up over the reference: {results['reference'] / results['hilserl']:.2f}x")
+
+
+if __name__ == "__main__":
+    cfg, words = load_config()
+    if cfg.bench:
+        benchmark(cfg)
