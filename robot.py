@@ -754,7 +754,7 @@ class SO101Env:
         self.cfg, self.arm, self.cameras, self.world = cfg, arm, cameras, world
         self.workspace_low, self.workspace_high = parse_workspace(cfg.workspace_m)
         self.joints = None  # latest measured joints (5 rad + gripper opening)
-        self.ee_start = None
+        self.ee_start = self.ee_target = self.q_target = None  # set by reset()
         self.gripper_target = 1.0
         self.steps = 0
         self.torque_on = False
@@ -772,14 +772,19 @@ class SO101Env:
             self.arm.write_joints(start + (home - start) * i / n)
             self.world.tick()
             self.joints = self.arm.read_joints()
-        self.gripper_target, self.steps = 1.0, 0
-        self.ee_start = forward_kinematics(self.joints[:5])[0]
+        self.gripper_target, self.steps, self.q_target = 1.0, 0, self.joints[:5]
+        self.ee_start = self.ee_target = forward_kinematics(self.joints[:5])[0]
         return self._observe()
 
     def step(self, act):
-        ee = forward_kinematics(self.joints[:5])[0]
-        target = np.clip(ee + np.clip(act[:3], -1, 1) * self.cfg.ee_step_m, self.workspace_low, self.workspace_high)
-        q = inverse_kinematics(self.joints[:5], target)
+        # The EE target integrates the commands rather than restarting from the measured pose:
+        # otherwise the servos' steady gravity sag is subtracted again every step and the arm sinks.
+        # SAFETY: it leads the measured EE by 3 steps at most, so a blocked arm is not pushed ever harder.
+        ee, step_m = forward_kinematics(self.joints[:5])[0], self.cfg.ee_step_m
+        lead = np.clip(self.ee_target + np.clip(act[:3], -1, 1) * step_m - ee, -3 * step_m, 3 * step_m)
+        self.ee_target = np.clip(ee + lead, self.workspace_low, self.workspace_high)
+        self.q_target = inverse_kinematics(self.q_target, self.ee_target)
+        q = self.q_target
         command = int(round(float(act[3])))  # hil-serl's coding: -1 close, 0 stay, +1 open
         gripper_before = self.gripper_target
         if command:

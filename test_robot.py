@@ -455,3 +455,36 @@ def test_status_only_reads(capsys):
 def test_bench_reports_driver_and_wire_time(capsys):
     robot.bench(1_000_000, n=50)
     assert "wire time of the 88 bytes at 1000000 baud 0.880 ms" in capsys.readouterr().out
+
+
+def test_bus_over_a_real_serial_port():
+    """pyserial on a pseudo-terminal, the emulator answering on the other end: real blocking reads."""
+    import threading
+    import tty
+
+    import serial
+    controller, device = os.openpty()
+    tty.setraw(controller)
+    tty.setraw(device)
+    emulator = ServoEmulator()
+    emulator.inject(2, "drop")
+
+    def servos():
+        while True:
+            try:
+                emulator.write(os.read(controller, 256))
+            except OSError:
+                return
+            os.write(controller, emulator.read(1000))
+
+    threading.Thread(target=servos, daemon=True).start()
+    port = serial.Serial(os.ttyname(device), 1_000_000)
+    bus = FeetechBus(port, 1_000_000, retries=2, latency_s=0.05)
+    try:
+        assert bus.read(1, "Model_Number") == 777
+        start = time.perf_counter()
+        assert bus.sync_read("Present_Position", IDS) == [2048] * 6  # servo 2 drops once: one retry
+        assert 0.05 < time.perf_counter() - start < 0.5  # the retry waited for the timeout first
+    finally:
+        port.close()
+        os.close(controller)
