@@ -19,7 +19,6 @@ import dataclasses
 import json
 import math
 import signal
-import sys
 import threading
 import time
 
@@ -562,33 +561,25 @@ class SO101:
             raise BusError(f"SO-101: {'; '.join(problems)} - check power, cables, ids and baud rate")
 
     def configure(self):
-        """LeRobot's SO-101 follower settings, written with torque off so the EPROM keeps them."""
+        """LeRobot's SO-101 follower settings (and the calibration), written with torque off."""
         self.torque(False)
         for name, servo_id in zip(JOINTS, IDS):
-            write = lambda register, value: self.bus.write(servo_id, register, value)  # noqa: E731
-            write("Lock", 0)  # unlocked: EPROM writes persist
-            write("Return_Delay_Time", 0)  # reply at once (2 us units)
-            write("Maximum_Acceleration", 254)
-            write("Acceleration", 254)
             # Phase bit 4 = multi-turn readings, which break homing offsets (LeRobot #1296): clear it.
             phase = self.bus.read(servo_id, "Phase")
-            if phase & 0x10:
-                write("Phase", phase & ~0x10)
-            write("Operating_Mode", 0)  # position control
-            write("P_Coefficient", 16)  # LeRobot's follower: softer than the factory 32, less shaking
-            write("I_Coefficient", 0)
-            write("D_Coefficient", 32)
+            settings = [("Lock", 0),  # unlocked: EPROM writes persist across power cycles
+                        ("Return_Delay_Time", 0), ("Maximum_Acceleration", 254), ("Acceleration", 254),
+                        ("Phase", phase & ~0x10), ("Operating_Mode", 0),  # position control
+                        ("P_Coefficient", 16), ("I_Coefficient", 0), ("D_Coefficient", 32)]  # P 16: less shaking than 32
             if name == "gripper":
                 # SAFETY: a gripper squeezing a cube at full torque trips a latched overload (LeRobot PR #1809).
-                write("Max_Torque_Limit", 500)
-                write("Protection_Current", 250)
-                write("Overload_Torque", 25)
+                settings += [("Max_Torque_Limit", 500), ("Protection_Current", 250), ("Overload_Torque", 25)]
             if self.calibration:
                 c = self.calibration[name]
-                # SAFETY: the servo itself then refuses goals outside the calibrated range.
-                write("Homing_Offset", c.homing_offset)
-                write("Min_Position_Limit", c.range_min)
-                write("Max_Position_Limit", c.range_max)
+                # SAFETY: with the limits written, the servo itself refuses goals outside the range.
+                settings += [("Homing_Offset", c.homing_offset), ("Min_Position_Limit", c.range_min),
+                             ("Max_Position_Limit", c.range_max)]
+            for register, value in settings:
+                self.bus.write(servo_id, register, value)
 
     def torque(self, on):
         if on:
@@ -783,14 +774,13 @@ class SO101Env:
         ee, step_m = forward_kinematics(self.joints[:5])[0], self.cfg.ee_step_m
         lead = np.clip(self.ee_target + np.clip(act[:3], -1, 1) * step_m - ee, -3 * step_m, 3 * step_m)
         self.ee_target = np.clip(ee + lead, self.workspace_low, self.workspace_high)
-        self.q_target = inverse_kinematics(self.q_target, self.ee_target)
-        q = self.q_target
+        self.q_target = inverse_kinematics(self.q_target, self.ee_target)  # from the last solution: no jumps
         command = int(round(float(act[3])))  # hil-serl's coding: -1 close, 0 stay, +1 open
         gripper_before = self.gripper_target
         if command:
             self.gripper_target = 1.0 if command > 0 else 0.0
         flipped = self.gripper_target != gripper_before
-        self.arm.write_joints(np.append(q, self.gripper_target))
+        self.arm.write_joints(np.append(self.q_target, self.gripper_target))
         overrun_s = self.world.tick()
         self.joints = self.arm.read_joints()
         obs = self._observe()
@@ -823,9 +813,10 @@ class SO101Env:
 
     def __exit__(self, *exc):
         try:
-            self.close()
+            self.arm.__exit__(*exc)  # SAFETY: torque off
         finally:
-            self.arm.__exit__(*exc)
+            for camera in self.cameras.values():
+                camera.close()
 
 
 # ------------------------------------------------------------------------------------------------
