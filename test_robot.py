@@ -488,3 +488,14 @@ def test_bus_over_a_real_serial_port():
     finally:
         port.close()
         os.close(controller)
+
+
+def test_blocked_arm_is_not_pushed_ever_harder():
+    emulator, env = make_env()
+    env.reset()
+    for servo_id in IDS:
+        emulator.set(servo_id, "Torque_Enable", 0)  # the servos stop following: as if blocked
+    for _ in range(10):
+        obs, *_ = env.step(np.array([1.0, 0.0, 0.0, 0.0], np.float32))
+    ee = robot.forward_kinematics(obs["state"][:5])[0]
+    assert env.ee_target[0] - ee[0] == pytest.approx(3 * env.cfg.ee_step_m)  # three steps ahead, no more
