@@ -20,6 +20,14 @@ class Config:
     device: str = "auto"                 # "auto" = cuda when available, else cpu
     demos: str = "data/demos.npz"        # demo file (a saved ReplayBuffer); recorded in sim when missing
     bench: bool = False                  # time one control step's learning against a plain reference, then exit
+    run_dir: str = ""                    # where logs, plots and checkpoints go; empty = runs/<date>-<time>
+    resume: str = ""                     # a run folder to continue from its last checkpoint
+    eval: str = ""                       # a run folder whose policy to evaluate (no learning, no interventions)
+    eval_episodes: int = 20              # episodes per evaluation
+    max_env_steps: int = 0               # stop training after this many control steps; 0 = until quit
+    checkpoint_every: int = 10           # episodes between checkpoints (also written on exit)
+    plot: str = ""                       # "RUN_A,RUN_B,out.png": draw runs' learning curves side by side, then exit
+    diagnose_after_steps: int = 2000     # from then on, warn when the intervention rate stops falling (lessons)
 
     # --- SAC / RLPD learning ----------------------------------------------------------------
     utd_ratio: int = 20                  # critic updates per control step (RLPD; lessons: 2 is far too few)
@@ -152,10 +160,10 @@ def warnings_for(cfg, num_demo_episodes=None):
     return lines
 
 
-def load_config(args=None):
-    """Parse sys.argv (or `args`); on a bad option print one line and exit with status 2."""
+def load_config(args=None, cfg=None):
+    """Parse sys.argv (or `args`) onto cfg; on a bad option print one line and exit with status 2."""
     try:
-        return parse_overrides(sys.argv[1:] if args is None else args)
+        return parse_overrides(sys.argv[1:] if args is None else args, cfg)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2)

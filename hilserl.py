@@ -9,15 +9,22 @@ every control step does `utd_ratio` critic updates, each on a fresh batch that i
 and half online data, then one actor and one temperature update.
 """
 
+import csv
+import dataclasses
+import json
 import math
+import os
+import pathlib
+import sys
 import time
 
 import numpy as np
 import torch
 
 from buffer import ReplayBuffer, sample_batches
-from config import load_config
+from config import Config, load_config, warnings_for
 from networks import EE_DIM, Actor, Agent, Encoder, GraspCritic, mlp
+from teleop import make_env, make_teleop, record_demos
 
 ACT_DIM = EE_DIM + 1  # EE delta x, y, z and the gripper command
 
@@ -128,6 +135,199 @@ def pick_device(cfg):
     if cfg.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(cfg.device)
+
+
+# --- the loop -----------------------------------------------------------------------------------
+def obs_to_tensors(obs, device):
+    return {k: torch.as_tensor(v, device=device).unsqueeze(0) for k, v in obs.items()}   # (1, ...)
+
+
+def save_checkpoint(run_dir, agent, opts, demo, online, progress):
+    """Buffers first, then the agent: a stop in between loses at most the current episode."""
+    online.save(run_dir / "online.npz")
+    demo.save(run_dir / "demo.npz")
+    state = {"agent": agent.state_dict(), "opts": {k: o.state_dict() for k, o in opts.items()}, "progress": progress}
+    torch.save(state, run_dir / "checkpoint.pt.tmp")
+    os.replace(run_dir / "checkpoint.pt.tmp", run_dir / "checkpoint.pt")     # atomic
+
+
+def load_checkpoint(run_dir, agent, opts=None):
+    path = run_dir / "checkpoint.pt"
+    if not path.exists():
+        raise SystemExit(f"error: {path} does not exist; is {run_dir} a run folder of hilserl.py?")
+    state = torch.load(path, map_location=next(agent.parameters()).device)
+    agent.load_state_dict(state["agent"])
+    for name, opt in (opts or {}).items():
+        opt.load_state_dict(state["opts"][name])
+    return state["progress"]
+
+
+def run_config(args):
+    """The config of a new run, or of the run being resumed/evaluated with the command line on top."""
+    cfg, _ = load_config(args)
+    folder = cfg.resume or cfg.eval
+    if folder:
+        saved = json.loads((pathlib.Path(folder) / "config.json").read_text())
+        cfg, _ = load_config(args, Config(**{**saved, "resume": cfg.resume, "eval": cfg.eval}))
+    return cfg
+
+
+def diagnose(rows, cfg):
+    """The lessons file: if interventions do not fall, a hyperparameter is usually wrong."""
+    if rows[-1]["env_steps"] < cfg.diagnose_after_steps or len(rows) < 40:
+        return None
+    rate = lambda part: np.mean([r["intervention_rate"] for r in part])
+    if rate(rows[-20:]) < 0.1 or rate(rows[-20:]) < rate(rows[-40:-20]):
+        return None
+    return (f"the intervention rate is not falling ({rate(rows[-40:-20]):.0%} -> {rate(rows[-20:]):.0%}); usual "
+            f"causes: temperature_init above 0.01 (now {cfg.temperature_init}), utd_ratio below 10 (now "
+            f"{cfg.utd_ratio}), no step penalty (reward_step {cfg.reward_step}), too few demos, or a human who "
+            "holds the intervention button too long - let the policy act and correct it only when it goes astray")
+
+
+def train(cfg, env, intervener, run_dir):
+    device = pick_device(cfg)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    obs = env.reset(seed=cfg.seed)
+    demo = ReplayBuffer(cfg.demo_capacity, obs, ACT_DIM)
+    online = ReplayBuffer(cfg.replay_capacity, obs, ACT_DIM)
+    agent = Agent(len(obs["state"]), cfg).to(device)
+    opts = make_optimizers(agent, cfg)
+    progress = {"episode": 0, "env_steps": 0, "updates": 0}
+    if cfg.resume:
+        progress = load_checkpoint(run_dir, agent, opts)
+        online.load(run_dir / "online.npz")
+        demo.load(run_dir / "demo.npz")
+        print(f"resumed {run_dir} at episode {progress['episode']}, {progress['env_steps']} steps")
+    else:
+        demo.load(cfg.demos)
+        print(f"{cfg.demos}: {demo.num_episodes} demo episodes, {len(demo)} transitions")
+    for line in warnings_for(cfg, demo.num_episodes):
+        print(line)
+    log_path = run_dir / "log.csv"
+    rows = list(csv.DictReader(open(log_path))) if cfg.resume and log_path.exists() else []
+    rows = [{k: float(v) for k, v in r.items()} for r in rows]
+    warned_slow = False
+    try:
+        while not cfg.max_env_steps or progress["env_steps"] < cfg.max_env_steps:
+            obs = env.reset() if progress["episode"] or cfg.resume else obs
+            intervener.reset()
+            ret, length, human_steps, info, timings, start = 0.0, 0, 0, {}, [], time.perf_counter()
+            while True:
+                t0 = time.perf_counter()
+                policy_act = agent.act(obs_to_tensors(obs, device))[0].cpu().numpy()   # SYNC POINT: the action
+                act, intervened, events = intervener.poll(policy_act, obs)
+                if "success" in events:
+                    env.world.succeeded = True          # the human says the task is done (real robot)
+                t1 = time.perf_counter()
+                next_obs, rew, terminated, truncated, step_info = env.step(act)
+                truncated = truncated or bool(events & {"failure", "rerecord", "quit"})
+                t2 = time.perf_counter()
+                transition = (obs, act, rew, next_obs, terminated, truncated, intervened, step_info["grasp_penalty"])
+                online.add(*transition)
+                if intervened:
+                    demo.add(*transition)               # a human correction is a demonstration too (hil-serl)
+                if len(online) >= cfg.training_starts:
+                    batches = to_device(sample_batches(demo, online, cfg.utd_ratio, cfg.batch_size, rng), device)
+                    info = learn(agent, opts, batches, cfg)
+                    progress["updates"] += cfg.utd_ratio
+                t3 = time.perf_counter()
+                timings.append((t1 - t0, t2 - t1, t3 - t2))
+                if cfg.port and step_info.get("overrun_s", 0) > 0 and not warned_slow:
+                    warned_slow = True
+                    act_ms, robot_ms, update_ms = (1e3 * np.mean(x) for x in zip(*timings))
+                    print(f"warning: the loop cannot keep {cfg.control_hz} Hz: act {act_ms:.0f} ms, robot "
+                          f"{robot_ms:.0f} ms, {cfg.utd_ratio} updates {update_ms:.0f} ms per step; lower "
+                          "--utd_ratio or train on a GPU")
+                obs, ret, length = next_obs, ret + rew, length + 1
+                human_steps += intervened
+                progress["env_steps"] += 1
+                if terminated or truncated:
+                    break
+            progress["episode"] += 1
+            seconds = time.perf_counter() - start
+            row = {"episode": progress["episode"], "env_steps": progress["env_steps"], "return": ret,
+                   "length": length, "success": float(terminated), "intervention_rate": human_steps / length,
+                   "updates_per_s": cfg.utd_ratio * length / seconds if info else 0.0,
+                   **{k: v.item() for k, v in info.items()},                            # SYNC POINT: logging
+                   **dict(zip(("time/act_ms", "time/robot_ms", "time/update_ms"),
+                              (1e3 * np.mean(x) for x in zip(*timings))))}
+            rows.append(row)
+            write_log(log_path, rows)
+            recent = rows[-20:]
+            print(f"episode {row['episode']:4d} | steps {row['env_steps']:6d} | return {ret:6.2f} | "
+                  f"success {np.mean([r['success'] for r in recent]):4.0%} | interventions "
+                  f"{np.mean([r['intervention_rate'] for r in recent]):4.0%} (last {len(recent)}) | "
+                  f"{row['updates_per_s']:5.0f} updates/s")
+            hint = diagnose(rows, cfg)
+            if hint and progress["episode"] % 20 == 0:
+                print("diagnosis: " + hint)
+            if progress["episode"] % cfg.checkpoint_every == 0:
+                save_checkpoint(run_dir, agent, opts, demo, online, progress)
+                plot_runs([run_dir], run_dir / "curves.png")
+            if "quit" in events:
+                break
+    finally:
+        save_checkpoint(run_dir, agent, opts, demo, online, progress)   # Ctrl-C loses at most this episode
+        if rows:
+            plot_runs([run_dir], run_dir / "curves.png")
+    return rows
+
+
+def evaluate(cfg, env, run_dir):
+    """The deterministic policy, no learning, no interventions: success rate and mean length."""
+    device = pick_device(cfg)
+    obs = env.reset(seed=cfg.seed + 10_000)               # other cube positions than in training
+    agent = Agent(len(obs["state"]), cfg).to(device)
+    load_checkpoint(run_dir, agent)
+    successes, lengths = [], []
+    for episode in range(cfg.eval_episodes):
+        obs = env.reset() if episode else obs
+        for length in range(1, cfg.episode_steps + 1):
+            act = agent.act(obs_to_tensors(obs, device), deterministic=True)[0].cpu().numpy()   # SYNC POINT
+            obs, _, terminated, truncated, _ = env.step(act)
+            if terminated or truncated:
+                break
+        successes.append(terminated)
+        lengths.append(length)
+    print(f"eval {run_dir}: success {np.mean(successes):.0%} over {cfg.eval_episodes} episodes, "
+          f"mean length {np.mean(lengths):.1f} steps")
+    return float(np.mean(successes)), float(np.mean(lengths))
+
+
+def write_log(path, rows):
+    """The whole log, rewritten atomically after every episode (a few hundred rows at most)."""
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with open(f"{path}.tmp", "w", newline="") as f:
+        writer = csv.DictWriter(f, keys)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(f"{path}.tmp", path)
+
+
+def plot_runs(run_dirs, out_path):
+    """Learning curves against environment steps, one line per run folder, into one PNG."""
+    import matplotlib
+    matplotlib.use("Agg")   # no display needed
+    import matplotlib.pyplot as plt
+    panels = [("success", "success rate (last 20 episodes)"), ("intervention_rate", "intervention rate (last 20)"),
+              ("return", "episode return"), ("length", "episode length"), ("q/mean", "critic Q"), ("alpha", "temperature")]
+    fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
+    for run_dir in run_dirs:
+        rows = list(csv.DictReader(open(pathlib.Path(run_dir) / "log.csv")))
+        steps = [float(r["env_steps"]) for r in rows]
+        for ax, (key, title) in zip(axes.flat, panels):
+            values = np.array([float(r.get(key) or "nan") for r in rows])
+            smooth = [np.nanmean(values[max(0, i - 19):i + 1]) for i in range(len(values))] if key in ("success", "intervention_rate") else values
+            ax.plot(steps, smooth, label=pathlib.Path(run_dir).name)
+            ax.set_title(title)
+            ax.set_xlabel("environment steps")
+    axes.flat[0].legend()
+    fig.tight_layout()
+    fig.savefig(f"{out_path}.tmp.png")
+    plt.close(fig)
+    os.replace(f"{out_path}.tmp.png", out_path)
 
 
 # --- benchmark: python hilserl.py --bench ------------------------------------------------------
@@ -274,7 +474,29 @@ def benchmark(cfg):
     print(f"speed-up over the reference: {results['reference'] / results['hilserl']:.2f}x")
 
 
-if __name__ == "__main__":
-    cfg, words = load_config()
+def main():
+    cfg = run_config(sys.argv[1:])
     if cfg.bench:
-        benchmark(cfg)
+        return benchmark(cfg)
+    if cfg.plot:
+        *run_dirs, out_path = cfg.plot.split(",")
+        return plot_runs(run_dirs, out_path)
+    if cfg.eval:
+        with make_env(cfg, cfg.seed + 10_000) as env:    # other cube positions than in training
+            return evaluate(cfg, env, pathlib.Path(cfg.eval))
+    if not cfg.resume and not os.path.exists(cfg.demos):
+        if cfg.port:
+            raise SystemExit(f"error: {cfg.demos} does not exist; record demos first: "
+                             f"python teleop.py record --port {cfg.port} --demos {cfg.demos}")
+        print(f"{cfg.demos} does not exist: the scripted expert records {cfg.demo_episodes} demo episodes first")
+        record_demos(cfg, cfg.demos, cfg.demo_episodes)
+    run_dir = pathlib.Path(cfg.resume or cfg.run_dir or time.strftime("runs/%Y%m%d-%H%M%S"))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+    print(f"run folder: {run_dir}")
+    with make_env(cfg, cfg.seed) as env:   # SAFETY: torque off however the run ends
+        train(cfg, env, make_teleop(cfg, env), run_dir)
+
+
+if __name__ == "__main__":
+    main()
