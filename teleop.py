@@ -28,6 +28,7 @@ import pygame
 
 from buffer import ReplayBuffer
 from config import load_config
+from robot import SO101, FeetechBus, RealWorld, SO101Env, forward_kinematics, load_calibration, make_cameras
 
 ACT_DIM = 4
 EVENTS = ("success", "failure", "rerecord", "estop", "quit")   # pressed once, acted on once
@@ -122,7 +123,14 @@ def pump():
     return {"quit"} if any(event.type == pygame.QUIT for event in pygame.event.get()) else set()
 
 
-class Gamepad:
+class Device:
+    """An input device: read(obs) -> (act, held); reset() at the start of every episode."""
+
+    def reset(self):
+        pass   # only the scripted expert remembers anything between steps
+
+
+class Gamepad(Device):
     """The first pygame joystick, read through its layout."""
 
     def __init__(self, cfg):
@@ -145,7 +153,7 @@ class Gamepad:
         return act, held | quit_pressed
 
 
-class Keyboard:
+class Keyboard(Device):
     """The keys of KEYS, read from the operator's window (it must have the focus)."""
 
     def __init__(self, cfg):
@@ -156,6 +164,50 @@ class Keyboard:
         state = pygame.key.get_pressed()
         act, held = keyboard_action({key for key in KEYS.values() if state[key]}, self.speed)
         return act, held | quit_pressed
+
+
+class Expert(Device):
+    """sim.py's scripted expert as the human: its action, and "intervene" held while it wants control."""
+
+    def __init__(self, cfg, world, seed=None):
+        from sim import ScriptedExpert   # lazily: only the sim has one
+        self.expert = ScriptedExpert(cfg, world, seed)
+
+    def reset(self):
+        self.expert.reset()
+
+    def read(self, obs):
+        held = pump() | ({"intervene"} if self.expert.wants_control(obs) else set())
+        return self.expert.act(obs), held
+
+
+class LeaderArm:
+    """An SO-101 leader arm on a second bus: the follower's tool goes where the leader's tool is.
+
+    The action is the tool-position difference in EE-delta units, clipped to [-1, 1]: the follower
+    tracks the leader through the same env.step as the policy (workspace box, IK, joint limits), at
+    most ee_step_m per step, so the stored action is exactly the EE delta the follower was given.
+    Only the position is followed: the IK keeps the gripper pointing down, whatever the leader's wrist.
+    """
+
+    def __init__(self, cfg, port=None):
+        if port is None:
+            import serial
+            port = serial.Serial(cfg.leader_port, cfg.baudrate)
+        bus = FeetechBus(port, cfg.baudrate, cfg.read_retries, cfg.bus_latency_s)
+        self.arm = SO101(bus, load_calibration(cfg.leader_calibration))
+        self.arm.connect()
+        self.arm.configure()   # SAFETY: leaves the torque off; a leader is moved by hand
+        self.ee_step_m = cfg.ee_step_m
+
+    def action(self, obs):
+        leader = self.arm.read_joints()   # 5 rad + gripper opening
+        target, follower = forward_kinematics(leader[:5])[0], forward_kinematics(obs["state"][:5])[0]
+        act = np.zeros(ACT_DIM, np.float32)
+        act[:3] = np.clip((target - follower) / self.ee_step_m, -1, 1)
+        closed, follower_closed = leader[5] < 0.5, obs["state"][5] < 0.5
+        act[3] = 0.0 if closed == follower_closed else (-1.0 if closed else 1.0)   # command only a change
+        return act
 
 
 # --- what the loop asks every step ------------------------------------------------------------------------
@@ -174,6 +226,10 @@ class Teleop:
     def __init__(self, device, leader=None, torque_off=None):
         self.device, self.leader, self.torque_off = device, leader, torque_off
         self.previous = set()
+
+    def reset(self):
+        """Call at every env.reset."""
+        self.device.reset()
 
     def read(self, obs):
         """The human's action whether or not they intervene -> (act, intervene held, new events)."""
@@ -266,3 +322,165 @@ class OperatorWindow:
         """Write what the window shows to an image file (PNG by its extension)."""
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         pygame.image.save(self.screen, path)
+
+
+# --- building it -------------------------------------------------------------------------------------------
+def make_env(cfg, seed=None):
+    """The real SO-101 on cfg.port, or the simulated one without a port."""
+    if not cfg.port:
+        from sim import make_sim
+        return SO101Env(cfg, *make_sim(cfg, seed))
+    import serial
+    bus = FeetechBus(serial.Serial(cfg.port, cfg.baudrate), cfg.baudrate, cfg.read_retries, cfg.bus_latency_s)
+    arm = SO101(bus, load_calibration(cfg.calibration), cfg.max_joint_step_rad)
+    arm.connect()
+    arm.configure()
+    return SO101Env(cfg, arm, make_cameras(cfg), RealWorld(cfg))
+
+
+def make_teleop(cfg, env):
+    """The device cfg.teleop names. auto: the leader arm if cfg.leader_port, else the scripted expert
+    in the sim, else a gamepad if one is plugged in, else the keyboard."""
+    start_pygame()
+    choice = cfg.teleop
+    if choice == "auto":
+        choice = ("leader" if cfg.leader_port else "expert" if not cfg.port
+                  else "gamepad" if pygame.joystick.get_count() else "keyboard")
+    if choice == "expert":
+        if cfg.port:
+            raise ValueError("--teleop expert: the scripted expert only exists in the sim; drop --port")
+        return Teleop(Expert(cfg, env.world, cfg.seed))
+    if choice not in ("gamepad", "keyboard", "leader"):
+        raise ValueError(f"--teleop {choice!r}: expected auto, gamepad, keyboard, leader or expert")
+    if choice == "gamepad" or (choice == "leader" and pygame.joystick.get_count()):
+        if not pygame.joystick.get_count():
+            raise ValueError("--teleop gamepad: no gamepad found; plug one in or use --teleop keyboard")
+        device = Gamepad(cfg)
+        print(f"gamepad '{device.name}': layout {device.layout}")
+    elif has_display():
+        device = Keyboard(cfg)   # its keys come through the operator's window, which must be open
+    else:
+        raise ValueError("keyboard control needs a display for the operator's window; plug in a gamepad")
+    leader = LeaderArm(cfg) if choice == "leader" else None
+    return Teleop(device, leader, torque_off=env.arm.close)
+
+
+# --- recording demos ---------------------------------------------------------------------------------------
+def record_episode(env, teleop, window, obs):
+    """One episode in which the human (or the expert) drives every step -> (transitions, outcome).
+
+    outcome: "success", "failure", "rerecord" or "quit". On the real arm the human's success button
+    makes the next step the successful, terminal one; failure ends the episode where it is.
+    """
+    transitions = []
+    while True:
+        act, _, events = teleop.read(obs)
+        if "quit" in events or "rerecord" in events:
+            return transitions, "quit" if "quit" in events else "rerecord"
+        if "failure" in events and transitions:
+            transitions[-1] = (*transitions[-1][:5], True, *transitions[-1][6:])   # truncated: the human ended it
+            window.end_episode(False)
+            return transitions, "failure"
+        if "success" in events and isinstance(env.world, RealWorld):
+            env.world.succeeded = True
+        next_obs, rew, terminated, truncated, info = env.step(act)
+        transitions.append((obs, act, rew, next_obs, terminated, truncated, True, info["grasp_penalty"]))
+        window.show(next_obs, True, rew)
+        obs = next_obs
+        if terminated or truncated:
+            window.end_episode(info["success"])
+            return transitions, "success" if info["success"] else "failure"
+
+
+def wait_for_start(teleop, obs):
+    """Real arm: the human resets the scene, then presses intervene; False if they quit instead."""
+    print("reset the scene, then press intervene (RB/R1, space) to start the episode", flush=True)
+    while True:
+        _, intervene, events = teleop.read(obs)
+        if "quit" in events or intervene:
+            return "quit" not in events
+        time.sleep(0.02)
+
+
+def record_demos(cfg, path, episodes):
+    """Record until `path` holds `episodes` episodes; returns how many it holds.
+
+    Only successful episodes are kept unless cfg.demo_keep_failed. The file is rewritten atomically
+    after every kept episode, so a stop (Ctrl-C, a crash, a kill) loses at most the episode in
+    progress, and running the command again continues where it stopped.
+    """
+    env = make_env(cfg, cfg.seed)
+    with env:
+        teleop, window = make_teleop(cfg, env), OperatorWindow(cfg)
+        obs = env.reset()
+        demos = ReplayBuffer(cfg.demo_capacity, obs, ACT_DIM)
+        if os.path.exists(path):
+            demos.load(path)
+        while demos.num_episodes < episodes:
+            if cfg.port and not wait_for_start(teleop, obs):
+                break
+            transitions, outcome = record_episode(env, teleop, window, obs)
+            if outcome == "quit":
+                break
+            if outcome == "success" or (outcome == "failure" and cfg.demo_keep_failed):
+                for transition in transitions:
+                    demos.add(*transition)
+                demos.save(path)
+                print(f"{path}: {demos.num_episodes}/{episodes} episodes", flush=True)
+            obs = env.reset()
+            teleop.reset()
+    return demos.num_episodes
+
+
+# --- command line ------------------------------------------------------------------------------------------
+def snapshot(cfg, path, steps=60):
+    """The operator's window, drawn offscreen (SDL's dummy driver) over the sim, saved as a PNG."""
+    os.environ["SDL_VIDEODRIVER"] = "dummy"
+    cfg.use_images, cfg.port, cfg.teleop = True, "", "expert"
+    with make_env(cfg, cfg.seed) as env:
+        teleop, window = make_teleop(cfg, env), OperatorWindow(cfg, visible=True)
+        obs = env.reset()
+        for _ in range(steps):   # a policy that does nothing: the expert soon takes over
+            act, intervened, _ = teleop.poll(np.zeros(ACT_DIM, np.float32), obs)
+            obs, rew, terminated, truncated, info = env.step(act)
+            window.show(obs, intervened, rew)
+            if terminated or truncated:
+                window.end_episode(info["success"])
+                obs = env.reset()
+                teleop.reset()
+        window.save(path)
+    print(f"saved {path}")
+
+
+def show_pad():
+    """Print what each axis and button of the pad is numbered, for --gamepad_map."""
+    start_pygame()
+    if not pygame.joystick.get_count():
+        raise SystemExit("no gamepad found: plug one in (and on Linux check it shows up in /dev/input/js*)")
+    joystick = pygame.joystick.Joystick(0)
+    print(f"'{joystick.get_name()}': {joystick.get_numaxes()} axes, {joystick.get_numbuttons()} buttons; "
+          f"press buttons and move sticks, Ctrl-C to stop")
+    while True:
+        for event in pygame.event.get():
+            if event.type == pygame.JOYBUTTONDOWN:
+                print(f"button {event.button}")
+            elif event.type == pygame.JOYAXISMOTION and abs(event.value) > 0.5:
+                print(f"axis {event.axis} {event.value:+.2f}")
+        time.sleep(0.01)
+
+
+def main():
+    cfg, words = load_config()
+    if words == ["record"]:
+        print(f"{cfg.demos}: {record_demos(cfg, cfg.demos, cfg.demo_episodes)} episodes")
+    elif len(words) == 2 and words[0] == "snapshot":
+        snapshot(cfg, words[1])
+    elif words == ["pad"]:
+        show_pad()
+    else:
+        raise SystemExit("usage: python teleop.py record [--demos data/demos.npz --demo_episodes 20 --port PORT] "
+                         "| snapshot docs/operator_window.png | pad")
+
+
+if __name__ == "__main__":
+    main()

@@ -153,3 +153,118 @@ def test_operator_window_renders_offscreen_and_prints_a_line_per_episode(tmp_pat
     assert (tmp_path / "window.png").stat().st_size > 1000
     line = capsys.readouterr().out
     assert "episode    1" in line and "intervened  50%" in line and "success yes" in line
+
+
+# --- the leader arm, against robot.py's servo emulator ---------------------------------------------------
+def leader_at(tmp_path, joints):
+    """A LeaderArm whose servos (an emulator) sit at `joints` (5 rad + gripper opening)."""
+    from robot import IDS, ServoEmulator, chain_calibration, joints_to_ticks, save_calibration
+    calibration = chain_calibration()
+    save_calibration(tmp_path / "leader.json", calibration)
+    emulator = ServoEmulator()
+    for servo_id, ticks in zip(IDS, joints_to_ticks(joints, calibration)):
+        emulator.set(servo_id, "Present_Position", int(ticks))
+    return teleop.LeaderArm(Config(leader_calibration=str(tmp_path / "leader.json")), port=emulator), emulator
+
+
+def test_leader_action_is_the_clipped_tool_difference_in_action_units(tmp_path):
+    from robot import HOME_RAD, forward_kinematics
+    cfg = Config()
+    follower = np.append(HOME_RAD, [1.0, 0, 0, 0]).astype(np.float32)          # gripper open
+    near = HOME_RAD + [0.0, 0.0, 0.0, 0.02, 0.0]                                  # a few mm away
+    leader, _ = leader_at(tmp_path, np.append(near, 0.0))                         # leader gripper closed
+    act = leader.action({"state": follower})
+    expected = (forward_kinematics(near)[0] - forward_kinematics(HOME_RAD)[0]) / cfg.ee_step_m
+    np.testing.assert_allclose(act[:3], expected, atol=0.05)                      # ticks quantise the pose
+    assert act[3] == -1.0                                                         # close, the follower is open
+    far, _ = leader_at(tmp_path, np.append(HOME_RAD + [0.3, 0.2, -0.2, 0.0, 0.0], 1.0))
+    act = far.action({"state": follower})
+    assert np.abs(act[:3]).max() == 1.0 and act[3] == 0.0                          # clipped; both open: stay
+
+
+def test_follower_tracks_the_leader_only_while_intervene_is_held(tmp_path):
+    from robot import HOME_RAD, SO101Env, forward_kinematics
+    from sim import make_sim
+    cfg = Config()
+    pose = HOME_RAD + [0.3, 0.2, -0.2, 0.0, 0.0]
+    leader, _ = leader_at(tmp_path, np.append(pose, 1.0))
+    held = [(np.zeros(4, np.float32), set())] * 5 + [(np.zeros(4, np.float32), {"intervene"})] * 25
+    t = teleop.Teleop(Scripted(*held), leader)
+    env = SO101Env(cfg, *make_sim(cfg, seed=0))
+    obs = start = env.reset()
+    for step in range(30):
+        act, intervened, _ = t.poll(np.zeros(4, np.float32), obs)
+        assert intervened == (step >= 5)
+        obs = env.step(act)[0]
+        if step == 4:
+            np.testing.assert_allclose(obs["state"][6:9], start["state"][6:9], atol=0.006)  # held (sags a few mm)
+    gap = forward_kinematics(pose)[0] - forward_kinematics(obs["state"][:5])[0]
+    assert np.linalg.norm(gap) < 0.01
+    env.close()
+
+
+# --- recording demos: stopping loses only the episode in progress -------------------------------------------
+def record_cfg(**overrides):
+    # Short episodes, every one kept, so the number of episodes on disk is known in advance.
+    return Config(episode_steps=12, demo_keep_failed=True, show_window=False, **overrides)
+
+
+def test_record_demos_with_the_expert_keeps_successful_episodes(tmp_path):
+    from buffer import ReplayBuffer
+    cfg = Config(show_window=False)
+    path = str(tmp_path / "demos.npz")
+    assert teleop.record_demos(cfg, path, episodes=2) == 2
+    demos = ReplayBuffer(cfg.demo_capacity, {"state": np.zeros(12, np.float32)}, 4)
+    demos.load(path)
+    a = demos.arrays
+    assert demos.num_episodes == 2 and a["terminated"].sum() == 2 and a["intervened"][a["valid"]].all()
+    assert teleop.record_demos(cfg, path, episodes=3) == 3                          # a second run continues
+
+
+def test_an_exception_mid_episode_leaves_the_finished_episodes_intact(tmp_path, monkeypatch):
+    from buffer import ReplayBuffer
+    from robot import SO101Env
+    cfg, path = record_cfg(), str(tmp_path / "demos.npz")
+    states, real_step = [], SO101Env.step
+
+    def step_then_crash(env, act):
+        if len(states) == 2 * cfg.episode_steps + 5:                               # 5 steps into episode 3
+            raise RuntimeError("cable pulled")
+        result = real_step(env, act)
+        states.append(result[0]["state"])
+        return result
+
+    monkeypatch.setattr(SO101Env, "step", step_then_crash)
+    with pytest.raises(RuntimeError, match="cable pulled"):
+        teleop.record_demos(cfg, path, episodes=5)
+    demos = ReplayBuffer(cfg.demo_capacity, {"state": states[0]}, 4)
+    demos.load(path)
+    assert demos.num_episodes == 2
+    np.testing.assert_array_equal(demos.arrays["next_state"][demos.arrays["valid"]], states[:2 * cfg.episode_steps])
+
+
+def test_a_killed_recording_leaves_the_finished_episodes_intact(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+    from buffer import ReplayBuffer
+    path = tmp_path / "demos.npz"
+    command = [sys.executable, "teleop.py", "record", "--demos", str(path), "--demo_episodes", "1000",
+               "--episode_steps", "12", "--demo_keep_failed", "true", "--show_window", "false"]
+    recorder = subprocess.Popen(command, cwd=os.path.dirname(os.path.abspath(__file__)),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in recorder.stdout:                                           # "...demos.npz: 3/1000 episodes"
+            if line.startswith(f"{path}: 3/"):
+                break
+        time.sleep(0.05)                                                       # somewhere in episode 4 or later
+    finally:
+        recorder.send_signal(signal.SIGKILL)                                  # no cleanup runs at all
+        recorder.wait()
+    demos = ReplayBuffer(1000, {"state": np.zeros(12, np.float32)}, 4)
+    demos.load(str(path))
+    a = demos.arrays
+    assert demos.num_episodes >= 3
+    assert a["valid"].sum() == 12 * demos.num_episodes                          # every stored episode is whole
+    assert (a["truncated"] | a["terminated"])[a["valid"]].sum() == demos.num_episodes
