@@ -39,7 +39,6 @@ TIP_RADIUS_M = 0.005                # moving-jaw tip: a capsule across the jaw, 
 TIP_UP_M = 0.004                    # the moving tip sits this far above the tool point when closed
 CUBE_MASS_KG = 0.05
 WRIST_CAMERA_M = (0.0, -0.05, -0.03)  # on the side of the gripper, looking between the jaw tips
-GRIPPER_OPEN_RAD = 1.0              # the reset pose's gripper angle: wide enough for a 4 cm cube
 
 
 def _mat(quat):
@@ -183,7 +182,7 @@ class SimWorld:
             # Voltage and temperature stay at the emulator's 7.4 V / 25 C: the sim has no battery or heat.
 
     def reset_scene(self, seed=None):
-        """Arm at HOME_RAD with the gripper open, the cube on the table at a random place and yaw.
+        """Arm at HOME_RAD, gripper open, the cube on the table at a random place and yaw.
 
         The arm is placed, not driven, there (the human's reset of the real scene). The cube's
         yaw is its bearing from the base +-0.2 rad, so the radial jaws meet two faces, as a
@@ -191,7 +190,7 @@ class SimWorld:
         """
         rng = self.rng if seed is None else np.random.default_rng(seed)
         mujoco.mj_resetData(self.model, self.data)
-        arm_q = np.append(HOME_RAD, GRIPPER_OPEN_RAD)
+        arm_q = np.append(HOME_RAD, SO101_CHAIN[-1][6][1])  # gripper fully open, as SO101Env.reset wants
         self.data.qpos[self.model.actuator_trnid[:, 0]] = arm_q
         self.data.ctrl[:] = arm_q
         xy = rng.uniform(self.cube_low, self.cube_high)
@@ -251,13 +250,16 @@ class SimCamera:
 def make_sim(cfg, seed=None):
     """The simulated SO-101 as (arm, cameras, world), ready for SO101Env(cfg, arm, cameras, world).
 
-    The arm is robot.py's SO101 on a FeetechBus whose port is the emulator; its calibration is the
-    one whose ranges are the model's joint ranges (homing offset 0), so ticks map to MuJoCo radians.
+    The arm is robot.py's SO101 on a FeetechBus whose port is the emulator, connected and configured
+    as a real one would be. Its calibration is the one whose ranges are the model's joint ranges
+    (homing offset 0), so ticks map to MuJoCo radians.
     """
     model = mujoco.MjModel.from_xml_string(scene_xml(cfg))
     emulator = ServoEmulator(IDS)
     world = SimWorld(cfg, model, emulator, seed)
-    arm = SO101(FeetechBus(emulator, cfg.baudrate), chain_calibration())
+    arm = SO101(FeetechBus(emulator, cfg.baudrate), chain_calibration(), cfg.max_joint_step_rad)
+    arm.connect()
+    arm.configure()
     cameras = {name: SimCamera(world, name) for name in ("front", "wrist")}
     return arm, cameras, world
 
@@ -275,6 +277,7 @@ class ScriptedExpert:
 
     HOVER_M = 0.03        # clearance above the cube while moving to it
     GRASP_Z_M = 0.01      # tool point (fixed jaw tip) height above the table when closing: workspace floor
+    ALIGNED_M = 0.008     # horizontal error under which the jaws are above the grasp point
     MARGIN_M = 0.006      # gap left between the fixed jaw and the cube, so the jaw never lands on it
     CLOSED_BELOW = 0.45   # gripper opening under which the jaws are closed (or holding the cube)
     PROGRESS_M = 0.005    # less than this much progress in expert_patience steps = astray or stalled
@@ -287,7 +290,7 @@ class ScriptedExpert:
 
     def reset(self):
         """Call at the start of every episode: forget the intervention history."""
-        self.history, self.in_control, self.control_steps = [], False, 0
+        self.history, self.in_control, self.takeover_phase = [], False, 0
 
     def _situation(self, obs):
         """(tool position, direction from the fixed jaw to the moving one, cube position, holding)."""
@@ -310,36 +313,144 @@ class ScriptedExpert:
             target, gripper = tool + [0, 0, 2 * self.cfg.ee_step_m], -1.0
         elif opening < self.CLOSED_BELOW:  # closed on nothing: open and rise
             target, gripper = np.append(tool[:2], max(tool[2], hover_z)), 1.0
-        elif np.linalg.norm(grasp[:2] - tool[:2]) > 0.008:  # go above the grasp point
+        elif np.linalg.norm(grasp[:2] - tool[:2]) > 0.02:  # far: go above the grasp point
             target, gripper = np.append(grasp[:2], hover_z), 0.0
+        elif np.linalg.norm(grasp[:2] - tool[:2]) > self.ALIGNED_M:  # close: line up at this height
+            target, gripper = np.append(grasp[:2], tool[2]), 0.0
         elif tool[2] > grasp[2] + 0.008:  # descend, still correcting sideways
             target, gripper = grasp, 0.0
         else:  # jaws around the cube: close, without moving
             target, gripper = tool, -1.0
-        delta = (target - tool) / self.cfg.ee_step_m + self.rng.normal(0, self.cfg.expert_noise, 3)
+        # Half the error per step: the servos lag their goals, so a full step would overshoot.
+        delta = 0.5 * (target - tool) / self.cfg.ee_step_m + self.rng.normal(0, self.cfg.expert_noise, 3)
         return np.append(np.clip(delta, -1, 1), gripper).astype(np.float32)
 
-    def _distance(self, obs):
-        """How far from done (m): remaining lift when holding, else distance to the grasp pose."""
+    def _progress(self, obs):
+        """(phase, distance): 0 reaching, 1 above the cube with the jaws open, 2 holding it; and how
+        far from done (m): distance to the grasp pose, or the lift still missing while holding."""
         tool, jaw_dir, cube, holding = self._situation(obs)
         if holding:
-            return max(0.0, self.cfg.success_lift_m - (cube[2] - self.half))
+            return 2, max(0.0, self.cfg.success_lift_m - (cube[2] - self.half))
         grasp = np.append(cube[:2] - jaw_dir[:2] * (self.half + self.MARGIN_M), self.GRASP_Z_M)
-        return self.cfg.success_lift_m + np.linalg.norm(grasp - tool)
+        above = obs["state"][5] >= self.CLOSED_BELOW and np.linalg.norm(grasp[:2] - tool[:2]) < self.ALIGNED_M
+        return int(above), self.cfg.success_lift_m + np.linalg.norm(grasp - tool)
 
     def wants_control(self, obs):
         """Call once per step: True while the expert should act instead of the policy.
 
         It takes over when the policy made less than PROGRESS_M of progress over the last
-        expert_patience steps (it moves away from the cube or stalls), and hands back once its own
-        expert_patience steps have brought the arm closer: interventions stay short and sparse.
+        expert_patience steps (it moves away from the cube or stalls), and hands back once the task
+        reached its next phase (above the cube, then holding it): the policy gets the arm back on
+        track, interventions stay sparse, and they fall away as the policy learns.
         """
-        self.history.append(self._distance(obs))
+        phase, distance = self._progress(obs)
+        self.history.append(distance)
         n = self.cfg.expert_patience
-        if self.in_control:
-            self.control_steps += 1
-            if self.control_steps >= n and self.history[-1] < self.history[-1 - n] - self.PROGRESS_M:
-                self.history, self.in_control = [self.history[-1]], False
-        elif len(self.history) > n and self.history[-1] > self.history[-1 - n] - self.PROGRESS_M:
-            self.in_control, self.control_steps = True, 0
+        if self.in_control and phase > self.takeover_phase:
+            self.history, self.in_control = [distance], False
+        elif not self.in_control and len(self.history) > n and distance > self.history[-1 - n] - self.PROGRESS_M:
+            self.in_control, self.takeover_phase = True, phase
         return self.in_control
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line: bench (control steps per second), snapshot PATH (front + wrist frames side by side),
+# view (the scripted expert in MuJoCo's viewer window; needs a display).
+def run_expert(cfg, seed, on_step=None, episodes=1):
+    """Scripted-expert episodes on the full stack (SO101Env over the emulated bus); returns successes."""
+    from robot import SO101Env  # noqa: PLC0415 (only the command line needs the env)
+
+    arm, cameras, world = make_sim(cfg, seed)
+    expert = ScriptedExpert(cfg, world, seed)
+    successes = 0
+    with SO101Env(cfg, arm, cameras, world) as env:
+        for episode in range(episodes):
+            obs, done = env.reset(seed + episode), False
+            expert.reset()
+            while not done:
+                obs, rew, terminated, truncated, info = env.step(expert.act(obs))
+                done = terminated or truncated or (on_step is not None and on_step(env, world) is False)
+            successes += info["success"]
+    return successes
+
+
+def bench(cfg, steps=1000):
+    """Control steps per second: the physics tick alone, then SO101Env.step without and with cameras."""
+    import time  # noqa: PLC0415
+
+    from robot import SO101Env  # noqa: PLC0415
+
+    arm, cameras, world = make_sim(cfg, cfg.seed)
+    start = time.perf_counter()
+    for _ in range(steps):
+        world.tick()
+    print(f"physics only (SimWorld.tick, {world.substeps} x {world.model.opt.timestep * 1000:g} ms): "
+          f"{steps / (time.perf_counter() - start):6.0f} control steps/s")
+    expert = ScriptedExpert(cfg, world, cfg.seed)
+    with SO101Env(cfg, arm, cameras, world) as env:
+        for use_images in (False, True):
+            cfg.use_images = use_images
+            obs, elapsed_s = env.reset(cfg.seed), 0.0
+            for _ in range(steps):
+                act = expert.act(obs)
+                start = time.perf_counter()
+                obs, rew, terminated, truncated, info = env.step(act)
+                elapsed_s += time.perf_counter() - start
+                if terminated or truncated:  # resets are not timed
+                    obs = env.reset()
+                    expert.reset()
+            what = f"two {cfg.image_size}x{cfg.image_size} cameras" if use_images else "state only"
+            print(f"SO101Env.step, bus + IK + physics, {what}: {steps / elapsed_s:6.0f} control steps/s")
+
+
+def snapshot(cfg, path):
+    """Save the front and wrist frames, side by side, as the expert's jaws close on the cube."""
+    import cv2  # noqa: PLC0415
+
+    frames = []
+
+    def grab(env, world):
+        if env.joints[5] < 0.5:  # gripper opening: the jaws are closing
+            frames.append(np.concatenate([env.cameras["front"].read(), env.cameras["wrist"].read()], axis=1))
+            return False
+
+    run_expert(cfg, cfg.seed, grab)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    cv2.imwrite(path, cv2.cvtColor(frames[0], cv2.COLOR_RGB2BGR))
+    print(f"wrote {path}")
+
+
+def view(cfg):
+    """The scripted expert, episode after episode, in MuJoCo's viewer at real time."""
+    import time  # noqa: PLC0415
+
+    import mujoco.viewer  # noqa: PLC0415
+
+    if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+        raise SystemExit("view: no display here (DISPLAY unset); try python sim.py snapshot PNG instead")
+    window = {}
+
+    def show(env, world):
+        if "viewer" not in window:
+            window["viewer"] = mujoco.viewer.launch_passive(world.model, world.data)
+        window["viewer"].sync()
+        time.sleep(1.0 / cfg.control_hz)
+        return window["viewer"].is_running()
+
+    run_expert(cfg, cfg.seed, show, episodes=1000)
+
+
+def main():
+    cfg, words = load_config()
+    if words[:1] == ["bench"]:
+        bench(cfg)
+    elif words[:1] == ["snapshot"] and len(words) == 2:
+        snapshot(cfg, words[1])
+    elif words[:1] == ["view"]:
+        view(cfg)
+    else:
+        raise SystemExit("usage: python sim.py bench | snapshot PATH.png | view   [--field value ...]")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
