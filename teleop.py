@@ -6,16 +6,14 @@ hil-serl's SpaceMouse intervenes on any motion), the human's action replaces the
 transition is stored with intervened=True, which sends it to the demo buffer too. Button presses
 become events: success, failure, re-record, emergency stop (torque off at once), quit.
 
-The same file records demos (`python teleop.py --record data/demos.npz --episodes 20`): the human
-drives every step on the real arm; in the sim the scripted expert stands in for the human.
+Every device (gamepad, keyboard, leader arm, or the sim's scripted expert standing in for the
+human) gives the same two things: act, in the policy's action space (float32 (4,): EE delta x, y,
+z in [-1, 1], gripper -1 close / 0 stay / +1 open), and held, the set of controls held down now.
+Raw axes and buttons map to them in pure functions, tested without a device. Seen from behind the
+arm: left stick up = +x (away from the base), left stick left = +y, right stick up = +z.
 
-Every device turns its raw input into the same thing, (act, held): act is the policy's action
-(float32 (4,): EE delta x, y, z in [-1, 1], gripper -1 close / 0 stay / +1 open) and held is the
-set of control names held down right now. The mapping from raw axes and buttons is a pure
-function, so it is tested without a device.
-
-Axes of the base frame, as seen standing behind the arm: +x away from the base, +y to the left,
-+z up. Left stick up = +x, left stick left = +y, right stick up = +z.
+Commands: `python teleop.py record` records demos (cfg.demos, cfg.demo_episodes); `snapshot PNG`
+draws the operator's window offscreen; `pad` prints the numbers of a pad's sticks and buttons.
 """
 
 import os
@@ -63,21 +61,14 @@ def gamepad_layout(pad_name, layout="auto", remap=""):
     return controls
 
 
-def dead_zone(value, zone):
-    """0 inside the dead zone, then rising linearly to +-1 at full deflection (no jump at the edge)."""
-    return float(np.sign(value) * max(abs(value) - zone, 0.0) / (1.0 - zone))
-
-
 def gamepad_action(axes, buttons, layout, zone, speed):
     """Raw pygame axes (-1..1) and buttons (0/1) -> (act, held). Pure: no device, no state."""
-    def stick(name):
-        return dead_zone(axes[layout[name]], zone)
-    act = np.zeros(ACT_DIM, np.float32)
-    act[:3] = np.clip(speed * np.array([-stick("stick_y"), -stick("stick_x"), -stick("stick_z")]), -1, 1)
+    sticks = np.array([-axes[layout["stick_y"]], -axes[layout["stick_x"]], -axes[layout["stick_z"]]])
+    # Dead zone: 0 inside it, then rising linearly to 1 at full deflection (no jump at its edge).
+    sticks = np.sign(sticks) * np.maximum(np.abs(sticks) - zone, 0.0) / (1.0 - zone)
     held = {name for name, number in layout.items() if name not in AXES and buttons[number]}
     held |= {name for name in ("close", "open") if axes[layout[name]] > TRIGGER_PRESSED}
-    act[3] = gripper_command(held)
-    return act, held
+    return np.append(np.clip(speed * sticks, -1, 1), gripper_command(held)).astype(np.float32), held
 
 
 def gripper_command(held):
@@ -95,11 +86,8 @@ KEYS = {"x+": pygame.K_UP, "x-": pygame.K_DOWN, "y+": pygame.K_LEFT, "y-": pygam
 def keyboard_action(pressed, speed):
     """Set of pressed pygame key codes -> (act, held). Pure, like gamepad_action."""
     held = {name for name, key in KEYS.items() if key in pressed}
-    act = np.zeros(ACT_DIM, np.float32)
-    for i, axis in enumerate("xyz"):
-        act[i] = speed * ((axis + "+" in held) - (axis + "-" in held))
-    act[3] = gripper_command(held)
-    return act, held - {"x+", "x-", "y+", "y-", "z+", "z-"}
+    moves = [speed * ((axis + "+" in held) - (axis + "-" in held)) for axis in "xyz"]
+    return np.array([*moves, gripper_command(held)], np.float32), held - {"x+", "x-", "y+", "y-", "z+", "z-"}
 
 
 # --- devices: each turns its input into (act, held) ---------------------------------------------------
@@ -158,6 +146,8 @@ class Keyboard(Device):
 
     def __init__(self, cfg):
         self.speed = cfg.teleop_speed
+        if pygame.display.get_surface() is None:   # keys arrive only through a window
+            pygame.display.set_mode((480, 40))
 
     def read(self, obs):
         quit_pressed = pump()
@@ -220,12 +210,13 @@ class Teleop:
 
     `device` gives the action and the buttons; a `leader` arm, when present, gives the action
     instead (the buttons still come from the gamepad or keyboard). `torque_off` is called the
-    moment emergency stop is pressed.
+    moment emergency stop is pressed. Reads are at least `period_s` apart.
     """
 
-    def __init__(self, device, leader=None, torque_off=None):
+    def __init__(self, device, leader=None, torque_off=None, period_s=0.0):
         self.device, self.leader, self.torque_off = device, leader, torque_off
         self.previous = set()
+        self.period_s, self.next_s = period_s, 0.0
 
     def reset(self):
         """Call at every env.reset."""
@@ -233,6 +224,9 @@ class Teleop:
 
     def read(self, obs):
         """The human's action whether or not they intervene -> (act, intervene held, new events)."""
+        # A human needs real time, also in the sim, which otherwise runs as fast as it can.
+        time.sleep(max(0.0, self.next_s - time.perf_counter()))
+        self.next_s = time.perf_counter() + self.period_s
         act, held = self.device.read(obs)
         events = {name for name in EVENTS if name in held and name not in self.previous}
         self.previous = held
@@ -263,7 +257,11 @@ class OperatorWindow:
     def __init__(self, cfg, visible=None, recent=20):
         self.cfg = cfg
         self.visible = cfg.show_window and has_display() if visible is None else visible
-        self.screen = None                 # opened on the first frame, sized to the cameras
+        if self.visible:   # at once: the keyboard's keys arrive through this window
+            pygame.display.set_caption("hilserl-so101")
+            views = max(2, len(cfg.cameras.split(",")))
+            self.screen = pygame.display.set_mode((views * self.VIEW_PX, self.VIEW_PX + 150))
+            self.fonts = pygame.font.Font(None, 44), pygame.font.Font(None, 24)
         self.episode, self.steps, self.ret, self.human_steps = 1, 0, 0.0, 0
         self.successes, self.intervention_rates = [], []
         self.recent = recent
@@ -291,12 +289,7 @@ class OperatorWindow:
         self.episode, self.steps, self.ret, self.human_steps = self.episode + 1, 0, 0.0, 0
 
     def draw(self, frames, human):
-        size = self.VIEW_PX
-        if self.screen is None:
-            pygame.display.set_caption("hilserl-so101")
-            self.screen = pygame.display.set_mode((max(size * len(frames), 2 * size), size + 150))
-            self.fonts = pygame.font.Font(None, 44), pygame.font.Font(None, 24)
-        big, small = self.fonts
+        size, (big, small) = self.VIEW_PX, self.fonts
         who, colour = ("HUMAN", (255, 140, 0)) if human else ("POLICY", (60, 200, 90))
         self.screen.fill((25, 25, 25))
         for i, (name, frame) in enumerate(frames.items()):
@@ -362,7 +355,7 @@ def make_teleop(cfg, env):
     else:
         raise ValueError("keyboard control needs a display for the operator's window; plug in a gamepad")
     leader = LeaderArm(cfg) if choice == "leader" else None
-    return Teleop(device, leader, torque_off=env.arm.close)
+    return Teleop(device, leader, torque_off=env.arm.close, period_s=1.0 / cfg.control_hz)
 
 
 # --- recording demos ---------------------------------------------------------------------------------------
@@ -399,7 +392,6 @@ def wait_for_start(teleop, obs):
         _, intervene, events = teleop.read(obs)
         if "quit" in events or intervene:
             return "quit" not in events
-        time.sleep(0.02)
 
 
 def record_demos(cfg, path, episodes):
@@ -453,33 +445,32 @@ def snapshot(cfg, path, steps=60):
 
 
 def show_pad():
-    """Print what each axis and button of the pad is numbered, for --gamepad_map."""
+    """Print the number of each button pressed and axis moved, for --gamepad_map. Ctrl-C stops."""
     start_pygame()
     if not pygame.joystick.get_count():
-        raise SystemExit("no gamepad found: plug one in (and on Linux check it shows up in /dev/input/js*)")
-    joystick = pygame.joystick.Joystick(0)
-    print(f"'{joystick.get_name()}': {joystick.get_numaxes()} axes, {joystick.get_numbuttons()} buttons; "
-          f"press buttons and move sticks, Ctrl-C to stop")
+        raise SystemExit("no gamepad found: plug one in (on Linux it shows up as /dev/input/js*)")
+    print(f"'{pygame.joystick.Joystick(0).get_name()}': press buttons, move sticks and triggers")
     while True:
         for event in pygame.event.get():
-            if event.type == pygame.JOYBUTTONDOWN:
-                print(f"button {event.button}")
-            elif event.type == pygame.JOYAXISMOTION and abs(event.value) > 0.5:
-                print(f"axis {event.axis} {event.value:+.2f}")
+            if event.type == pygame.JOYBUTTONDOWN or (event.type == pygame.JOYAXISMOTION and abs(event.value) > 0.5):
+                print(f"button {event.button}" if event.type == pygame.JOYBUTTONDOWN else f"axis {event.axis} {event.value:+.1f}")
         time.sleep(0.01)
 
 
 def main():
     cfg, words = load_config()
-    if words == ["record"]:
-        print(f"{cfg.demos}: {record_demos(cfg, cfg.demos, cfg.demo_episodes)} episodes")
-    elif len(words) == 2 and words[0] == "snapshot":
-        snapshot(cfg, words[1])
-    elif words == ["pad"]:
-        show_pad()
-    else:
-        raise SystemExit("usage: python teleop.py record [--demos data/demos.npz --demo_episodes 20 --port PORT] "
-                         "| snapshot docs/operator_window.png | pad")
+    try:
+        if words == ["record"]:
+            print(f"{cfg.demos}: {record_demos(cfg, cfg.demos, cfg.demo_episodes)} episodes")
+        elif len(words) == 2 and words[0] == "snapshot":
+            snapshot(cfg, words[1])
+        elif words == ["pad"]:
+            show_pad()
+        else:
+            raise SystemExit("usage: python teleop.py record [--demos PATH --demo_episodes N --port PORT] "
+                             "| snapshot PNG | pad")
+    except (ValueError, OSError, EmergencyStop) as error:   # one line a user can act on
+        raise SystemExit(f"error: {error}") from None
 
 
 if __name__ == "__main__":
