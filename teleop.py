@@ -33,7 +33,8 @@ EVENTS = ("success", "failure", "rerecord", "estop", "quit")   # pressed once, a
 
 # --- gamepad: layouts and the pure mapping ---------------------------------------------------------
 # Axis and button numbers as pygame 2 documents them ("Common Controller Axis Mappings") for the
-# "Xbox 360 Controller" and the "PS4 Controller"; SDL gives other pads one of these two numberings.
+# "Xbox 360 Controller" and the "PS4 Controller". Other pads and drivers may differ: `python teleop.py
+# pad` prints the numbers, --gamepad_map remaps.
 # Triggers are axes that rest at -1. Controls as in LeRobot: hold RB (R1) to intervene, LT/RT close/open,
 # Y success, A failure, X re-record; we add B (circle) = emergency stop, Start (options) = quit.
 LAYOUTS = {
@@ -103,6 +104,8 @@ def start_pygame():
     if not has_display():
         os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
         os.environ.setdefault("SDL_AUDIODRIVER", "dummy")
+    # SAFETY: SDL drops pad input while its window lacks the focus; the pad (and its e-stop) must always work.
+    os.environ.setdefault("SDL_JOYSTICK_ALLOW_BACKGROUND_EVENTS", "1")
     pygame.init()
 
 
@@ -258,6 +261,7 @@ class OperatorWindow:
         self.cfg = cfg
         self.visible = cfg.show_window and has_display() if visible is None else visible
         if self.visible:   # at once: the keyboard's keys arrive through this window
+            start_pygame()
             pygame.display.set_caption("hilserl-so101")
             views = max(2, len(cfg.cameras.split(",")))
             self.screen = pygame.display.set_mode((views * self.VIEW_PX, self.VIEW_PX + 150))

@@ -268,3 +268,17 @@ def test_a_killed_recording_leaves_the_finished_episodes_intact(tmp_path):
     assert demos.num_episodes >= 3
     assert a["valid"].sum() == 12 * demos.num_episodes                          # every stored episode is whole
     assert (a["truncated"] | a["terminated"])[a["valid"]].sum() == demos.num_episodes
+
+
+def test_make_teleop_picks_the_expert_in_the_sim_and_explains_a_missing_device():
+    from robot import SO101Env
+    from sim import make_sim
+    cfg = Config()
+    env = SO101Env(cfg, *make_sim(cfg, seed=0))
+    assert isinstance(teleop.make_teleop(cfg, env).device, teleop.Expert)
+    with pytest.raises(ValueError, match="no gamepad found"):
+        teleop.make_teleop(Config(teleop="gamepad"), env)
+    with pytest.raises(ValueError, match="needs a display"):
+        teleop.make_teleop(Config(teleop="keyboard"), env)
+    with pytest.raises(ValueError, match="expected auto"):
+        teleop.make_teleop(Config(teleop="spacemouse"), env)
