@@ -392,10 +392,12 @@ def record_episode(env, teleop, window, obs):
 def wait_for_start(teleop, obs):
     """Real arm: the human resets the scene, then presses intervene; False if they quit instead."""
     print("reset the scene, then press intervene (RB/R1, space) to start the episode", flush=True)
+    released = False   # a press, not a button still held from the last episode
     while True:
         _, intervene, events = teleop.read(obs)
-        if "quit" in events or intervene:
+        if "quit" in events or (intervene and released):
             return "quit" not in events
+        released = released or not intervene
 
 
 def record_demos(cfg, path, episodes):

@@ -282,3 +282,26 @@ def test_make_teleop_picks_the_expert_in_the_sim_and_explains_a_missing_device()
         teleop.make_teleop(Config(teleop="keyboard"), env)
     with pytest.raises(ValueError, match="expected auto"):
         teleop.make_teleop(Config(teleop="spacemouse"), env)
+
+
+def test_the_real_arm_waits_for_a_fresh_intervene_press_before_an_episode():
+    still_held = [(HUMAN, {"intervene"})] * 3 + [(HUMAN, set()), (HUMAN, {"intervene"})]
+    t = teleop.Teleop(Scripted(*still_held))
+    assert teleop.wait_for_start(t, None) is True and t.device.steps == []
+    assert teleop.wait_for_start(teleop.Teleop(Scripted((HUMAN, set()), (HUMAN, {"quit"}))), None) is False
+
+
+@pytest.mark.parametrize("button", ["success", "failure"])
+def test_on_the_real_arm_the_human_ends_the_episode(button):
+    from robot import FeetechBus, RealWorld, ServoEmulator, SO101, SO101Env, chain_calibration
+    cfg = Config(control_hz=200.0, show_window=False)
+    env = SO101Env(cfg, SO101(FeetechBus(ServoEmulator()), chain_calibration()), {}, RealWorld(cfg))
+    obs = env.reset()
+    still = np.zeros(4, np.float32)
+    t = teleop.Teleop(Scripted((still, set()), (still, set()), (still, {button}), (still, set())))
+    transitions, outcome = teleop.record_episode(env, t, teleop.OperatorWindow(cfg), obs)
+    assert outcome == button
+    if button == "success":   # the press makes the next step the terminal, rewarded one
+        assert len(transitions) == 3 and transitions[-1][4] and transitions[-1][2] == cfg.reward_success
+    else:                     # the episode ends where it is, cut short (truncated), not terminal
+        assert len(transitions) == 2 and transitions[-1][5] and not transitions[-1][4]
