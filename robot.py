@@ -29,7 +29,7 @@ from config import load_config
 JOINTS = ("shoulder_pan", "shoulder_lift", "elbow_flex", "wrist_flex", "wrist_roll", "gripper")
 IDS = (1, 2, 3, 4, 5, 6)  # servo id of each joint, in JOINTS order (LeRobot's SO-101 wiring)
 STS3215_MODEL = 777
-TICKS_PER_REV = 4096
+TICKS_PER_RAD = 4096 / (2 * math.pi)  # the STS3215's encoder counts 4096 ticks a turn
 
 # ------------------------------------------------------------------------------------------------
 # Kinematics. The numbers are the published SO-101 MJCF ("new calibration" convention): each body
@@ -182,11 +182,10 @@ def checksum(body):
 
 def encode_sign(value, sign_bit):
     """Signed int -> sign-magnitude register value (magnitude in the low bits, one sign bit)."""
-    if sign_bit is None or value >= 0:
-        assert sign_bit is None or value < (1 << sign_bit), f"{value} needs more than {sign_bit} bits"
+    if sign_bit is None:
         return value
-    assert -value < (1 << sign_bit), f"magnitude {-value} exceeds {(1 << sign_bit) - 1}"
-    return (1 << sign_bit) | -value
+    assert abs(value) < (1 << sign_bit), f"magnitude {abs(value)} exceeds {(1 << sign_bit) - 1}"
+    return (1 << sign_bit) | -value if value < 0 else value
 
 
 def decode_sign(raw, sign_bit):
@@ -197,7 +196,6 @@ def decode_sign(raw, sign_bit):
 
 
 def register_bytes(name, value):
-    """A register's value as the little-endian bytes that go on the wire."""
     _, size, sign_bit = REGISTERS[name]
     return encode_sign(int(value), sign_bit).to_bytes(size, "little")
 
@@ -320,9 +318,8 @@ class ServoEmulator:
                     self._reply(servo_id, b"")
 
     def _write_table(self, servo_id, address, data):
-        table = self.tables[servo_id]
         offset_before = self.get(servo_id, "Homing_Offset")
-        table[address:address + len(data)] = data
+        self.tables[servo_id][address:address + len(data)] = data
         # Present_Position = encoder - Homing_Offset (mod 4096): a new offset shifts the reading.
         shift = self.get(servo_id, "Homing_Offset") - offset_before
         self.set(servo_id, "Present_Position", (self.get(servo_id, "Present_Position") - shift) % 4096)
@@ -480,7 +477,6 @@ class JointCalibration:
 
 
 RECALIBRATE = "recalibrate with python robot.py --port PORT calibrate"
-TICKS_PER_RAD = TICKS_PER_REV / (2 * math.pi)
 
 
 def save_calibration(path, calibration):
@@ -610,7 +606,7 @@ class SO101:
         return ticks.astype(int)
 
     def close(self):
-        self.bus.sync_write("Torque_Enable", {servo_id: 0 for servo_id in IDS})
+        self.torque(False)
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -654,11 +650,8 @@ def process_frame(bgr, roi, size):
 
 
 class Camera:
-    """An OpenCV camera read in a thread: read() returns the newest frame, never a buffered old one.
-
-    Capture drivers queue frames; reading them one by one in the control loop would hand the
-    policy an image several frames old. The thread keeps only the latest.
-    """
+    """An OpenCV camera read in a thread that keeps only the newest frame: capture drivers queue
+    frames, and reading them one by one in the control loop would hand the policy an old image."""
 
     def __init__(self, name, source, size, roi=None, timeout_s=2.0):
         import cv2
@@ -701,8 +694,7 @@ def make_cameras(cfg):
 
 
 # ------------------------------------------------------------------------------------------------
-# The env. One step: EE target = EE + act[:3] * ee_step_m, clipped to the workspace box -> IK ->
-# goals (clipped in SO101.safe_goal) -> one SYNC_WRITE -> world.tick() -> one SYNC_READ + cameras.
+# The env, and the world it runs in on the real arm (sim.py's SimWorld is the other one).
 class RealWorld:
     """The real robot's world: a clock at control_hz, and a success flag the human sets."""
 
@@ -744,11 +736,9 @@ class SO101Env:
     def __init__(self, cfg, arm, cameras, world):
         self.cfg, self.arm, self.cameras, self.world = cfg, arm, cameras, world
         self.workspace_low, self.workspace_high = parse_workspace(cfg.workspace_m)
-        self.joints = None  # latest measured joints (5 rad + gripper opening)
-        self.ee_start = self.ee_target = self.q_target = None  # set by reset()
-        self.gripper_target = 1.0
-        self.steps = 0
         self.torque_on = False
+        self.joints = None  # latest measured joints (5 rad + gripper opening)
+        self.ee_start = self.ee_target = self.q_target = None  # set by reset(), as are gripper_target and steps
 
     def reset(self, seed=None):
         self.world.reset_scene(seed)
@@ -776,10 +766,9 @@ class SO101Env:
         self.ee_target = np.clip(ee + lead, self.workspace_low, self.workspace_high)
         self.q_target = inverse_kinematics(self.q_target, self.ee_target)  # from the last solution: no jumps
         command = int(round(float(act[3])))  # hil-serl's coding: -1 close, 0 stay, +1 open
-        gripper_before = self.gripper_target
-        if command:
-            self.gripper_target = 1.0 if command > 0 else 0.0
-        flipped = self.gripper_target != gripper_before
+        gripper = float(command > 0) if command else self.gripper_target
+        flipped = gripper != self.gripper_target
+        self.gripper_target = gripper
         self.arm.write_joints(np.append(self.q_target, self.gripper_target))
         overrun_s = self.world.tick()
         self.joints = self.arm.read_joints()
@@ -840,10 +829,10 @@ def calibrate(arm, ask=input):
             raise RuntimeError(f"joint {name!r} reads {offset + 2047}, beyond one turn: power-cycle the arm and retry")
         arm.bus.write(servo_id, "Homing_Offset", int(offset))
     low, high = arm.read_ticks(), arm.read_ticks()
-    done = threading.Event()
-    threading.Thread(target=lambda: (ask("Move every joint through its whole range, then press ENTER "),
-                                     done.set()), daemon=True).start()
-    while not done.is_set():
+    prompt = threading.Thread(target=ask, args=("Move every joint through its whole range, then press ENTER ",),
+                              daemon=True)  # daemon: an error below must not wait for the ENTER
+    prompt.start()
+    while prompt.is_alive():  # record the extremes while the owner sweeps
         ticks = arm.read_ticks()
         low, high = np.minimum(low, ticks), np.maximum(high, ticks)
         time.sleep(0.02)
@@ -861,12 +850,11 @@ def print_status(bus):
     print(f"{'joint':14} {'id':>3} {'ticks':>6} {'temp C':>7} {'volt V':>7} {'load %':>7}  errors")
     for name, servo_id in zip(JOINTS, IDS):
         try:
-            values = [bus.read(servo_id, register) for register in
-                      ("Present_Position", "Present_Temperature", "Present_Voltage", "Present_Load", "Status")]
+            ticks, temperature, voltage, load, status = [bus.read(servo_id, register) for register in (
+                "Present_Position", "Present_Temperature", "Present_Voltage", "Present_Load", "Status")]
         except (BusError, ServoError) as error:
             print(f"{name:14} {servo_id:>3}  {error}")
             continue
-        ticks, temperature, voltage, load, status = values
         print(f"{name:14} {servo_id:>3} {ticks:>6} {temperature:>7} {voltage / 10:>7.1f} {load / 10:>7.1f}  "
               f"{error_names(status) if status else '-'}")
 
