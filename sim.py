@@ -13,38 +13,38 @@ cameras are simulated. One control step in the sim:
 
 Simulated time advances one control period per tick, independent of the wall clock, so training
 runs as fast as the machine allows. A ScriptedExpert stands in for the human: it records demos and
-takes over when the policy goes astray. Run `python sim.py --bench`, `python sim.py --snapshot
-docs/sim_cameras.png`, or `python sim.py --view` (needs a display).
+takes over when the policy goes astray. Run `python sim.py bench`, `python sim.py snapshot
+docs/sim_cameras.png`, or `python sim.py view` (needs a display).
 """
 
+import ctypes.util
 import os
 import sys
 
-os.environ.setdefault("MUJOCO_GL", "egl")  # MuJoCo picks its GL backend at import; egl runs headless
+# MuJoCo picks its OpenGL backend at import: EGL renders without a display; OSMesa is the fallback.
+os.environ.setdefault("MUJOCO_GL", "egl" if ctypes.util.find_library("EGL") else "osmesa")
 
 import mujoco  # noqa: E402
 import numpy as np  # noqa: E402
 
 from config import load_config  # noqa: E402
 from robot import (HOME_RAD, IDS, JOINTS, SO101, SO101_CHAIN, TICKS_PER_RAD, TOOL_POS, TOOL_QUAT,  # noqa: E402
-                   FeetechBus, ServoEmulator, chain_calibration, forward_kinematics)
+                   FeetechBus, ServoEmulator, SO101Env, chain_calibration, forward_kinematics,
+                   parse_workspace, quat_to_rot)
 
 # ------------------------------------------------------------------------------------------------
 # The scene, generated as MJCF text from robot.py's kinematic table, so the sim and the real arm's
 # FK/IK share one set of numbers. Geometry is primitives: capsules from each joint to the next, two
 # jaws with collision pads. Only the pads, the cube and the table collide: the arm links are
 # visual, a simplification (the sim arm can pass through the table; the workspace box keeps it up).
+# Each link's mass is the published one, but its inertia is a small sphere's: another simplification.
+SERVO_KP = 17.8        # STS3215 position gain, N m/rad, as the published SO-101 MJCF tunes it
+STALL_TORQUE_NM = 3.35  # STS3215 at 7.4 V: the actuators' force range at Torque_Limit 1000
 PAD_HALF_M = (0.004, 0.010, 0.014)  # fixed-jaw pad box: half thickness, width, length
 TIP_RADIUS_M = 0.005                # moving-jaw tip: a capsule across the jaw, touches the pad at 0 rad
 TIP_UP_M = 0.004                    # the moving tip sits this far above the tool point when closed
 CUBE_MASS_KG = 0.05
 WRIST_CAMERA_M = (0.0, -0.05, -0.03)  # on the side of the gripper, looking between the jaw tips
-
-
-def _mat(quat):
-    rot = np.zeros(9)
-    mujoco.mju_quat2Mat(rot, np.asarray(quat, dtype=float))
-    return rot.reshape(3, 3)
 
 
 def _v(vec):
@@ -66,16 +66,18 @@ def _link_geoms(i):
     tool = np.asarray(TOOL_POS)
     if name == "base":
         top = np.asarray(SO101_CHAIN[1][2])
-        return [f'<geom class="link" type="cylinder" size="0.045 {top[2] / 2:.4g}" pos="{top[0]:.4g} 0 {top[2] / 2:.4g}"/>']
+        return [f'<geom class="link" type="cylinder" size="0.045 {top[2] / 2:.4g}" '
+                f'pos="{top[0]:.4g} 0 {top[2] / 2:.4g}"/>']
     if name == "gripper":  # fixed jaw: a finger to the tool point, a pad whose inner face is at the tool point
         return ['<geom class="link" type="box" size="0.022 0.028 0.02" pos="0 0 -0.02"/>',
                 f'<geom class="link" type="capsule" size="0.007" fromto="0 0 -0.02 {_v(tool + [-0.008, 0, 0.008])}"/>',
                 f'<geom name="fixed_pad" class="pad" type="box" size="{_v(PAD_HALF_M)}" '
                 f'pos="{_v(tool + [-PAD_HALF_M[0], 0, PAD_HALF_M[2] - 0.002])}"/>',
                 f'<site name="tool" pos="{_v(tool)}" quat="{_v(TOOL_QUAT)}"/>',
-                f'<camera name="wrist" pos="{_v(WRIST_CAMERA_M)}" xyaxes="{_look_at(WRIST_CAMERA_M, tool + [0.02, 0, 0.01], up=(0, 0, 1))}" fovy="70"/>']
+                f'<camera name="wrist" pos="{_v(WRIST_CAMERA_M)}" fovy="70" '
+                f'xyaxes="{_look_at(WRIST_CAMERA_M, tool + [0.02, 0, 0.01], up=(0, 0, 1))}"/>']
     if name == "moving_jaw":  # its tip closes onto the fixed pad; the jaw opens with positive angles
-        tip = _mat(quat).T @ (tool + [TIP_RADIUS_M, 0, TIP_UP_M] - np.asarray(pos))
+        tip = quat_to_rot(quat).T @ (tool + [TIP_RADIUS_M, 0, TIP_UP_M] - np.asarray(pos))
         across = np.array([0.0, 0.0, PAD_HALF_M[1]])
         return [f'<geom class="link" type="capsule" size="0.006" fromto="0 0 {tip[2]:.4g} {_v(tip)}"/>',
                 f'<geom name="moving_pad" class="pad" type="capsule" size="{TIP_RADIUS_M}" '
@@ -92,15 +94,18 @@ def scene_xml(cfg):
         arm = (f'<body name="{name}" pos="{_v(pos)}" quat="{_v(quat)}">{hinge}'
                f'<inertial pos="0 0 0" mass="{mass}" diaginertia="5e-5 5e-5 5e-5"/>'
                + "".join(_link_geoms(i)) + arm + "</body>")
-    # STS3215 as the published SO-101 MJCF tunes it: kp 17.8, +-3.35 N m, ctrl range = joint range.
-    servos = "".join(f'<position name="{joint}" joint="{joint}" kp="17.8" forcerange="-3.35 3.35" '
+    servos = "".join(f'<position name="{joint}" joint="{joint}" kp="{SERVO_KP}" '
+                     f'forcerange="{-STALL_TORQUE_NM} {STALL_TORQUE_NM}" '
                      f'ctrlrange="{r[0]} {r[1]}"/>' for (_, _, _, _, _, joint, r) in SO101_CHAIN if joint)
     half = cfg.cube_size_m / 2
     return f"""<mujoco model="so101_cube">
   <compiler angle="radian"/>
   <!-- Grasping is reliable only with noslip, an elliptic cone and implicitfast (measured). -->
-  <option timestep="{cfg.sim_timestep_s}" integrator="implicitfast" cone="elliptic" impratio="10" noslip_iterations="5"/>
-  <visual><global offwidth="{cfg.image_size}" offheight="{cfg.image_size}"/><quality shadowsize="0" offsamples="0"/></visual>
+  <option timestep="{cfg.sim_timestep_s}" integrator="implicitfast" cone="elliptic" impratio="10"
+          noslip_iterations="5"/>
+  <!-- No shadows, no multisampling: default rendering is about 5x slower on a software renderer. -->
+  <visual><global offwidth="{cfg.image_size}" offheight="{cfg.image_size}"/>
+          <quality shadowsize="0" offsamples="0"/></visual>
   <default>
     <joint damping="0.6" frictionloss="0.052" armature="0.028"/>
     <!-- Stiff contacts (time constant 2 timesteps): with MuJoCo's default 20 ms the 3 N m gripper
@@ -109,7 +114,8 @@ def scene_xml(cfg):
     <default class="link"><geom contype="0" conaffinity="0" rgba="0.95 0.75 0.2 1"/></default>
     <default class="pad"><geom rgba="0.15 0.15 0.15 1"/></default>
   </default>
-  <asset><texture type="skybox" builtin="gradient" rgb1="0.7 0.75 0.8" rgb2="0.3 0.3 0.35" width="32" height="32"/></asset>
+  <asset><texture type="skybox" builtin="gradient" rgb1="0.7 0.75 0.8" rgb2="0.3 0.3 0.35" width="32"
+                  height="32"/></asset>
   <worldbody>
     <light pos="0.2 0 1.5" dir="0 0 -1" directional="true" castshadow="false"/>
     <geom name="table" type="box" size="0.6 0.6 0.02" pos="0.2 0 -0.02" rgba="0.82 0.8 0.76 1"/>
@@ -128,7 +134,6 @@ def scene_xml(cfg):
 # The world: MuJoCo behind the emulated servos. A servo's encoder reads 2048 at its joint's 0 rad
 # (the "new calibration" convention: mid-range is 2048); Present_Position = encoder - Homing_Offset
 # and the servo drives its encoder to Goal_Position + Homing_Offset, as on a real STS3215.
-STALL_TORQUE_NM = 3.35  # STS3215 at 7.4 V, the actuators' force range at Torque_Limit 1000
 
 
 def _rad_to_encoder(q_rad):
@@ -144,7 +149,7 @@ class SimWorld:
         self.substeps = round(1.0 / (cfg.control_hz * model.opt.timestep))  # 50 x 2 ms at 10 Hz
         self.servo_ids = [JOINTS.index(model.actuator(i).name) + 1 for i in range(model.nu)]
         self.cube_qpos = model.jnt_qposadr[model.body("cube").jntadr[0]]
-        self.cube_geom, self.table_geom = model.geom("cube").id, model.geom("table").id
+        self.cube_geom = model.geom("cube").id
         self.pad_geoms = (model.geom("fixed_pad").id, model.geom("moving_pad").id)
         self.tool_site = model.site("tool").id
         area = [float(x) for x in cfg.cube_area_m.split(",")]
@@ -257,7 +262,8 @@ def make_sim(cfg, seed=None):
     model = mujoco.MjModel.from_xml_string(scene_xml(cfg))
     emulator = ServoEmulator(IDS)
     world = SimWorld(cfg, model, emulator, seed)
-    arm = SO101(FeetechBus(emulator, cfg.baudrate), chain_calibration(), cfg.max_joint_step_rad)
+    bus = FeetechBus(emulator, cfg.baudrate, cfg.read_retries, cfg.bus_latency_s)
+    arm = SO101(bus, chain_calibration(), cfg.max_joint_step_rad)
     arm.connect()
     arm.configure()
     cameras = {name: SimCamera(world, name) for name in ("front", "wrist")}
@@ -276,9 +282,8 @@ class ScriptedExpert:
     """
 
     HOVER_M = 0.03        # clearance above the cube while moving to it
-    GRASP_Z_M = 0.01      # tool point (fixed jaw tip) height above the table when closing: workspace floor
-    ALIGNED_M = 0.008     # horizontal error under which the jaws are above the grasp point
-    MARGIN_M = 0.006      # gap left between the fixed jaw and the cube, so the jaw never lands on it
+    MARGIN_M = 0.01       # gap left between the fixed jaw and the cube, so the jaw never lands on it
+    ALIGNED_M = 0.005     # horizontal error under which the jaws are above the grasp point
     CLOSED_BELOW = 0.45   # gripper opening under which the jaws are closed (or holding the cube)
     PROGRESS_M = 0.005    # less than this much progress in expert_patience steps = astray or stalled
 
@@ -286,6 +291,7 @@ class ScriptedExpert:
         self.cfg, self.world = cfg, world
         self.rng = np.random.default_rng(seed)
         self.half = cfg.cube_size_m / 2
+        self.grasp_z_m = parse_workspace(cfg.workspace_m)[0][2]  # close the jaws at the workspace floor
         self.reset()
 
     def reset(self):
@@ -293,29 +299,30 @@ class ScriptedExpert:
         self.history, self.in_control, self.takeover_phase = [], False, 0
 
     def _situation(self, obs):
-        """(tool position, direction from the fixed jaw to the moving one, cube position, holding)."""
-        q, opening = obs["state"][:5], obs["state"][5]
-        tool, rot = forward_kinematics(q)
-        # The tool point is the fixed jaw's tip; the moving jaw closes along the tool's z axis.
-        jaw_dir = np.array([rot[0, 2], rot[1, 2], 0.0])
-        jaw_dir /= np.linalg.norm(jaw_dir)
+        """(tool position, cube position, where the tool should close, aligned above it, holding)."""
+        tool, rot = forward_kinematics(obs["state"][:5])
+        closed = obs["state"][5] < self.CLOSED_BELOW
         cube = self.world.cube_pos()
-        in_jaws = np.linalg.norm(cube[:2] - (tool[:2] + jaw_dir[:2] * self.half)) < self.half
-        holding = opening < self.CLOSED_BELOW and in_jaws and cube[2] > tool[2] - self.half
-        return tool, jaw_dir, cube, holding
+        # The tool point is the fixed jaw's tip; the moving jaw closes towards it along the tool's z.
+        jaw_dir = np.array([rot[0, 2], rot[1, 2]]) / np.linalg.norm(rot[:2, 2])
+        grasp = np.append(cube[:2] - jaw_dir * (self.half + self.MARGIN_M), self.grasp_z_m)
+        # Descending is safe only with the fixed jaw beside the cube, not above it.
+        beside = np.dot(cube[:2] - tool[:2], jaw_dir) > self.half + self.MARGIN_M / 2
+        aligned = np.linalg.norm(grasp[:2] - tool[:2]) < self.ALIGNED_M and beside
+        in_jaws = np.linalg.norm(cube[:2] - tool[:2] - jaw_dir * self.half) < self.half
+        holding = closed and in_jaws and cube[2] > tool[2] - self.half
+        return tool, cube, grasp, aligned, holding
 
     def act(self, obs):
-        tool, jaw_dir, cube, holding = self._situation(obs)
-        opening = obs["state"][5]
-        grasp = np.append(cube[:2] - jaw_dir[:2] * (self.half + self.MARGIN_M), self.GRASP_Z_M)  # close here
+        tool, cube, grasp, aligned, holding = self._situation(obs)
         hover_z = 2 * self.half + self.HOVER_M
         if holding:  # lift
             target, gripper = tool + [0, 0, 2 * self.cfg.ee_step_m], -1.0
-        elif opening < self.CLOSED_BELOW:  # closed on nothing: open and rise
+        elif obs["state"][5] < self.CLOSED_BELOW:  # closed on nothing: open and rise
             target, gripper = np.append(tool[:2], max(tool[2], hover_z)), 1.0
         elif np.linalg.norm(grasp[:2] - tool[:2]) > 0.02:  # far: go above the grasp point
             target, gripper = np.append(grasp[:2], hover_z), 0.0
-        elif np.linalg.norm(grasp[:2] - tool[:2]) > self.ALIGNED_M:  # close: line up at this height
+        elif not aligned:  # near: line up at this height
             target, gripper = np.append(grasp[:2], tool[2]), 0.0
         elif tool[2] > grasp[2] + 0.008:  # descend, still correcting sideways
             target, gripper = grasp, 0.0
@@ -328,20 +335,19 @@ class ScriptedExpert:
     def _progress(self, obs):
         """(phase, distance): 0 reaching, 1 above the cube with the jaws open, 2 holding it; and how
         far from done (m): distance to the grasp pose, or the lift still missing while holding."""
-        tool, jaw_dir, cube, holding = self._situation(obs)
+        tool, cube, grasp, aligned, holding = self._situation(obs)
         if holding:
             return 2, max(0.0, self.cfg.success_lift_m - (cube[2] - self.half))
-        grasp = np.append(cube[:2] - jaw_dir[:2] * (self.half + self.MARGIN_M), self.GRASP_Z_M)
-        above = obs["state"][5] >= self.CLOSED_BELOW and np.linalg.norm(grasp[:2] - tool[:2]) < self.ALIGNED_M
-        return int(above), self.cfg.success_lift_m + np.linalg.norm(grasp - tool)
+        phase = int(aligned and obs["state"][5] >= self.CLOSED_BELOW)
+        return phase, self.cfg.success_lift_m + np.linalg.norm(grasp - tool)
 
     def wants_control(self, obs):
         """Call once per step: True while the expert should act instead of the policy.
 
         It takes over when the policy made less than PROGRESS_M of progress over the last
         expert_patience steps (it moves away from the cube or stalls), and hands back once the task
-        reached its next phase (above the cube, then holding it): the policy gets the arm back on
-        track, interventions stay sparse, and they fall away as the policy learns.
+        reached its next phase (above the cube, then holding it): the expert puts the arm back on
+        track, the policy carries on from there, and interventions fall away as the policy learns.
         """
         phase, distance = self._progress(obs)
         self.history.append(distance)
@@ -358,8 +364,6 @@ class ScriptedExpert:
 # view (the scripted expert in MuJoCo's viewer window; needs a display).
 def run_expert(cfg, seed, on_step=None, episodes=1):
     """Scripted-expert episodes on the full stack (SO101Env over the emulated bus); returns successes."""
-    from robot import SO101Env  # noqa: PLC0415 (only the command line needs the env)
-
     arm, cameras, world = make_sim(cfg, seed)
     expert = ScriptedExpert(cfg, world, seed)
     successes = 0
@@ -377,8 +381,6 @@ def run_expert(cfg, seed, on_step=None, episodes=1):
 def bench(cfg, steps=1000):
     """Control steps per second: the physics tick alone, then SO101Env.step without and with cameras."""
     import time  # noqa: PLC0415
-
-    from robot import SO101Env  # noqa: PLC0415
 
     arm, cameras, world = make_sim(cfg, cfg.seed)
     start = time.perf_counter()

@@ -12,7 +12,7 @@ from sim import ScriptedExpert, make_sim  # noqa: E402
 
 
 def run_episode(env, expert, seed, policy=None):
-    """One episode; the expert acts whenever policy is None or it wants control. Returns (info, steps, interventions)."""
+    """One episode, the expert acting alone or when it wants control; returns (info, steps, interventions)."""
     obs = env.reset(seed)
     expert.reset()
     interventions = 0
