@@ -242,16 +242,13 @@ class ServoEmulator:
     """
 
     def __init__(self, ids=IDS):
-        self.tables = {}
+        self.tables = {servo_id: bytearray(256) for servo_id in ids}
         for servo_id in ids:
-            self.tables[servo_id] = bytearray(256)
-            for name, value in FACTORY_TABLE.items():
+            for name, value in {**FACTORY_TABLE, "ID": servo_id}.items():
                 self.set(servo_id, name, value)
-            self.set(servo_id, "ID", servo_id)
-        self.timeout = None
+        self.timeout = None  # pyserial's; the bus sets it and a test reads it back
         self.received = []  # every instruction packet, for tests to inspect the wire
-        self._incoming = bytearray()
-        self._outgoing = bytearray()
+        self._incoming, self._outgoing = bytearray(), bytearray()  # bytes to the servos, bytes from them
         self._faults = {}
 
     # --- register access for sim.py and tests
@@ -790,11 +787,7 @@ class SO101Env:
         return obs
 
     def close(self):
-        try:
-            self.arm.close()  # SAFETY: torque off
-        finally:
-            for camera in self.cameras.values():
-                camera.close()
+        self.__exit__(None, None, None)  # what leaving a with block does
 
     def __enter__(self):
         self.arm.__enter__()  # SIGTERM handling
