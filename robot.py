@@ -787,7 +787,7 @@ class SO101Env:
         return obs
 
     def close(self):
-        self.__exit__(None, None, None)  # what leaving a with block does
+        self.__exit__(None, None, None)  # SAFETY: torque off, cameras released, as a with block does
 
     def __enter__(self):
         self.arm.__enter__()  # SIGTERM handling
