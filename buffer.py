@@ -97,6 +97,7 @@ class ReplayBuffer:
         directory = os.path.dirname(os.path.abspath(path))
         os.makedirs(directory, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp.npz")
+        os.chmod(tmp, 0o644)             # mkstemp makes it private; a demo file is for sharing
         try:
             with os.fdopen(fd, "wb") as f:
                 np.savez(f, **arrays)

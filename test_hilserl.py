@@ -1,21 +1,39 @@
-"""Tests: each loss, target and update against values computed here, independently of the code.
+"""Tests of every file: the learning math, the buffers and config, the Feetech driver against the
+servo emulator, the simulated SO-101, teleoperation and demo recording, and a short end-to-end run.
 
-The references below are written out in float64 with explicit loops (a Python loop over the
-critics, LayerNorm from its definition), so they share parameters with the code under test but
-none of its code. Run: `python -m pytest -q test_hilserl.py`.
+The learning tests compare each loss, target and update with a reference written out here in
+float64 with explicit loops (a Python loop over the critics, LayerNorm from its definition): the
+references share parameters with the code under test but none of its code.
+Headless: SDL's dummy drivers and MuJoCo's EGL renderer (sim.py falls back to OSMesa).
+Run: `python -m pytest -q test_hilserl.py`.
 """
 
-import copy
-import math
+import os
 
-import numpy as np
-import pytest
-import torch
+os.environ.setdefault("MUJOCO_GL", "egl")   # before the first mujoco import
+os.environ["SDL_VIDEODRIVER"] = "dummy"     # before pygame starts
+os.environ["SDL_AUDIODRIVER"] = "dummy"
 
-import buffer
-import config
-import hilserl
-from networks import EE_DIM, Agent
+import copy  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import signal  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pygame  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import buffer  # noqa: E402
+import config  # noqa: E402
+import hilserl  # noqa: E402
+import robot  # noqa: E402
+import teleop  # noqa: E402
+from config import Config  # noqa: E402
+from networks import EE_DIM, Agent  # noqa: E402
+from robot import IDS, JOINTS, TICKS_PER_RAD, FeetechBus, ServoEmulator, SO101Env  # noqa: E402
+from sim import ScriptedExpert, make_sim  # noqa: E402
 
 torch.set_num_threads(1)  # small tensors: one thread is faster and deterministic
 
@@ -437,3 +455,881 @@ def test_lessons_warnings():
     bad = config.Config(temperature_init=0.2, utd_ratio=2, reward_step=0.0, reward_success=1.0)
     lines = config.warnings_for(bad, num_demo_episodes=15)
     assert len(lines) == 5 and all("\n" not in line for line in lines)
+
+
+# =================================================================================================
+# robot.py: packets, the bus against the emulator, calibration, safety, FK/IK, cameras, env
+# =================================================================================================
+def make_bus(emulator=None, retries=2):
+    emulator = emulator or ServoEmulator()
+    return emulator, FeetechBus(emulator, 1_000_000, retries=retries, latency_s=0.0)
+
+
+def make_arm(max_step_rad=0.1):
+    emulator, bus = make_bus()
+    arm = robot.SO101(bus, robot.chain_calibration(), max_step_rad)
+    arm.connect()
+    arm.configure()
+    return emulator, arm
+
+
+def instructions(emulator, code):
+    return [p for p in emulator.received if p[4] == code]
+
+
+# --- packets and sign encodings -------------------------------------------------------------------
+def test_instruction_packet_matches_feetech_example():
+    # READ 2 bytes at 0x38 from servo 3: the example in Feetech's documentation.
+    assert robot.packet(3, robot.READ, [0x38, 2]) == bytes.fromhex("ffff0304023802bc")
+
+
+@pytest.mark.parametrize("value, sign_bit, encoded", [
+    (-100, 11, 0x0864), (-2047, 11, 0x0FFF), (-300, 15, 0x812C), (-1, 15, 0x8001), (-50, 10, 0x0432),
+    (1234, 15, 1234), (0, 11, 0)])
+def test_sign_magnitude_encoding(value, sign_bit, encoded):
+    assert robot.encode_sign(value, sign_bit) == encoded
+    assert robot.decode_sign(encoded, sign_bit) == value
+
+
+def test_homing_offset_beyond_eleven_bits_is_refused():
+    with pytest.raises(AssertionError):
+        robot.encode_sign(-2048, 11)
+
+
+@pytest.mark.parametrize("name, value, wire", [
+    ("Homing_Offset", -100, "6408"), ("Goal_Position", -300, "2c81"), ("Present_Velocity", -1, "0180"),
+    ("Present_Load", -50, "3204"), ("Present_Current", -7, "0780"), ("Model_Number", 777, "0903")])
+def test_every_signed_register_round_trips_through_the_emulator(name, value, wire):
+    emulator, bus = make_bus()
+    bus.write(2, name, value)
+    address, size, _ = robot.REGISTERS[name]
+    assert emulator.tables[2][address:address + size].hex() == wire  # little-endian, sign bit set
+    assert bus.read(2, name) == value
+    assert emulator.get(2, name) == value
+
+
+# --- every instruction, byte for byte -------------------------------------------------------------
+def test_ping_reply_is_byte_exact():
+    emulator = ServoEmulator()
+    emulator.write(robot.packet(1, robot.PING))
+    assert emulator.read(100) == bytes.fromhex("ffff010200fc")  # ~(1 + 2 + 0) = 0xfc
+    _, bus = make_bus(emulator)
+    bus.ping(1)
+
+
+def test_read_model_number_is_777():
+    emulator = ServoEmulator()
+    emulator.write(robot.packet(4, robot.READ, [3, 2]))
+    assert emulator.read(100) == bytes([0xFF, 0xFF, 4, 4, 0, 0x09, 0x03, ~(4 + 4 + 9 + 3) & 0xFF])
+    assert make_bus(emulator)[1].read(4, "Model_Number") == 777
+
+
+def test_write_gets_an_empty_status_and_changes_the_table():
+    emulator = ServoEmulator()
+    emulator.write(robot.packet(5, robot.WRITE, [21, 16]))
+    assert emulator.read(100) == bytes([0xFF, 0xFF, 5, 2, 0, ~(5 + 2) & 0xFF])
+    assert emulator.get(5, "P_Coefficient") == 16
+
+
+def test_sync_read_replies_come_back_to_back_in_list_order():
+    emulator = ServoEmulator()
+    for servo_id in IDS:
+        emulator.set(servo_id, "Present_Position", 1000 + servo_id)
+    emulator.write(robot.packet(0xFE, robot.SYNC_READ, [56, 2, 3, 1, 2]))
+    expected = b"".join(robot.packet(i, 0, (1000 + i).to_bytes(2, "little")) for i in (3, 1, 2))
+    assert emulator.read(1000) == expected
+    assert make_bus(emulator)[1].sync_read("Present_Position", [6, 5, 4]) == [1006, 1005, 1004]
+
+
+def test_sync_write_sets_every_servo_and_gets_no_reply():
+    emulator, bus = make_bus()
+    bus.sync_write("Goal_Position", {1: 100, 2: -200, 6: 3000})
+    [sent] = instructions(emulator, robot.SYNC_WRITE)
+    assert sent[3] == 3 * (1 + 2) + 4  # LEN = N (1 + size) + 4
+    assert [emulator.get(i, "Goal_Position") for i in (1, 2, 6)] == [100, -200, 3000]
+    assert emulator.in_waiting == 0
+
+
+def test_timeout_scales_with_the_bytes_expected_at_the_baud_rate():
+    emulator = ServoEmulator()
+    FeetechBus(emulator, 57_600, latency_s=0.0).read(1, "Present_Position")
+    wire_s = (8 + 8) * 10 / 57_600  # READ request and its 2-byte reply, 10 bits a byte
+    assert 0.8 * wire_s < emulator.timeout <= wire_s
+
+
+# --- faults: retries, then an error that names the servo ------------------------------------------
+@pytest.mark.parametrize("fault", ["drop", "bad_checksum", "truncate"])
+def test_one_bad_reply_is_retried_once(fault):
+    emulator, bus = make_bus()
+    emulator.set(3, "Present_Position", 1234)
+    emulator.inject(3, fault)
+    assert bus.read(3, "Present_Position") == 1234
+    assert len(emulator.received) == 2
+
+
+def test_garbage_byte_before_the_header_is_skipped_without_a_retry():
+    emulator, bus = make_bus()
+    emulator.set(3, "Present_Position", 1234)
+    emulator.inject(3, "garbage")
+    assert bus.read(3, "Present_Position") == 1234
+    assert len(emulator.received) == 1
+
+
+@pytest.mark.parametrize("fault, problem", [
+    ("drop", "did not answer"), ("bad_checksum", "bad checksum"), ("truncate", "truncated reply")])
+def test_persistent_fault_raises_after_the_retries_naming_servo_and_joint(fault, problem):
+    emulator, bus = make_bus(retries=2)
+    emulator.inject(3, fault, times=3)
+    with pytest.raises(robot.BusError) as error:
+        bus.read(3, "Present_Position")
+    assert len(emulator.received) == 3
+    message = str(error.value)
+    for part in ("servo 3 (elbow_flex)", problem, "READ Present_Position", "after 3 tries", "power", "cable",
+                 "id is 3", "1000000 baud"):
+        assert part in message
+
+
+def test_sync_read_retries_when_one_servo_drops_its_reply():
+    emulator, bus = make_bus()
+    emulator.inject(5, "drop")
+    assert bus.sync_read("Present_Position", IDS) == [2048] * 6
+    assert len(instructions(emulator, robot.SYNC_READ)) == 2
+
+
+def test_error_bit_raises_by_name_without_retrying():
+    emulator, bus = make_bus()
+    emulator.set(6, "Status", 0x20 | 0x01)  # latched overload and input voltage
+    with pytest.raises(robot.ServoError, match=r"servo 6 \(gripper\) reports input voltage, overload"):
+        bus.read(6, "Present_Position")
+    assert len(emulator.received) == 1
+
+
+def test_servo_that_never_answers_fails_connect_naming_it():
+    emulator, bus = make_bus(ServoEmulator(ids=(1, 2, 3, 4, 5)))
+    with pytest.raises(robot.BusError, match=r"gripper \(id 6\) does not answer"):
+        robot.SO101(bus, None).connect()
+
+
+def test_wrong_model_fails_connect():
+    emulator, bus = make_bus()
+    emulator.set(2, "Model_Number", 2825)
+    with pytest.raises(robot.BusError, match="shoulder_lift .* model 2825"):
+        robot.SO101(bus, None).connect()
+
+
+# --- configuration, calibration -------------------------------------------------------------------
+def test_configure_writes_the_follower_settings():
+    emulator, bus = make_bus()
+    emulator.set(1, "Phase", 12 | 0x10)
+    robot.SO101(bus, robot.chain_calibration()).configure()
+    assert emulator.get(1, "Phase") == 12  # multi-turn bit cleared
+    assert all(emulator.get(i, "P_Coefficient") == 16 for i in IDS)
+    assert [emulator.get(6, r) for r in ("Max_Torque_Limit", "Protection_Current", "Overload_Torque")] == [500, 250, 25]
+    assert emulator.get(1, "Max_Torque_Limit") == 1000
+    assert emulator.get(3, "Max_Position_Limit") == robot.chain_calibration()["elbow_flex"].range_max
+
+
+LEROBOT_JSON = {  # a follower calibration file as LeRobot writes it
+    "shoulder_pan": {"id": 1, "drive_mode": 0, "homing_offset": -1470, "range_min": 758, "range_max": 3292},
+    "shoulder_lift": {"id": 2, "drive_mode": 0, "homing_offset": 157, "range_min": 815, "range_max": 3238},
+    "elbow_flex": {"id": 3, "drive_mode": 0, "homing_offset": -1276, "range_min": 856, "range_max": 3094},
+    "wrist_flex": {"id": 4, "drive_mode": 0, "homing_offset": -1299, "range_min": 843, "range_max": 3229},
+    "wrist_roll": {"id": 5, "drive_mode": 0, "homing_offset": -1997, "range_min": 0, "range_max": 4095},
+    "gripper": {"id": 6, "drive_mode": 0, "homing_offset": 1232, "range_min": 2039, "range_max": 3475},
+}
+
+
+def test_lerobot_calibration_loads_and_round_trips(tmp_path):
+    path = tmp_path / "lerobot.json"
+    path.write_text(json.dumps(LEROBOT_JSON))
+    calibration = robot.load_calibration(path)
+    assert calibration["shoulder_pan"] == robot.JointCalibration(1, 0, -1470, 758, 3292)
+    robot.save_calibration(tmp_path / "ours.json", calibration)
+    assert json.loads((tmp_path / "ours.json").read_text()) == LEROBOT_JSON
+    assert robot.load_calibration(tmp_path / "ours.json") == calibration
+
+
+def test_bad_calibration_names_the_joint_and_the_fix(tmp_path):
+    data = json.loads(json.dumps(LEROBOT_JSON))
+    data["gripper"]["range_min"] = 3600
+    (tmp_path / "bad.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="joint 'gripper' .* min 3600, max 3475.* recalibrate with python robot.py"):
+        robot.load_calibration(tmp_path / "bad.json")
+
+
+def test_guided_calibration_records_offsets_and_ranges(tmp_path):
+    emulator, bus = make_bus()
+    arm = robot.SO101(bus, None)
+    centre = [2100, 1900, 2047, 2300, 1000, 2500]  # encoder ticks where the owner centres each joint
+    sweeps = {1: (1500, 2600), 2: (1000, 2900), 3: (900, 3100), 4: (1200, 2800), 5: (500, 3500), 6: (2400, 3600)}
+
+    def owner(prompt):
+        if "middle" in prompt:
+            for servo_id, ticks in zip(IDS, centre):
+                emulator.set(servo_id, "Present_Position", ticks)
+            return
+        for end in (0, 1):
+            for servo_id, ticks in sweeps.items():  # present readings already include the new offset
+                emulator.set(servo_id, "Present_Position", ticks[end] - (centre[servo_id - 1] - 2047))
+            time.sleep(0.1)
+
+    calibration = robot.calibrate(arm, ask=owner)
+    assert calibration["shoulder_pan"] == robot.JointCalibration(1, 0, 53, 1500 - 53, 2600 - 53)
+    assert (calibration["wrist_roll"].range_min, calibration["wrist_roll"].range_max) == (0, 4095)
+    assert emulator.get(1, "Homing_Offset") == 53
+    robot.save_calibration(tmp_path / "c.json", calibration)
+    assert robot.load_calibration(tmp_path / "c.json") == calibration
+
+
+def test_ticks_and_radians_convert_both_ways():
+    calibration = robot.chain_calibration()
+    joints = np.array([0.3, -0.5, 1.0, -1.2, 2.0, 0.25])
+    ticks = robot.joints_to_ticks(joints, calibration)
+    assert ticks[0] == round(2048 + 0.3 * 4096 / (2 * math.pi))
+    assert np.allclose(robot.ticks_to_joints(ticks, calibration), joints, atol=2 * math.pi / 4096)
+
+
+# --- safety ----------------------------------------------------------------------------------------
+def test_goal_beyond_a_joint_limit_is_clipped_on_the_wire():
+    emulator, arm = make_arm()
+    high = arm.calibration["elbow_flex"].range_max
+    emulator.set(3, "Present_Position", high - 10)
+    arm.read_ticks()
+    joints = arm.read_joints()
+    joints[2] = 3.0  # rad, far beyond elbow_flex's 1.69
+    arm.write_joints(joints)
+    sent = instructions(emulator, robot.SYNC_WRITE)[-1]
+    params = sent[5:-1]  # address, size, then id, lo, hi per servo
+    assert params[:2] == bytes([42, 2])
+    elbow = params[2 + 2 * 3: 2 + 3 * 3]
+    assert elbow[0] == 3 and int.from_bytes(elbow[1:], "little") == high
+
+
+def test_goal_jump_is_limited_per_step():
+    emulator, arm = make_arm(max_step_rad=0.1)
+    joints = arm.read_joints()
+    joints[0] += 1.0
+    arm.write_joints(joints)
+    assert emulator.get(1, "Goal_Position") == 2048 + int(0.1 * 4096 / (2 * math.pi))
+
+
+class FakeWorld:
+    def __init__(self):
+        self.ticks, self.succeeded = 0, False
+
+    def tick(self):
+        self.ticks += 1
+        return 0.0
+
+    def reset_scene(self, seed):
+        self.succeeded = False
+
+    def extra_state(self):
+        return np.zeros(0, np.float32)
+
+    def success(self):
+        return self.succeeded
+
+
+def make_env(**overrides):
+    cfg = Config(**overrides)
+    emulator, arm = make_arm(cfg.max_joint_step_rad)
+    return emulator, robot.SO101Env(cfg, arm, {}, FakeWorld())
+
+
+def test_exception_inside_the_loop_turns_torque_off():
+    emulator, env = make_env()
+    with pytest.raises(ZeroDivisionError):
+        with env:
+            env.reset()
+            assert all(emulator.get(i, "Torque_Enable") == 1 for i in IDS)
+            env.step(np.zeros(4))
+            1 / 0
+    assert all(emulator.get(i, "Torque_Enable") == 0 for i in IDS)
+    last = emulator.received[-1]
+    assert last[4] == robot.SYNC_WRITE and last[5] == 40  # the last packet sent was torque off
+
+
+def test_sigterm_inside_the_loop_turns_torque_off():
+    emulator, arm = make_arm()
+    arm.torque(True)
+    with pytest.raises(SystemExit):
+        with arm:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+    assert all(emulator.get(i, "Torque_Enable") == 0 for i in IDS)
+    assert signal.getsignal(signal.SIGTERM) is not robot._exit_on_sigterm
+
+
+# --- kinematics -------------------------------------------------------------------------------------
+def test_forward_kinematics_at_zero_matches_the_model():
+    pos, rot = robot.forward_kinematics(np.zeros(5))
+    assert np.allclose(pos, [0.3914, 0.0, 0.2265], atol=5e-4)
+    assert np.allclose(rot @ rot.T, np.eye(3))
+
+
+def test_home_pose_points_down_in_the_workspace():
+    pos, rot = robot.forward_kinematics(robot.HOME_RAD)
+    low, high = robot.parse_workspace(Config().workspace_m)
+    assert np.all(low <= pos) and np.all(pos <= high)
+    assert rot[:, 0] @ [0, 0, -1] > 0.999
+
+
+def test_ik_of_fk_reaches_random_reachable_targets_within_1mm():
+    rng = np.random.default_rng(0)
+    errors = []
+    while len(errors) < 150:
+        q = rng.uniform(robot.ARM_LOW_RAD, robot.ARM_HIGH_RAD)
+        target, _ = robot.forward_kinematics(q)
+        if not (0.1 < target[0] < 0.35 and abs(target[1]) < 0.2 and 0.0 < target[2] < 0.25):
+            continue  # the region in front of the arm, above the table
+        q_ik = robot.inverse_kinematics(robot.HOME_RAD, target)
+        assert np.all(q_ik >= robot.ARM_LOW_RAD) and np.all(q_ik <= robot.ARM_HIGH_RAD)
+        errors.append(np.linalg.norm(robot.forward_kinematics(q_ik)[0] - target))
+    assert max(errors) < 1e-3
+
+
+def test_ik_keeps_the_gripper_pointing_down_inside_the_workspace():
+    low, high = robot.parse_workspace(Config().workspace_m)
+    for target in np.random.default_rng(1).uniform(low, high, size=(20, 3)):
+        q = robot.inverse_kinematics(robot.HOME_RAD, target)
+        pos, rot = robot.forward_kinematics(q)
+        assert np.linalg.norm(pos - target) < 1e-3
+        assert rot[:, 0] @ [0, 0, -1] > math.cos(math.radians(25))
+
+
+def test_unreachable_target_ends_within_limits_and_stays_put():
+    target = np.array([0.8, 0.3, 0.6])  # twice the arm's reach
+    q1 = robot.inverse_kinematics(robot.HOME_RAD, target)
+    q2 = robot.inverse_kinematics(q1, target)
+    assert np.all(np.isfinite(q1)) and np.all(q1 >= robot.ARM_LOW_RAD) and np.all(q1 <= robot.ARM_HIGH_RAD)
+    assert np.abs(q2 - q1).max() < 1e-2  # stable: asking again does not move it
+    start_distance = np.linalg.norm(robot.forward_kinematics(robot.HOME_RAD)[0] - target)
+    assert np.linalg.norm(robot.forward_kinematics(q1)[0] - target) < start_distance - 0.1
+
+
+# --- the env ----------------------------------------------------------------------------------------
+def test_reset_moves_home_in_small_steps_and_returns_the_first_obs():
+    emulator, env = make_env()
+    obs = env.reset()
+    goals = [p for p in instructions(emulator, robot.SYNC_WRITE) if p[5] == 42]
+    assert len(goals) > 10  # from the straight arm to home, 0.1 rad per step at most
+    assert np.allclose(obs["state"][:5], robot.HOME_RAD, atol=2e-3)
+    assert obs["state"][5] == pytest.approx(1.0)  # gripper open
+    assert np.allclose(obs["state"][6:9], 0.0)  # EE relative to the episode start
+    assert obs["state"].dtype == np.float32 and obs["state"].shape == (9,)
+
+
+def test_step_moves_the_ee_by_the_scaled_delta_and_clips_to_the_workspace():
+    emulator, env = make_env()
+    env.reset()
+    obs, *_ = env.step(np.array([1.0, 0.0, 0.0, 0.0], np.float32))
+    assert np.allclose(obs["state"][6:9], [0.01, 0.0, 0.0], atol=1.5e-3)
+    for _ in range(30):
+        obs, *_ = env.step(np.array([0.0, 0.0, -1.0, 0.0], np.float32))
+    ee_z = robot.forward_kinematics(obs["state"][:5])[0][2]
+    assert ee_z == pytest.approx(robot.parse_workspace(env.cfg.workspace_m)[0][2], abs=2e-3)
+
+
+def test_reward_truncation_and_grasp_penalty():
+    emulator, env = make_env(episode_steps=3)
+    env.reset()
+    close = np.array([0, 0, 0, -1], np.float32)
+    _, rew, terminated, truncated, info = env.step(close)
+    assert (rew, terminated, truncated, info["grasp_penalty"]) == (env.cfg.reward_step, False, False, env.cfg.grasp_penalty)
+    _, _, _, truncated, info = env.step(close)  # already closed: no flip, no penalty
+    assert info["grasp_penalty"] == 0.0 and not truncated
+    env.world.succeeded = True
+    _, rew, terminated, truncated, info = env.step(close)
+    assert (rew, terminated, truncated, info["success"]) == (env.cfg.reward_success, True, False, True)
+
+
+def test_real_world_tick_keeps_the_rate_and_reports_overruns():
+    world = robot.RealWorld(Config(control_hz=50.0))
+    start = time.perf_counter()
+    assert world.tick() == 0.0
+    assert world.tick() == 0.0
+    assert time.perf_counter() - start == pytest.approx(0.04, abs=0.015)
+    time.sleep(0.05)
+    assert world.tick() == pytest.approx(0.03, abs=0.015)
+
+
+# --- cameras -----------------------------------------------------------------------------------------
+def test_frames_are_cropped_resized_and_rgb():
+    bgr = np.zeros((48, 64, 3), np.uint8)
+    bgr[:, 32:] = (255, 0, 0)  # right half blue in OpenCV's BGR
+    rgb = robot.process_frame(bgr, (32, 0, 32, 48), 16)
+    assert rgb.shape == (16, 16, 3) and rgb.dtype == np.uint8
+    assert (rgb == (0, 0, 255)).all()
+
+
+def test_camera_config_parses_indices_paths_and_rois():
+    assert robot.parse_cameras("front=0,wrist=/dev/video2", "wrist=10:20:300:200") == {
+        "front": (0, None), "wrist": ("/dev/video2", (10, 20, 300, 200))}
+
+
+def test_camera_that_cannot_open_names_itself():
+    with pytest.raises(RuntimeError, match="camera 'front' .*cannot be opened"):
+        robot.Camera("front", "/nonexistent/video0", 32)
+
+
+def test_camera_that_stops_delivering_names_itself(tmp_path):
+    import cv2
+    path = str(tmp_path / "clip.avi")
+    writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"MJPG"), 10, (64, 48))
+    for _ in range(3):
+        writer.write(np.full((48, 64, 3), (0, 0, 255), np.uint8))  # red in BGR
+    writer.release()
+    camera = robot.Camera("wrist", path, 16, timeout_s=0.2)  # opening waits for the first frame
+    camera._thread.join(timeout=2.0)  # the file ends: no more frames
+    with pytest.raises(RuntimeError, match="camera 'wrist' .*stopped delivering frames"):
+        camera.read()
+    camera.close()
+
+
+# --- command line ------------------------------------------------------------------------------------
+def test_status_only_reads(capsys):
+    emulator, bus = make_bus()
+    emulator.set(4, "Present_Load", -50)
+    robot.print_status(bus)
+    out = capsys.readouterr().out
+    assert "wrist_flex" in out and "-5.0" in out and "7.4" in out
+    assert {p[4] for p in emulator.received} == {robot.READ}
+
+
+def test_bench_reports_driver_and_wire_time(capsys):
+    robot.bench(1_000_000, n=50)
+    assert "wire time of the 88 bytes at 1000000 baud 0.880 ms" in capsys.readouterr().out
+
+
+def test_bus_over_a_real_serial_port():
+    """pyserial on a pseudo-terminal, the emulator answering on the other end: real blocking reads."""
+    import threading
+    import tty
+
+    import serial
+    controller, device = os.openpty()
+    tty.setraw(controller)
+    tty.setraw(device)
+    emulator = ServoEmulator()
+    emulator.inject(2, "drop")
+
+    def servos():
+        while True:
+            try:
+                emulator.write(os.read(controller, 256))
+            except OSError:
+                return
+            os.write(controller, emulator.read(1000))
+
+    threading.Thread(target=servos, daemon=True).start()
+    port = serial.Serial(os.ttyname(device), 1_000_000)
+    bus = FeetechBus(port, 1_000_000, retries=2, latency_s=0.05)
+    try:
+        assert bus.read(1, "Model_Number") == 777
+        start = time.perf_counter()
+        assert bus.sync_read("Present_Position", IDS) == [2048] * 6  # servo 2 drops once: one retry
+        assert 0.05 < time.perf_counter() - start < 0.5  # the retry waited for the timeout first
+    finally:
+        port.close()
+        os.close(controller)
+
+
+def test_blocked_arm_is_not_pushed_ever_harder():
+    emulator, env = make_env()
+    env.reset()
+    for servo_id in IDS:
+        emulator.set(servo_id, "Torque_Enable", 0)  # the servos stop following: as if blocked
+    for _ in range(10):
+        obs, *_ = env.step(np.array([1.0, 0.0, 0.0, 0.0], np.float32))
+    ee = robot.forward_kinematics(obs["state"][:5])[0]
+    assert env.ee_target[0] - ee[0] == pytest.approx(3 * env.cfg.ee_step_m)  # three steps ahead, no more
+
+
+# =================================================================================================
+# sim.py: the simulated SO-101 and the scripted expert
+# =================================================================================================
+def run_episode(env, expert, seed, policy=None):
+    """One episode, the expert acting alone or when it wants control; returns (info, steps, interventions)."""
+    obs = env.reset(seed)
+    expert.reset()
+    interventions = 0
+    for step in range(1, env.cfg.episode_steps + 1):
+        takeover = policy is not None and expert.wants_control(obs)
+        interventions += takeover
+        act = expert.act(obs) if policy is None or takeover else policy(obs)
+        obs, rew, terminated, truncated, info = env.step(act)
+        if terminated or truncated:
+            return info, step, interventions
+
+
+def test_goal_written_through_the_driver_is_reached_in_mujoco():
+    cfg = Config()
+    arm, _, world = make_sim(cfg, seed=0)
+    arm.torque(True)
+    pan = IDS[0]
+    start_rad = world.data.qpos[0]
+    goal_ticks = 2048 + round((start_rad + 0.5) * TICKS_PER_RAD)
+    arm.bus.sync_write("Goal_Position", {pan: goal_ticks})  # one SYNC_WRITE packet over the emulated bus
+    for _ in range(10):
+        world.tick()
+    assert abs(world.data.qpos[0] - (start_rad + 0.5)) < 0.01  # MuJoCo's joint got there
+    present = arm.bus.sync_read("Present_Position", [pan])[0]  # and the driver reads it back
+    assert abs(present - goal_ticks) <= 0.01 * TICKS_PER_RAD
+
+
+def test_scripted_expert_succeeds_in_at_least_95_percent_of_50_random_episodes():
+    cfg = Config()
+    arm, cameras, world = make_sim(cfg, seed=1)
+    expert = ScriptedExpert(cfg, world, seed=1)
+    with SO101Env(cfg, arm, cameras, world) as env:
+        successes = sum(run_episode(env, expert, seed)[0]["success"] for seed in range(100, 150))
+    assert successes >= 48
+
+
+def test_cube_is_lifted_by_the_jaws_and_falls_when_they_open():
+    cfg = Config()
+    arm, cameras, world = make_sim(cfg, seed=2)
+    with SO101Env(cfg, arm, cameras, world) as env:
+        info, _, _ = run_episode(env, ScriptedExpert(cfg, world, seed=2), seed=2)
+        assert info["success"]
+        lifted_bottom_m = world.cube_pos()[2] - cfg.cube_size_m / 2
+        assert lifted_bottom_m >= cfg.success_lift_m
+        for _ in range(5):  # open the jaws: a cube held by contact forces must fall back to the table
+            env.step(np.array([0, 0, 0, 1], np.float32))
+        assert world.cube_pos()[2] - cfg.cube_size_m / 2 < 0.005
+        assert not world.success()
+
+
+def test_reset_is_deterministic_under_a_seed():
+    cfg = Config()
+    runs = []
+    for _ in range(2):
+        arm, cameras, world = make_sim(cfg, seed=3)
+        env = SO101Env(cfg, arm, cameras, world)
+        obs = [env.reset(seed=7)["state"]]
+        obs += [env.step(np.array([0.5, -0.3, -1, -1], np.float32))[0]["state"] for _ in range(5)]
+        runs.append((np.array(obs), world.cube_pos()))
+    assert np.array_equal(runs[0][0], runs[1][0])
+    assert np.array_equal(runs[0][1], runs[1][1])
+    env.reset(seed=8)
+    assert not np.allclose(world.cube_pos(), runs[0][1])  # another seed, another cube position
+
+
+def test_expert_leaves_a_good_policy_alone_and_takes_over_a_stalling_one():
+    cfg = Config()
+    arm, cameras, world = make_sim(cfg, seed=4)
+    with SO101Env(cfg, arm, cameras, world) as env:
+        expert = ScriptedExpert(cfg, world, seed=4)
+        good_policy = ScriptedExpert(cfg, world, seed=5).act
+        info, steps, interventions = run_episode(env, expert, seed=4, policy=good_policy)
+        assert info["success"] and interventions == 0
+        stalling_policy = lambda obs: np.zeros(4, np.float32)  # noqa: E731
+        info, steps, interventions = run_episode(env, expert, seed=4, policy=stalling_policy)
+        assert info["success"]  # the expert's takeovers finish the task
+        assert 0 < interventions < steps  # but it handed control back in between
+
+
+def test_cameras_return_uint8_rgb_frames_of_image_size():
+    cfg = Config(use_images=True, image_size=64)
+    arm, cameras, world = make_sim(cfg, seed=5)
+    with SO101Env(cfg, arm, cameras, world) as env:
+        obs = env.reset(seed=5)
+    for name in ("front", "wrist"):
+        assert obs[name].shape == (64, 64, 3) and obs[name].dtype == np.uint8
+        assert obs[name].std() > 10  # a scene, not a blank frame
+
+
+# =================================================================================================
+# teleop.py: gamepad and keyboard mappings, interventions, leader arm, demo recording
+# =================================================================================================
+XBOX, PS = teleop.LAYOUTS["xbox"], teleop.LAYOUTS["playstation"]
+
+
+def pad(layout, axes=None, pressed=(), zone=0.1, speed=1.0):
+    """Map a pad state given by control names, e.g. pad(XBOX, {"stick_y": -1.0}, ["intervene"])."""
+    raw_axes = [0.0] * 6
+    raw_axes[layout["close"]] = raw_axes[layout["open"]] = -1.0
+    for name, value in (axes or {}).items():
+        raw_axes[layout[name]] = value
+    buttons = [0] * 16
+    for name in pressed:
+        buttons[layout[name]] = 1
+    return teleop.gamepad_action(raw_axes, buttons, layout, zone, speed)
+
+
+@pytest.mark.parametrize("layout", [XBOX, PS])
+def test_sticks_move_the_end_effector_in_the_base_frame(layout):
+    act, held = pad(layout, {"stick_y": -1.0, "stick_x": 1.0, "stick_z": -1.0})
+    np.testing.assert_allclose(act, [1.0, -1.0, 1.0, 0.0])   # up = +x, right = -y, right stick up = +z
+    assert held == set()
+
+
+def test_layouts_read_the_numbers_pygame_documents():
+    # Xbox 360: right stick vertical is axis 4, RB is button 5; PS4: axis 3 and R1 is button 10.
+    axes = [0.0, 0.0, -1.0, 0.0, -1.0, -1.0]
+    buttons = [0] * 16
+    buttons[5] = 1
+    xbox_act, xbox_held = teleop.gamepad_action(axes, buttons, XBOX, 0.1, 1.0)
+    assert xbox_act[2] == 1.0 and "intervene" in xbox_held
+    ps_act, ps_held = teleop.gamepad_action(axes, buttons, PS, 0.1, 1.0)
+    assert ps_act[2] == 0.0 and "intervene" not in ps_held   # PS4 axis 4 is L2 and button 5 is PS
+
+
+def test_layout_is_chosen_from_the_pad_name():
+    assert teleop.gamepad_layout("Xbox 360 Controller") == XBOX
+    assert teleop.gamepad_layout("PS4 Controller") == PS
+    assert teleop.gamepad_layout("PS5 Controller") == PS
+    assert teleop.gamepad_layout("Logitech Gamepad F310") == XBOX
+    assert teleop.gamepad_layout("PS4 Controller", layout="xbox") == XBOX
+
+
+def test_dead_zone_zeroes_small_deflections_and_rises_without_a_jump():
+    assert pad(XBOX, {"stick_y": -0.09, "stick_x": 0.05, "stick_z": 0.1})[0][:3].tolist() == [0, 0, 0]
+    just_past = pad(XBOX, {"stick_y": -0.11})[0][0]
+    assert 0 < just_past < 0.02
+    assert pad(XBOX, {"stick_y": -0.55})[0][0] == pytest.approx(0.5)
+
+
+def test_speed_scales_the_action():
+    assert pad(XBOX, {"stick_y": -1.0}, speed=0.3)[0][0] == pytest.approx(0.3)
+
+
+def test_triggers_close_and_open_the_gripper():
+    assert pad(XBOX, {"close": 1.0})[0][3] == -1.0
+    assert pad(XBOX, {"open": 1.0})[0][3] == 1.0
+    assert pad(XBOX, {"open": 0.2})[0][3] == 0.0            # not past half-way
+    assert pad(XBOX, {"close": 1.0, "open": 1.0})[0][3] == 0.0
+
+
+@pytest.mark.parametrize("layout", [XBOX, PS])
+@pytest.mark.parametrize("button", ["intervene", "success", "failure", "rerecord", "estop", "quit"])
+def test_each_button_is_reported_held(layout, button):
+    assert pad(layout, pressed=[button])[1] == {button}
+
+
+def test_remap_moves_a_control_and_rejects_unknown_names():
+    layout = teleop.gamepad_layout("Xbox 360 Controller", remap="intervene=4, success=9")
+    assert layout["intervene"] == 4 and layout["success"] == 9 and layout["failure"] == XBOX["failure"]
+    with pytest.raises(ValueError, match="gamepad_map"):
+        teleop.gamepad_layout("Xbox 360 Controller", remap="jump=3")
+    with pytest.raises(ValueError, match="gamepad_layout"):
+        teleop.gamepad_layout("Xbox 360 Controller", layout="nintendo")
+
+
+def test_keyboard_gives_the_same_actions_and_controls():
+    k = teleop.KEYS
+    act, held = teleop.keyboard_action({k["x+"], k["y-"], k["z+"], k["close"], k["intervene"]}, speed=0.5)
+    np.testing.assert_allclose(act, [0.5, -0.5, 0.5, -1.0])
+    assert held == {"close", "intervene"}
+    for name in teleop.EVENTS:
+        assert teleop.keyboard_action({k[name]}, 1.0)[1] == {name}
+
+
+class Scripted:
+    """A device that replays (act, held) pairs, standing in for a gamepad."""
+
+    def __init__(self, *steps):
+        self.steps = list(steps)
+
+    def read(self, obs):
+        return self.steps.pop(0)
+
+
+HUMAN = np.array([1.0, 0.0, 0.0, 0.0], np.float32)
+POLICY = np.array([0.0, 0.0, -1.0, 1.0], np.float32)
+
+
+def test_the_human_acts_only_while_intervene_is_held():
+    t = teleop.Teleop(Scripted((HUMAN, set()), (HUMAN, {"intervene"}), (HUMAN, {"intervene"}), (HUMAN, set())))
+    acting = [t.poll(POLICY, None) for _ in range(4)]
+    assert [intervened for _, intervened, _ in acting] == [False, True, True, False]
+    for act, intervened, _ in acting:
+        np.testing.assert_array_equal(act, HUMAN if intervened else POLICY)
+
+
+def test_an_event_fires_once_per_press():
+    t = teleop.Teleop(Scripted((HUMAN, {"success"}), (HUMAN, {"success"}), (HUMAN, set()), (HUMAN, {"success"})))
+    assert [t.poll(POLICY, None)[2] for _ in range(4)] == [{"success"}, set(), set(), {"success"}]
+
+
+def test_emergency_stop_turns_the_torque_off_and_stops_the_loop():
+    calls = []
+    t = teleop.Teleop(Scripted((HUMAN, {"intervene", "estop"})), torque_off=lambda: calls.append("off"))
+    with pytest.raises(teleop.EmergencyStop):
+        t.poll(POLICY, None)
+    assert calls == ["off"]
+
+
+def test_keyboard_device_reads_pygame_keys_under_the_dummy_driver():
+    teleop.start_pygame()
+    act, held = teleop.Keyboard(Config()).read(None)   # nothing is pressed on a dummy display
+    np.testing.assert_array_equal(act, np.zeros(4))
+    assert held == set()
+    pygame.event.post(pygame.event.Event(pygame.QUIT))
+    assert teleop.Keyboard(Config()).read(None)[1] == {"quit"}
+
+
+def test_operator_window_renders_offscreen_and_prints_a_line_per_episode(tmp_path, capsys):
+    teleop.start_pygame()
+    window = teleop.OperatorWindow(Config(), visible=True)
+    frame = np.zeros((64, 64, 3), np.uint8)
+    for human in (True, False, False, True):
+        window.show({"state": np.zeros(9, np.float32), "front": frame, "wrist": frame}, human, -0.05)
+    window.end_episode(success=True)
+    window.save(str(tmp_path / "window.png"))
+    assert (tmp_path / "window.png").stat().st_size > 1000
+    line = capsys.readouterr().out
+    assert "episode    1" in line and "intervened  50%" in line and "success yes" in line
+
+
+# --- the leader arm, against robot.py's servo emulator ---------------------------------------------------
+def leader_at(tmp_path, joints):
+    """A LeaderArm whose servos (an emulator) sit at `joints` (5 rad + gripper opening)."""
+    from robot import IDS, ServoEmulator, chain_calibration, joints_to_ticks, save_calibration
+    calibration = chain_calibration()
+    save_calibration(tmp_path / "leader.json", calibration)
+    emulator = ServoEmulator()
+    for servo_id, ticks in zip(IDS, joints_to_ticks(joints, calibration)):
+        emulator.set(servo_id, "Present_Position", int(ticks))
+    return teleop.LeaderArm(Config(leader_calibration=str(tmp_path / "leader.json")), port=emulator), emulator
+
+
+def test_leader_action_is_the_clipped_tool_difference_in_action_units(tmp_path):
+    from robot import HOME_RAD, forward_kinematics
+    cfg = Config()
+    follower = np.append(HOME_RAD, [1.0, 0, 0, 0]).astype(np.float32)          # gripper open
+    near = HOME_RAD + [0.0, 0.0, 0.0, 0.02, 0.0]                                  # a few mm away
+    leader, _ = leader_at(tmp_path, np.append(near, 0.0))                         # leader gripper closed
+    act = leader.action({"state": follower})
+    expected = (forward_kinematics(near)[0] - forward_kinematics(HOME_RAD)[0]) / cfg.ee_step_m
+    np.testing.assert_allclose(act[:3], expected, atol=0.05)                      # ticks quantise the pose
+    assert act[3] == -1.0                                                         # close, the follower is open
+    far, _ = leader_at(tmp_path, np.append(HOME_RAD + [0.3, 0.2, -0.2, 0.0, 0.0], 1.0))
+    act = far.action({"state": follower})
+    assert np.abs(act[:3]).max() == 1.0 and act[3] == 0.0                          # clipped; both open: stay
+
+
+def test_follower_tracks_the_leader_only_while_intervene_is_held(tmp_path):
+    from robot import HOME_RAD, SO101Env, forward_kinematics
+    from sim import make_sim
+    cfg = Config()
+    pose = HOME_RAD + [0.3, 0.2, -0.2, 0.0, 0.0]
+    leader, _ = leader_at(tmp_path, np.append(pose, 1.0))
+    held = [(np.zeros(4, np.float32), set())] * 5 + [(np.zeros(4, np.float32), {"intervene"})] * 25
+    t = teleop.Teleop(Scripted(*held), leader)
+    env = SO101Env(cfg, *make_sim(cfg, seed=0))
+    obs = start = env.reset()
+    for step in range(30):
+        act, intervened, _ = t.poll(np.zeros(4, np.float32), obs)
+        assert intervened == (step >= 5)
+        obs = env.step(act)[0]
+        if step == 4:
+            np.testing.assert_allclose(obs["state"][6:9], start["state"][6:9], atol=0.006)  # held (sags a few mm)
+    gap = forward_kinematics(pose)[0] - forward_kinematics(obs["state"][:5])[0]
+    assert np.linalg.norm(gap) < 0.01
+    env.close()
+
+
+# --- recording demos: stopping loses only the episode in progress -------------------------------------------
+def record_cfg(**overrides):
+    # Short episodes, every one kept, so the number of episodes on disk is known in advance.
+    return Config(episode_steps=12, demo_keep_failed=True, show_window=False, **overrides)
+
+
+def test_record_demos_with_the_expert_keeps_successful_episodes(tmp_path):
+    from buffer import ReplayBuffer
+    cfg = Config(show_window=False)
+    path = str(tmp_path / "demos.npz")
+    assert teleop.record_demos(cfg, path, episodes=2) == 2
+    demos = ReplayBuffer(cfg.demo_capacity, {"state": np.zeros(12, np.float32)}, 4)
+    demos.load(path)
+    a = demos.arrays
+    assert demos.num_episodes == 2 and a["terminated"].sum() == 2 and a["intervened"][a["valid"]].all()
+    assert teleop.record_demos(cfg, path, episodes=3) == 3                          # a second run continues
+
+
+def test_an_exception_mid_episode_leaves_the_finished_episodes_intact(tmp_path, monkeypatch):
+    from buffer import ReplayBuffer
+    from robot import SO101Env
+    cfg, path = record_cfg(), str(tmp_path / "demos.npz")
+    states, real_step = [], SO101Env.step
+
+    def step_then_crash(env, act):
+        if len(states) == 2 * cfg.episode_steps + 5:                               # 5 steps into episode 3
+            raise RuntimeError("cable pulled")
+        result = real_step(env, act)
+        states.append(result[0]["state"])
+        return result
+
+    monkeypatch.setattr(SO101Env, "step", step_then_crash)
+    with pytest.raises(RuntimeError, match="cable pulled"):
+        teleop.record_demos(cfg, path, episodes=5)
+    demos = ReplayBuffer(cfg.demo_capacity, {"state": states[0]}, 4)
+    demos.load(path)
+    assert demos.num_episodes == 2
+    np.testing.assert_array_equal(demos.arrays["next_state"][demos.arrays["valid"]], states[:2 * cfg.episode_steps])
+
+
+def test_a_killed_recording_leaves_the_finished_episodes_intact(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+    from buffer import ReplayBuffer
+    path = tmp_path / "demos.npz"
+    command = [sys.executable, "teleop.py", "record", "--demos", str(path), "--demo_episodes", "1000",
+               "--episode_steps", "12", "--demo_keep_failed", "true", "--show_window", "false"]
+    recorder = subprocess.Popen(command, cwd=os.path.dirname(os.path.abspath(__file__)),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in recorder.stdout:                                           # "...demos.npz: 3/1000 episodes"
+            if line.startswith(f"{path}: 3/"):
+                break
+        time.sleep(0.05)                                                       # somewhere in episode 4 or later
+    finally:
+        recorder.send_signal(signal.SIGKILL)                                  # no cleanup runs at all
+        recorder.wait()
+    demos = ReplayBuffer(1000, {"state": np.zeros(12, np.float32)}, 4)
+    demos.load(str(path))
+    a = demos.arrays
+    assert demos.num_episodes >= 3
+    assert a["valid"].sum() == 12 * demos.num_episodes                          # every stored episode is whole
+    assert (a["truncated"] | a["terminated"])[a["valid"]].sum() == demos.num_episodes
+
+
+def test_make_teleop_picks_the_expert_in_the_sim_and_explains_a_missing_device():
+    from robot import SO101Env
+    from sim import make_sim
+    cfg = Config()
+    env = SO101Env(cfg, *make_sim(cfg, seed=0))
+    assert isinstance(teleop.make_teleop(cfg, env).device, teleop.Expert)
+    with pytest.raises(ValueError, match="no gamepad found"):
+        teleop.make_teleop(Config(teleop="gamepad"), env)
+    with pytest.raises(ValueError, match="needs a display"):
+        teleop.make_teleop(Config(teleop="keyboard"), env)
+    with pytest.raises(ValueError, match="expected auto"):
+        teleop.make_teleop(Config(teleop="spacemouse"), env)
+
+
+def test_the_real_arm_waits_for_a_fresh_intervene_press_before_an_episode():
+    still_held = [(HUMAN, {"intervene"})] * 3 + [(HUMAN, set()), (HUMAN, {"intervene"})]
+    t = teleop.Teleop(Scripted(*still_held))
+    assert teleop.wait_for_start(t, None) is True and t.device.steps == []
+    assert teleop.wait_for_start(teleop.Teleop(Scripted((HUMAN, set()), (HUMAN, {"quit"}))), None) is False
+
+
+@pytest.mark.parametrize("button", ["success", "failure"])
+def test_on_the_real_arm_the_human_ends_the_episode(button):
+    from robot import FeetechBus, RealWorld, ServoEmulator, SO101, SO101Env, chain_calibration
+    cfg = Config(control_hz=200.0, show_window=False)
+    env = SO101Env(cfg, SO101(FeetechBus(ServoEmulator()), chain_calibration()), {}, RealWorld(cfg))
+    obs = env.reset()
+    still = np.zeros(4, np.float32)
+    t = teleop.Teleop(Scripted((still, set()), (still, set()), (still, {button}), (still, set())))
+    transitions, outcome = teleop.record_episode(env, t, teleop.OperatorWindow(cfg), obs)
+    assert outcome == button
+    if button == "success":   # the press makes the next step the terminal, rewarded one
+        assert len(transitions) == 3 and transitions[-1][4] and transitions[-1][2] == cfg.reward_success
+    else:                     # the episode ends where it is, cut short (truncated), not terminal
+        assert len(transitions) == 2 and transitions[-1][5] and not transitions[-1][4]
