@@ -24,7 +24,7 @@ import torch
 from buffer import ReplayBuffer, sample_batches
 from config import Config, load_config, warnings_for
 from networks import EE_DIM, Actor, Agent, Encoder, GraspCritic, mlp
-from teleop import make_env, make_teleop, record_demos
+from teleop import OperatorWindow, make_env, make_teleop, record_demos, wait_for_start
 
 ACT_DIM = EE_DIM + 1  # EE delta x, y, z and the gripper command
 
@@ -203,16 +203,20 @@ def train(cfg, env, intervener, run_dir):
     else:
         demo.load(cfg.demos)
         print(f"{cfg.demos}: {demo.num_episodes} demo episodes, {len(demo)} transitions")
-    for line in warnings_for(cfg, demo.num_episodes):
+    for line in warnings_for(cfg, None if cfg.resume else demo.num_episodes):
         print(line)
     log_path = run_dir / "log.csv"
     rows = list(csv.DictReader(open(log_path))) if cfg.resume and log_path.exists() else []
-    rows = [{k: float(v) for k, v in r.items()} for r in rows]
+    rows = [{k: int(v) if v.lstrip("-").isdigit() else float(v) for k, v in r.items()} for r in rows]
+    window = OperatorWindow(cfg)    # drawn where there is a display; prints a line per episode anyway
+    window.episode = progress["episode"] + 1
     warned_slow = False
     try:
         while not cfg.max_env_steps or progress["env_steps"] < cfg.max_env_steps:
             obs = env.reset() if progress["episode"] or cfg.resume else obs
             intervener.reset()
+            if cfg.port and not wait_for_start(intervener, obs):   # the human resets the scene first
+                break
             ret, length, human_steps, info, timings, start = 0.0, 0, 0, {}, [], time.perf_counter()
             while True:
                 t0 = time.perf_counter()
@@ -234,12 +238,13 @@ def train(cfg, env, intervener, run_dir):
                     progress["updates"] += cfg.utd_ratio
                 t3 = time.perf_counter()
                 timings.append((t1 - t0, t2 - t1, t3 - t2))
-                if cfg.port and step_info.get("overrun_s", 0) > 0 and not warned_slow:
+                if cfg.port and step_info["overrun_s"] > 0 and not warned_slow:
                     warned_slow = True
                     act_ms, robot_ms, update_ms = (1e3 * np.mean(x) for x in zip(*timings))
                     print(f"warning: the loop cannot keep {cfg.control_hz} Hz: act {act_ms:.0f} ms, robot "
                           f"{robot_ms:.0f} ms, {cfg.utd_ratio} updates {update_ms:.0f} ms per step; lower "
                           "--utd_ratio or train on a GPU")
+                window.show(next_obs, intervened, rew)
                 obs, ret, length = next_obs, ret + rew, length + 1
                 human_steps += intervened
                 progress["env_steps"] += 1
@@ -255,11 +260,7 @@ def train(cfg, env, intervener, run_dir):
                               (1e3 * np.mean(x) for x in zip(*timings))))}
             rows.append(row)
             write_log(log_path, rows)
-            recent = rows[-20:]
-            print(f"episode {row['episode']:4d} | steps {row['env_steps']:6d} | return {ret:6.2f} | "
-                  f"success {np.mean([r['success'] for r in recent]):4.0%} | interventions "
-                  f"{np.mean([r['intervention_rate'] for r in recent]):4.0%} (last {len(recent)}) | "
-                  f"{row['updates_per_s']:5.0f} updates/s")
+            window.end_episode(terminated, f"  |  {progress['env_steps']} steps, {row['updates_per_s']:.0f} updates/s")
             hint = diagnose(rows, cfg)
             if hint and progress["episode"] % 20 == 0:
                 print("diagnosis: " + hint)

@@ -281,15 +281,15 @@ class OperatorWindow:
         if self.visible:
             self.draw({k: v for k, v in obs.items() if v.dtype == np.uint8}, human)
 
-    def end_episode(self, success):
-        """Print the episode's status line and start counting the next one."""
+    def end_episode(self, success, extra=""):
+        """Print the episode's status line (with `extra` at its end) and start counting the next one."""
         rate = self.human_steps / max(self.steps, 1)
         self.successes.append(float(success))
         self.intervention_rates.append(rate)
         recent_success, recent_intervention = self.rates()
         print(f"episode {self.episode:4d}  steps {self.steps:3d}  return {self.ret:7.2f}  "
               f"success {'yes' if success else 'no '}  intervened {rate:4.0%}  |  last {len(self.successes[-self.recent:])}: "
-              f"success {recent_success:4.0%}  intervened {recent_intervention:4.0%}", flush=True)
+              f"success {recent_success:4.0%}  intervened {recent_intervention:4.0%}{extra}", flush=True)
         self.episode, self.steps, self.ret, self.human_steps = self.episode + 1, 0, 0.0, 0
 
     def draw(self, frames, human):

@@ -15,8 +15,10 @@ os.environ["SDL_VIDEODRIVER"] = "dummy"     # before pygame starts
 os.environ["SDL_AUDIODRIVER"] = "dummy"
 
 import copy  # noqa: E402
+import csv  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
+import re  # noqa: E402
 import signal  # noqa: E402
 import time  # noqa: E402
 
@@ -455,6 +457,43 @@ def test_lessons_warnings():
     bad = config.Config(temperature_init=0.2, utd_ratio=2, reward_step=0.0, reward_success=1.0)
     lines = config.warnings_for(bad, num_demo_episodes=15)
     assert len(lines) == 5 and all("\n" not in line for line in lines)
+
+
+# --- the whole loop on the sim -----------------------------------------------------------------
+def test_end_to_end_training_then_resume_then_eval(tmp_path, monkeypatch, capsys):
+    demos, run = tmp_path / "demos.npz", tmp_path / "run"
+    small = ["--hidden_dim", "32", "--state_latent_dim", "16", "--batch_size", "32", "--utd_ratio", "2",
+             "--training_starts", "50", "--checkpoint_every", "2", "--demo_episodes", "3", "--episode_steps", "50",
+             "--replay_capacity", "2000", "--demo_capacity", "2000"]
+    monkeypatch.setattr("sys.argv", ["hilserl.py", "--demos", str(demos), "--run_dir", str(run),
+                                     "--max_env_steps", "200", *small])
+    hilserl.main()
+    recorded = buffer.ReplayBuffer(2000, {"state": np.zeros(12, np.float32)}, 4)
+    recorded.load(demos)
+    assert recorded.num_episodes == 3 and recorded.arrays["intervened"][recorded.arrays["valid"]].all()
+    rows = list(csv.DictReader(open(run / "log.csv")))
+    steps = int(rows[-1]["env_steps"])
+    assert steps >= 200 and {"loss/critic", "q/mean", "alpha", "intervention_rate"} <= set(rows[-1])
+    assert (run / "curves.png").stat().st_size > 10_000 and (run / "checkpoint.pt").exists()
+    online, demo = (buffer.ReplayBuffer(2000, {"state": np.zeros(12, np.float32)}, 4) for _ in range(2))
+    online.load(run / "online.npz")
+    demo.load(run / "demo.npz")
+    human = int(online.arrays["intervened"][online.arrays["valid"]].sum())
+    assert len(online) == steps and 0 < human < steps           # the expert corrected some steps, not all
+    assert len(demo) == len(recorded) + human                   # every corrected step is also a demo
+    logged = sum(float(r["intervention_rate"]) * int(r["length"]) for r in rows)
+    assert round(logged) == human
+
+    monkeypatch.setattr("sys.argv", ["hilserl.py", "--resume", str(run), "--max_env_steps", "300"])
+    hilserl.main()
+    rows_after = list(csv.DictReader(open(run / "log.csv")))
+    assert rows_after[:len(rows)] == rows and int(rows_after[-1]["env_steps"]) >= 300
+    assert int(rows_after[len(rows)]["episode"]) == len(rows) + 1
+    capsys.readouterr()
+    monkeypatch.setattr("sys.argv", ["hilserl.py", "--eval", str(run), "--eval_episodes", "2"])
+    hilserl.main()
+    assert re.search(r"success \d+% over 2 episodes, mean length [\d.]+ steps", capsys.readouterr().out)
+
 
 
 # =================================================================================================
