@@ -1,9 +1,12 @@
 """HIL-SERL on the SO-101: the SAC/RLPD update and the training loop. Run this file.
 
     python hilserl.py --demos data/demos.npz        train (on the simulated SO-101 without --port)
+    python hilserl.py --resume runs/X               continue a run from its last checkpoint
+    python hilserl.py --eval runs/X                 success rate of the learned policy, no learning
     python hilserl.py --bench                       time one control step's learning
 
-Reading order: the update (critic_step, actor_step, learn), then the benchmark.
+Reading order: the update (critic_step, actor_step, learn), the loop (train, evaluate, and the
+run folder's checkpoints, log and plots), then the benchmark.
 The update is RLPD's recipe (Ball et al. 2023) with HIL-SERL's choices (Luo et al. 2024):
 every control step does `utd_ratio` critic updates, each on a fresh batch that is half demo
 and half online data, then one actor and one temperature update.
