@@ -28,7 +28,8 @@ import torch
 from buffer import ReplayBuffer, sample_batches
 from config import Config, load_config, warnings_for
 from networks import EE_DIM, Actor, Agent, Encoder, GraspCritic, mlp
-from teleop import OperatorWindow, make_env, make_teleop, record_demos, wait_for_start
+from robot import BusError, ServoError
+from teleop import EmergencyStop, OperatorWindow, make_env, make_teleop, record_demos, wait_for_start
 
 ACT_DIM = EE_DIM + 1  # EE delta x, y, z and the gripper command
 
@@ -215,7 +216,10 @@ def train(cfg, env, intervener, run_dir):
         demo.load(run_dir / "demo.npz")
         print(f"resumed {run_dir} at episode {progress['episode']}, {progress['env_steps']} steps")
     else:
-        demo.load(cfg.demos)
+        try:
+            demo.load(cfg.demos)
+        except ValueError as error:   # a file from other cameras, image size or state: one line, no traceback
+            raise SystemExit(f"error: {error}") from None
         print(f"{cfg.demos}: {demo.num_episodes} demo episodes, {len(demo)} transitions")
     for line in warnings_for(cfg, None if cfg.resume else demo.num_episodes):
         print(line)
@@ -514,8 +518,11 @@ def main():
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
     print(f"run folder: {run_dir}")
-    with make_env(cfg, cfg.seed) as env:   # SAFETY: torque off however the run ends
-        train(cfg, env, make_teleop(cfg, env), run_dir)
+    try:
+        with make_env(cfg, cfg.seed) as env:   # SAFETY: torque off however the run ends
+            train(cfg, env, make_teleop(cfg, env), run_dir)
+    except (BusError, ServoError, EmergencyStop) as error:   # the message names the servo and what to do
+        raise SystemExit(f"error: {error}") from None
 
 
 if __name__ == "__main__":

@@ -865,6 +865,17 @@ def bench(baudrate, n=2000):
           f"{wire_bytes} bytes at {baudrate} baud {wire_bytes * 10 / baudrate * 1e3:.3f} ms")
 
 
+def open_bus(port, cfg):
+    """A FeetechBus on a serial port; a port that does not open is a one-line error."""
+    import serial
+    try:
+        link = serial.Serial(port, cfg.baudrate)
+    except serial.SerialException as error:
+        raise SystemExit(f"error: cannot open {port} ({error.strerror or error}); check the USB cable and the "
+                         "port's name (ls /dev/ttyACM* /dev/ttyUSB*) and, on Linux, that you are in the dialout group")
+    return FeetechBus(link, cfg.baudrate, cfg.read_retries, cfg.bus_latency_s)
+
+
 def main():
     cfg, words = load_config()
     command = words[0] if words else "status"
@@ -872,8 +883,7 @@ def main():
         return bench(cfg.baudrate)
     if command not in ("status", "calibrate") or not cfg.port:
         raise SystemExit("usage: python robot.py --port /dev/ttyACM0 status|calibrate   (or: python robot.py bench)")
-    import serial
-    bus = FeetechBus(serial.Serial(cfg.port, cfg.baudrate), cfg.baudrate, cfg.read_retries, cfg.bus_latency_s)
+    bus = open_bus(cfg.port, cfg)
     if command == "status":
         return print_status(bus)
     with SO101(bus, None, cfg.max_joint_step_rad) as arm:

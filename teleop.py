@@ -26,7 +26,8 @@ import pygame
 
 from buffer import ReplayBuffer
 from config import load_config
-from robot import SO101, FeetechBus, RealWorld, SO101Env, forward_kinematics, load_calibration, make_cameras
+from robot import (SO101, FeetechBus, RealWorld, SO101Env, forward_kinematics, load_calibration, make_cameras,
+                   open_bus)
 
 ACT_DIM = 4
 EVENTS = ("success", "failure", "rerecord", "estop", "quit")   # pressed once, acted on once
@@ -184,10 +185,7 @@ class LeaderArm:
     """
 
     def __init__(self, cfg, port=None):
-        if port is None:
-            import serial
-            port = serial.Serial(cfg.leader_port, cfg.baudrate)
-        bus = FeetechBus(port, cfg.baudrate, cfg.read_retries, cfg.bus_latency_s)
+        bus = open_bus(cfg.leader_port, cfg) if port is None else FeetechBus(port, cfg.baudrate, cfg.read_retries, cfg.bus_latency_s)
         self.arm = SO101(bus, load_calibration(cfg.leader_calibration))
         self.arm.connect()
         self.arm.configure()   # SAFETY: leaves the torque off; a leader is moved by hand
@@ -327,9 +325,7 @@ def make_env(cfg, seed=None):
     if not cfg.port:
         from sim import make_sim
         return SO101Env(cfg, *make_sim(cfg, seed))
-    import serial
-    bus = FeetechBus(serial.Serial(cfg.port, cfg.baudrate), cfg.baudrate, cfg.read_retries, cfg.bus_latency_s)
-    arm = SO101(bus, load_calibration(cfg.calibration), cfg.max_joint_step_rad)
+    arm = SO101(open_bus(cfg.port, cfg), load_calibration(cfg.calibration), cfg.max_joint_step_rad)
     arm.connect()
     arm.configure()
     return SO101Env(cfg, arm, make_cameras(cfg), RealWorld(cfg))
