@@ -4,9 +4,13 @@
     python hilserl.py --resume runs/X               continue a run from its last checkpoint
     python hilserl.py --eval runs/X                 success rate of the learned policy, no learning
     python hilserl.py --bench                       time one control step's learning
+    python hilserl.py --bench --use_images true     the same with two 128x128 cameras
+    python hilserl.py --train_classifier data/demos.npz --classifier data/classifier.pt
+                                                    train the reward classifier on recorded frames
 
-Reading order: the update (critic_step, actor_step, learn), the loop (train, evaluate, and the
-run folder's checkpoints, log and plots), then the benchmark.
+Reading order: the update (critic_step, actor_step, learn), camera features (FrameFeatures),
+the loop (train, evaluate, and the run folder's checkpoints, log and plots), the reward
+classifier's training, then the benchmark.
 The update is RLPD's recipe (Ball et al. 2023) with HIL-SERL's choices (Luo et al. 2024):
 every control step does `utd_ratio` critic updates, each on a fresh batch that is half demo
 and half online data, then one actor and one temperature update.
@@ -26,7 +30,8 @@ import torch
 
 from buffer import ReplayBuffer, sample_batches
 from config import Config, load_config, warnings_for
-from networks import EE_DIM, Actor, Agent, Encoder, GraspCritic, mlp
+from networks import (EE_DIM, Actor, Agent, Encoder, GraspCritic, RewardClassifier, load_resnet10, mlp, random_shift,
+                      resnet10_weights)
 from teleop import OperatorWindow, make_env, make_teleop, record_demos, wait_for_start
 
 ACT_DIM = EE_DIM + 1  # EE delta x, y, z and the gripper command
@@ -48,8 +53,11 @@ def make_optimizers(agent, cfg):
 
 # --- the update ---------------------------------------------------------------------------
 def critic_step(agent, critic_opt, b, next_act, discount, tau):
-    """One critic and grasp-critic update on batch b; next_act ~ pi(.|s') drawn beforehand."""
+    """One critic and grasp-critic update on batch b; next_act ~ pi(.|s') drawn beforehand, or None."""
     with torch.no_grad():
+        z_next = agent.encoder(b["next_obs"])                                      # (B, F)
+        if next_act is None:   # with cameras the actor reads the critic encoder, which every update changes
+            next_act, _ = agent.actor(b["next_obs"], agent.image_features(z_next))  # (B, 3)
         z_next_target = agent.target["encoder"](b["next_obs"])                    # (B, F)
         q_next = agent.target["critic"](z_next_target, next_act).min(0).values     # (B,) clipped double-Q
         not_terminated = 1.0 - b["terminated"]                 # a truncated step still bootstraps
@@ -57,7 +65,7 @@ def critic_step(agent, critic_opt, b, next_act, discount, tau):
         y = b["rew"] + discount * not_terminated * q_next                          # (B,)
         # PAPER: Double DQN (van Hasselt et al. 2016): the online net picks a*, the target net values it;
         # the gripper-flip penalty is added to the grasp critic's reward only (hil-serl)
-        best_next = agent.grasp_critic(agent.encoder(b["next_obs"])).argmax(-1, keepdim=True)  # (B, 1)
+        best_next = agent.grasp_critic(z_next).argmax(-1, keepdim=True)            # (B, 1)
         g_next = agent.target["grasp_critic"](z_next_target).gather(-1, best_next).squeeze(-1)  # (B,)
         y_grasp = b["rew"] + b["grasp_penalty"] + discount * not_terminated * g_next
     z = agent.encoder(b["obs"])                                                    # (B, F)
@@ -77,9 +85,9 @@ def critic_step(agent, critic_opt, b, next_act, discount, tau):
 
 def actor_step(agent, actor_opt, temperature_opt, obs, entropy_target):
     """One actor and one temperature update (SAC, Haarnoja et al. 2018, eqs. 7 and 18)."""
-    act, log_prob = agent.actor(obs)                                               # (B, 3), (B,)
     with torch.no_grad():
-        z = agent.encoder(obs)
+        z = agent.encoder(obs)                                                     # (B, F)
+    act, log_prob = agent.actor(obs, agent.image_features(z))   # image features detached (hil-serl)
     q = agent.critic(z, act).mean(0)                  # (B,) mean of the critics, not the min (hil-serl)
     alpha = agent.log_alpha.exp()
     # PAPER: J_pi = E[alpha log pi(a|s) - Q(s, a)], a ~ pi reparameterised (SAC eq. 7)
@@ -104,12 +112,17 @@ def learn(agent, opts, batches, cfg):
     batches: tensors on the agent's device shaped (utd_ratio, B, ...), from `to_device`.
     Returns detached tensors; nothing here waits for the GPU (no .item()).
     """
-    with torch.no_grad():   # the actor does not change during the critic updates: draw all a' at once
-        next_act, _ = agent.actor(batches["next_obs"])                             # (U, B, 3)
+    if agent.augment:   # DrQ: every frame of obs and of next_obs shifted on its own
+        for group in ("obs", "next_obs"):
+            batches[group] = {k: random_shift(v) if k in agent.encoder.images else v for k, v in batches[group].items()}
+    next_act = None     # with cameras, critic_step draws a' from the actor after each encoder update
+    if not agent.encoder.images:
+        with torch.no_grad():   # the actor does not change during the critic updates: draw all a' at once
+            next_act, _ = agent.actor(batches["next_obs"])                         # (U, B, 3)
     info = {}
     for i in range(batches["act"].shape[0]):
         b = index_batch(batches, i)
-        info = critic_step(agent, opts["critic"], b, next_act[i], cfg.discount, cfg.tau)
+        info = critic_step(agent, opts["critic"], b, None if next_act is None else next_act[i], cfg.discount, cfg.tau)
     info.update(actor_step(agent, opts["actor"], opts["temperature"], b["obs"], target_entropy()))
     return info
 
@@ -134,6 +147,54 @@ def to_device(arrays, device):
     return out
 
 
+# --- camera features: the frozen backbone runs once per stored frame --------------------------------
+class FrameFeatures:
+    """The frozen ResNet-10's features of every frame in a replay buffer, kept on the device.
+
+    Row i of `table[camera]` holds the features of the frame in the buffer's slot i. `add` stores
+    a transition and computes the features of the frames it wrote, so the backbone runs once per
+    frame, and the updates only index these rows (speed.md B6 (a): at 20 updates of batch 256, two
+    cameras, the backbone in every update would cost ~12 TFLOP per control step). float16 halves
+    memory and copies. The price: no random-shift augmentation on this path (the features are fixed).
+    """
+
+    def __init__(self, buffer, backbone, device):
+        self.buffer, self.backbone = buffer, backbone
+        frame = torch.zeros(1, *buffer.arrays[buffer.image_keys[0]].shape[1:], dtype=torch.uint8, device=device)
+        shape = backbone(frame).shape[1:]                                          # (512, h, w)
+        self.table = {k: torch.zeros(buffer.capacity, *shape, dtype=torch.float16, device=device)
+                      for k in buffer.image_keys}
+        self.next_slot = None   # where the frame of the next add's obs already is, while an episode runs
+        self.compute(np.arange(buffer.size))   # frames loaded from a file
+
+    def compute(self, slots, chunk=256):
+        for start in range(0, len(slots), chunk):
+            s = slots[start:start + chunk]
+            for key, table in self.table.items():
+                frames = torch.from_numpy(self.buffer.arrays[key][s]).to(table.device)   # (n, H, W, 3)
+                table[torch.as_tensor(s, device=table.device)] = self.backbone(frames).half()
+
+    def add(self, *transition):
+        """buffer.add, then the features of its new frames: next_obs's, and obs's when an episode starts."""
+        i = self.buffer.cursor
+        self.buffer.add(*transition)
+        j = (i + 1) % self.buffer.capacity
+        self.compute(np.array([j] if i == self.next_slot else [i, j]))
+        self.next_slot = j
+
+
+def add_features(batches, demo_features, online_features):
+    """Fill obs and next_obs with the cached features of each batch's frames (rows: half demo, half online)."""
+    slots = batches.pop("slot")                                                    # (U, B)
+    half = slots.shape[1] // 2
+    for key in online_features.table:
+        for group, offset in (("obs", 0), ("next_obs", 1)):   # next_obs's frame is in the next slot
+            d, o = demo_features.table[key], online_features.table[key]
+            batches[group][key] = torch.cat([d[(slots[:, :half] + offset) % len(d)],
+                                             o[(slots[:, half:] + offset) % len(o)]], dim=1)   # (U, B, 512, h, w)
+    return batches
+
+
 def pick_device(cfg):
     if cfg.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -141,6 +202,11 @@ def pick_device(cfg):
 
 
 # --- the loop -----------------------------------------------------------------------------------
+def image_shapes(obs):
+    """{camera: (H, W, 3)} of the frames in an observation; empty without cameras."""
+    return {k: v.shape for k, v in obs.items() if v.dtype == np.uint8}
+
+
 def obs_to_tensors(obs, device):
     return {k: torch.as_tensor(v, device=device).unsqueeze(0) for k, v in obs.items()}   # (1, ...)
 
@@ -195,7 +261,9 @@ def train(cfg, env, intervener, run_dir):
     obs = env.reset(seed=cfg.seed)
     demo = ReplayBuffer(cfg.demo_capacity, obs, ACT_DIM)
     online = ReplayBuffer(cfg.replay_capacity, obs, ACT_DIM)
-    agent = Agent(len(obs["state"]), cfg).to(device)
+    agent = Agent(len(obs["state"]), cfg, image_shapes(obs)).to(device)
+    if agent.backbone is not None and not cfg.resume:   # a resumed run's checkpoint holds the weights
+        load_resnet10(agent.backbone, resnet10_weights(cfg))
     opts = make_optimizers(agent, cfg)
     progress = {"episode": 0, "env_steps": 0, "updates": 0}
     if cfg.resume:
@@ -206,6 +274,8 @@ def train(cfg, env, intervener, run_dir):
     else:
         demo.load(cfg.demos)
         print(f"{cfg.demos}: {demo.num_episodes} demo episodes, {len(demo)} transitions")
+    cached = agent.backbone is not None   # frozen features, computed once per frame (FrameFeatures)
+    demo_store, online_store = (FrameFeatures(b, agent.backbone, device) for b in (demo, online)) if cached else (demo, online)
     for line in warnings_for(cfg, None if cfg.resume else demo.num_episodes):
         print(line)
     log_path = run_dir / "log.csv"
@@ -232,11 +302,13 @@ def train(cfg, env, intervener, run_dir):
                 truncated = truncated or bool(events & {"failure", "rerecord", "quit"})
                 t2 = time.perf_counter()
                 transition = (obs, act, rew, next_obs, terminated, truncated, intervened, step_info["grasp_penalty"])
-                online.add(*transition)
+                online_store.add(*transition)
                 if intervened:
-                    demo.add(*transition)               # a human correction is a demonstration too (hil-serl)
+                    demo_store.add(*transition)         # a human correction is a demonstration too (hil-serl)
                 if len(online) >= cfg.training_starts:
-                    batches = to_device(sample_batches(demo, online, cfg.utd_ratio, cfg.batch_size, rng), device)
+                    batches = to_device(sample_batches(demo, online, cfg.utd_ratio, cfg.batch_size, rng, not cached), device)
+                    if cached:
+                        batches = add_features(batches, demo_store, online_store)
                     info = learn(agent, opts, batches, cfg)
                     progress["updates"] += cfg.utd_ratio
                 t3 = time.perf_counter()
@@ -283,7 +355,7 @@ def evaluate(cfg, env, run_dir):
     """The deterministic policy, no learning, no interventions: success rate and mean length."""
     device = pick_device(cfg)
     obs = env.reset(seed=cfg.seed + 10_000)               # other cube positions than in training
-    agent = Agent(len(obs["state"]), cfg).to(device)
+    agent = Agent(len(obs["state"]), cfg, image_shapes(obs)).to(device)
     load_checkpoint(run_dir, agent)
     successes, lengths = [], []
     for episode in range(cfg.eval_episodes):
@@ -432,6 +504,19 @@ def matmul_rate(device, n=256, seconds=1.0):
     return 2 * n ** 3 * count / (time.perf_counter() - start)
 
 
+def timed(fn, device, repeats=10):
+    """Mean seconds per call of fn, after two warm-up calls."""
+    fn(), fn()                                   # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize()                 # SYNC POINT: timing
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()                 # SYNC POINT: timing
+    return (time.perf_counter() - start) / repeats
+
+
 def benchmark(cfg):
     device = pick_device(cfg)
     torch.manual_seed(cfg.seed)
@@ -451,17 +536,6 @@ def benchmark(cfg):
     def ours():
         learn(agent, opts, to_device(sample_batches(demo, online, cfg.utd_ratio, cfg.batch_size, rng), device), cfg)
 
-    def timed(fn, repeats=10):
-        fn(), fn()                                   # warm-up
-        if device.type == "cuda":
-            torch.cuda.synchronize()                 # SYNC POINT: timing
-        start = time.perf_counter()
-        for _ in range(repeats):
-            fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()                 # SYNC POINT: timing
-        return (time.perf_counter() - start) / repeats
-
     rate = matmul_rate(device)
     floor_s = control_step_flops(state_dim, cfg) / rate
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
@@ -471,17 +545,61 @@ def benchmark(cfg):
           f"{control_step_flops(state_dim, cfg) / 1e9:.2f} GFLOP; floor {floor_s * 1e3:.1f} ms")
     results = {}
     for label, fn in (("hilserl", ours), ("reference", lambda: reference.learn(demo, online, rng))):
-        seconds = timed(fn)
+        seconds = timed(fn, device)
         results[label] = seconds
         print(f"{label:>9}: {seconds * 1e3:7.1f} ms per control step, {cfg.utd_ratio / seconds:7.0f} updates/s, "
               f"{floor_s / seconds:4.0%} of the floor's speed")
     print(f"speed-up over the reference: {results['reference'] / results['hilserl']:.2f}x")
 
 
+def benchmark_images(cfg, slots=4_000, repeats=5):
+    """--bench --use_images true: one control step's learning with two cameras (cfg.encoder's trunk).
+
+    resnet10: the update reads cached features, filled here with random numbers (the backbone's
+    own cost per frame is timed apart, and what running it in every update would cost is derived).
+    """
+    device = pick_device(cfg)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    size = cfg.image_size
+    example = {"state": np.zeros(12, np.float32), "front": np.zeros((size, size, 3), np.uint8),
+               "wrist": np.zeros((size, size, 3), np.uint8)}
+    agent = Agent(12, cfg, image_shapes(example)).to(device)
+    opts = make_optimizers(agent, cfg)
+    demo, online = ReplayBuffer(slots, example, ACT_DIM), ReplayBuffer(slots, example, ACT_DIM)
+    cached = agent.backbone is not None
+    stores = [FrameFeatures(b, agent.backbone, device) for b in (demo, online)] if cached else []
+    frames = rng.integers(0, 256, (16, size, size, 3), dtype=np.uint8)
+    for buf in (demo, online):
+        for t in range(slots // 2):
+            obs = {"state": rng.standard_normal(12, np.float32), "front": frames[t % 16], "wrist": frames[-t % 16]}
+            act = np.append(rng.uniform(-1, 1, EE_DIM), rng.integers(-1, 2)).astype(np.float32)
+            buf.add(obs, act, rng.normal(), obs, t % 100 == 99, False, False)
+    for store in stores:
+        for table in store.table.values():
+            table.normal_()
+
+    def step():
+        batches = to_device(sample_batches(demo, online, cfg.utd_ratio, cfg.batch_size, rng, not cached), device)
+        learn(agent, opts, add_features(batches, *stores) if cached else batches, cfg)
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    print(f"device: {name}; torch {torch.__version__}; two {size}x{size} cameras, encoder {cfg.encoder}; "
+          f"utd_ratio {cfg.utd_ratio}, batch {cfg.batch_size}")
+    seconds = timed(step, device, repeats)
+    print(f"  hilserl: {seconds * 1e3:7.1f} ms per control step, {cfg.utd_ratio / seconds:7.0f} updates/s")
+    if cached:
+        two = torch.from_numpy(frames[:2]).to(device)
+        frame_s = timed(lambda: agent.backbone(two), device) / 2
+        per_step = cfg.utd_ratio * cfg.batch_size * 2 * 2   # updates x rows x (obs, next_obs) x cameras
+        print(f" backbone: {frame_s * 1e3:7.1f} ms per frame (batch of 2); run in every update instead of "
+              f"cached it would add ~{per_step * frame_s:.1f} s per control step ({per_step} frames)")
+
+
 def main():
     cfg = run_config(sys.argv[1:])
     if cfg.bench:
-        return benchmark(cfg)
+        return benchmark_images(cfg) if cfg.use_images else benchmark(cfg)
     if cfg.plot:
         *run_dirs, out_path = cfg.plot.split(",")
         return plot_runs(run_dirs, out_path)
