@@ -406,6 +406,86 @@ def plot_runs(run_dirs, out_path):
     os.replace(f"{out_path}.tmp.png", out_path)
 
 
+# --- the reward classifier: python hilserl.py --train_classifier DEMOS --classifier OUT ----------------
+def classifier_data(path):
+    """(frames {camera: (N, H, W, 3)}, labels (N,), held_out (N,) bool) from a demo file.
+
+    A frame is positive when the step into it succeeded: the success button on the real arm, the
+    physics in the sim. Demos end at success, so each successful episode gives one positive, its
+    last frame. Every fifth episode is held out whole, as neighbouring frames look nearly the same.
+    """
+    with np.load(path) as data:
+        frames = {k: data[k] for k in data.files if data[k].dtype == np.uint8 and data[k].ndim == 4}
+        valid, terminated, truncated = data["valid"], data["terminated"], data["truncated"]
+    if not frames:
+        raise SystemExit(f"error: {path} holds no camera frames; record demos with --use_images true")
+    labels = np.zeros(len(valid), np.float32)
+    labels[1:][valid[:-1] & terminated[:-1]] = 1                # slot i + 1 holds the frame after step i
+    ends = np.cumsum(valid & (terminated | truncated))
+    episode = np.concatenate([[0, 0], ends[:-2]])[:len(valid)]  # an episode's last frame is 1 slot after its end
+    return frames, labels, episode % 5 == 4
+
+
+def backbone_features(backbone, frames, device, chunk=256):
+    """The frozen backbone once per frame, in chunks: (N, H, W, 3) uint8 -> (N, 512, h, w) on device."""
+    return torch.cat([backbone(torch.from_numpy(frames[i:i + chunk]).to(device)) for i in range(0, len(frames), chunk)])
+
+
+def fit_classifier(classifier, features, labels, train_idx, steps, rng, batch_size=256):
+    """BCE on balanced batches, half positive and half negative frames, Adam 1e-4 (hil-serl).
+
+    hil-serl also shifts the frames randomly; we train on cached features, so we do not.
+    """
+    positives, negatives = train_idx[labels[train_idx] == 1], train_idx[labels[train_idx] == 0]
+    if not len(positives) or not len(negatives):
+        raise SystemExit("error: the classifier needs positive (success) and negative frames to train on")
+    opt = torch.optim.Adam([p for p in classifier.parameters() if p.requires_grad], lr=1e-4)
+    half = batch_size // 2
+    y = torch.cat([torch.ones(half), torch.zeros(half)]).to(next(iter(features.values())).device)
+    for _ in range(steps):
+        idx = np.concatenate([rng.choice(positives, half), rng.choice(negatives, half)])
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(classifier({k: f[idx] for k, f in features.items()}), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+
+@torch.no_grad()
+def precision_recall(classifier, features, labels, idx):
+    """Of the frames in idx called success, the share that are; of the successes, the share found."""
+    called = (torch.sigmoid(classifier({k: f[idx] for k, f in features.items()})) > classifier.threshold).cpu().numpy()
+    actual = labels[idx] == 1                                                    # SYNC POINT above: the scores
+    hits = (called & actual).sum()
+    return hits / max(called.sum(), 1), hits / max(actual.sum(), 1)
+
+
+def train_classifier(cfg):
+    if not cfg.classifier:
+        raise SystemExit("error: --train_classifier needs --classifier PATH, the file to write the classifier to")
+    device = pick_device(cfg)
+    torch.manual_seed(cfg.seed)
+    frames, labels, held_out = classifier_data(cfg.train_classifier)
+    shapes = {k: f.shape[1:] for k, f in frames.items()}
+    classifier = RewardClassifier(shapes, cfg).to(device)
+    load_resnet10(classifier.backbone, resnet10_weights(cfg))
+    features = {k: backbone_features(classifier.backbone, f, device) for k, f in frames.items()}
+    train_idx, test_idx = np.flatnonzero(~held_out), np.flatnonzero(held_out)
+    fit_classifier(classifier, features, labels, train_idx, cfg.classifier_steps, np.random.default_rng(cfg.seed))
+    precision, recall = precision_recall(classifier, features, labels, test_idx)
+    print(f"{cfg.train_classifier}: {int(labels.sum())} success frames of {len(labels)}; held out "
+          f"{len(test_idx)} frames ({int(labels[test_idx].sum())} successes): precision {precision:.0%}, "
+          f"recall {recall:.0%} at threshold {cfg.classifier_threshold}")
+    torch.save({"image_shapes": shapes, "classifier": classifier.state_dict()}, cfg.classifier)
+    print(f"wrote {cfg.classifier}; use it with --classifier {cfg.classifier} --use_images true")
+
+
+def load_classifier(cfg, device):
+    saved = torch.load(cfg.classifier, map_location=device)
+    classifier = RewardClassifier(saved["image_shapes"], cfg).to(device)
+    classifier.load_state_dict(saved["classifier"])
+    return classifier
+
+
 # --- benchmark: python hilserl.py --bench ------------------------------------------------------
 class ReferenceLearner:
     """The same update written the straightforward way, as the benchmark's yardstick.
@@ -600,6 +680,8 @@ def main():
     cfg = run_config(sys.argv[1:])
     if cfg.bench:
         return benchmark_images(cfg) if cfg.use_images else benchmark(cfg)
+    if cfg.train_classifier:
+        return train_classifier(cfg)
     if cfg.plot:
         *run_dirs, out_path = cfg.plot.split(",")
         return plot_runs(run_dirs, out_path)
@@ -617,6 +699,10 @@ def main():
     (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
     print(f"run folder: {run_dir}")
     with make_env(cfg, cfg.seed) as env:   # SAFETY: torque off however the run ends
+        if cfg.classifier:
+            if not cfg.use_images:
+                raise SystemExit("error: --classifier judges camera frames; add --use_images true")
+            env.classifier = load_classifier(cfg, pick_device(cfg)).success
         train(cfg, env, make_teleop(cfg, env), run_dir)
 
 
