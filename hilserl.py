@@ -470,6 +470,8 @@ def train_classifier(cfg):
     load_resnet10(classifier.backbone, resnet10_weights(cfg))
     features = {k: backbone_features(classifier.backbone, f, device) for k, f in frames.items()}
     train_idx, test_idx = np.flatnonzero(~held_out), np.flatnonzero(held_out)
+    if not len(test_idx):
+        raise SystemExit(f"error: {cfg.train_classifier} has fewer than 5 episodes; every fifth is held out to test on")
     fit_classifier(classifier, features, labels, train_idx, cfg.classifier_steps, np.random.default_rng(cfg.seed))
     precision, recall = precision_recall(classifier, features, labels, test_idx)
     print(f"{cfg.train_classifier}: {int(labels.sum())} success frames of {len(labels)}; held out "

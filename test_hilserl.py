@@ -1578,3 +1578,35 @@ def test_classifier_learns_to_tell_a_lifted_cube_from_one_on_the_table():
     rng = np.random.default_rng(0)
     hilserl.fit_classifier(classifier, features, labels, np.flatnonzero(~held_out), 150, rng, batch_size=32)
     assert hilserl.precision_recall(classifier, features, labels, np.flatnonzero(held_out)) == (1.0, 1.0)
+
+
+def test_pixels_only_on_the_sim_train_eval_and_classifier(tmp_path, monkeypatch, capsys):
+    """The whole pixel loop without privileged cube state: demos with frames, training on cached
+    ResNet-10 features (weights from a file the test makes), evaluation, the reward classifier."""
+    port_weights(tmp_path / "resnet10.safetensors")
+    demos, run, clf = tmp_path / "demos.npz", tmp_path / "run", tmp_path / "classifier.pt"
+    pixels = ["--use_images", "true", "--privileged_state", "false", "--image_size", "32",
+              "--resnet_weights", str(tmp_path / "resnet10.safetensors"), "--demos", str(demos)]
+    small = ["--hidden_dim", "32", "--state_latent_dim", "16", "--image_latent_dim", "16", "--batch_size", "16",
+             "--utd_ratio", "2", "--training_starts", "20", "--demo_episodes", "5", "--episode_steps", "30",
+             "--replay_capacity", "1000", "--demo_capacity", "1000"]
+    monkeypatch.setattr("sys.argv", ["hilserl.py", "--run_dir", str(run), "--max_env_steps", "60", *pixels, *small])
+    hilserl.main()
+    rows = list(csv.DictReader(open(run / "log.csv")))
+    assert int(rows[-1]["env_steps"]) >= 60 and float(rows[-1]["loss/critic"]) >= 0
+    monkeypatch.setattr("sys.argv", ["hilserl.py", "--eval", str(run), "--eval_episodes", "1"])
+    hilserl.main()
+    monkeypatch.setattr("sys.argv", ["hilserl.py", "--train_classifier", str(demos), "--classifier", str(clf),
+                                     "--classifier_steps", "5", *pixels, *small])
+    hilserl.main()
+    out = capsys.readouterr().out
+    assert re.search(r"5 success frames of \d+; held out \d+ frames \(1 successes\): precision \d+%, recall \d+%", out)
+    cfg = Config(classifier=str(clf), image_latent_dim=16, hidden_dim=32, use_images=True, image_size=32,
+                 privileged_state=False)
+    arm, cameras, world = make_sim(cfg, seed=3)
+    with SO101Env(cfg, arm, cameras, world) as env:
+        env.classifier = lambda obs: True                                          # a classifier that always says yes
+        env.reset(seed=3)
+        assert env.step(np.zeros(4, np.float32))[2]                                # ends the episode as a success
+        env.classifier = hilserl.load_classifier(cfg, torch.device("cpu")).success
+        assert isinstance(env.step(np.zeros(4, np.float32))[2], bool)
