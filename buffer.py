@@ -74,11 +74,17 @@ class ReplayBuffer:
             raise ValueError("cannot sample from an empty replay buffer")
         return valid[rng.integers(0, len(valid), size=n)]
 
-    def gather(self, idx):
-        """The transitions at slot indices idx, as a dict of arrays with idx's shape in front."""
+    def gather(self, idx, frames=True):
+        """The transitions at slot indices idx, as a dict of arrays with idx's shape in front.
+
+        frames=False leaves the camera frames out and gives their slots, batch["slot"] = idx (the
+        frame of next_obs is in slot idx + 1), for features kept elsewhere (hilserl.FrameFeatures).
+        """
         a = self.arrays
         batch = {k: a[k][idx] for k in ("act", "rew", "grasp_penalty", "terminated", "truncated", "intervened")}
-        for key in self.image_keys:
+        if not frames:
+            batch["slot"] = idx
+        for key in self.image_keys if frames else ():
             batch["obs/" + key] = a[key][idx]
             batch["next_obs/" + key] = a[key][(idx + 1) % self.capacity]
         for key in self.vector_keys:
@@ -134,14 +140,14 @@ class ReplayBuffer:
         self.size, self.cursor = n, n % self.capacity
 
 
-def sample_batches(demo, online, num_batches, batch_size, rng):
+def sample_batches(demo, online, num_batches, batch_size, rng, frames=True):
     """num_batches batches, each half demo and half online (RLPD's symmetric sampling).
 
     Returned arrays have shape (num_batches, batch_size, ...): rows [:batch_size // 2] of every
     batch come from the demo buffer, the rest from the online buffer. Drawing a whole control
-    step's batches at once lets the caller move them to the GPU in one copy.
+    step's batches at once lets the caller move them to the GPU in one copy. frames: see gather.
     """
     half = batch_size // 2
-    d = demo.gather(demo.sample_indices(num_batches * half, rng).reshape(num_batches, half))
-    o = online.gather(online.sample_indices(num_batches * half, rng).reshape(num_batches, half))
+    d = demo.gather(demo.sample_indices(num_batches * half, rng).reshape(num_batches, half), frames)
+    o = online.gather(online.sample_indices(num_batches * half, rng).reshape(num_batches, half), frames)
     return {k: np.concatenate([d[k], o[k]], axis=1) for k in d}

@@ -46,6 +46,15 @@ class Config:
     replay_capacity: int = 100_000       # online ring buffer size, transitions (LeRobot)
     demo_capacity: int = 100_000         # demo ring buffer size, transitions (LeRobot)
 
+    # --- images (networks.py) ------------------------------------------------------------------
+    encoder: str = "resnet10"            # image trunk: resnet10 (pretrained, frozen; hil-serl) or small (CNN trained end to end; DrQ)
+    resnet_weights: str = ""             # ResNet-10 .safetensors (HF lerobot/resnet10 layout); empty = download once to ~/.cache/hilserl-so101
+    image_latent_dim: int = 256          # features per camera after the image head (hil-serl)
+    classifier: str = ""                 # reward classifier file; when set, it too decides success from the frames (hil-serl)
+    classifier_threshold: float = 0.7    # success when sigmoid(logit) > this (hil-serl USB task)
+    classifier_steps: int = 150          # gradient steps of 128 positive + 128 negative frames (hil-serl)
+    train_classifier: str = ""           # demo file recorded with --use_images true: train --classifier on it, then exit
+
     # --- reward and gripper -----------------------------------------------------------------
     reward_success: float = 10.0         # reward on success, which ends the episode (HIL-SERL; lessons)
     reward_step: float = -0.05           # reward on every other step (HIL-SERL; lessons: 0 lets it stall)

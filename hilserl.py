@@ -4,9 +4,13 @@
     python hilserl.py --resume runs/X               continue a run from its last checkpoint
     python hilserl.py --eval runs/X                 success rate of the learned policy, no learning
     python hilserl.py --bench                       time one control step's learning
+    python hilserl.py --bench --use_images true     the same with two 128x128 cameras
+    python hilserl.py --train_classifier data/demos.npz --classifier data/classifier.pt
+                                                    train the reward classifier on recorded frames
 
-Reading order: the update (critic_step, actor_step, learn), the loop (train, evaluate, and the
-run folder's checkpoints, log and plots), then the benchmark.
+Reading order: the update (critic_step, actor_step, learn), camera features (FrameFeatures),
+the loop (train, evaluate, and the run folder's checkpoints, log and plots), the reward
+classifier's training, then the benchmark.
 The update is RLPD's recipe (Ball et al. 2023) with HIL-SERL's choices (Luo et al. 2024):
 every control step does `utd_ratio` critic updates, each on a fresh batch that is half demo
 and half online data, then one actor and one temperature update.
@@ -27,7 +31,8 @@ import torch
 
 from buffer import ReplayBuffer, sample_batches
 from config import Config, load_config, warnings_for
-from networks import EE_DIM, Actor, Agent, Encoder, GraspCritic, mlp
+from networks import (EE_DIM, Actor, Agent, Encoder, GraspCritic, RewardClassifier, load_resnet10, mlp, random_shift,
+                      resnet10_weights)
 from robot import BusError, ServoError
 from teleop import EmergencyStop, OperatorWindow, make_env, make_teleop, record_demos, wait_for_start
 
@@ -50,8 +55,11 @@ def make_optimizers(agent, cfg):
 
 # --- the update ---------------------------------------------------------------------------
 def critic_losses(agent, b, next_act, discount):
-    """Critic and grasp-critic losses on batch b; next_act ~ pi(.|s') drawn beforehand."""
+    """Critic and grasp-critic losses on batch b; next_act ~ pi(.|s') drawn beforehand, or None."""
     with torch.no_grad():
+        z_next = agent.encoder(b["next_obs"])                                      # (B, F)
+        if next_act is None:   # with cameras the actor reads the critic encoder, which every update changes
+            next_act, _ = agent.actor(b["next_obs"], agent.image_features(z_next))  # (B, 3)
         z_next_target = agent.target["encoder"](b["next_obs"])                    # (B, F)
         q_next = agent.target["critic"](z_next_target, next_act).min(0).values     # (B,) clipped double-Q
         not_terminated = 1.0 - b["terminated"]                 # a truncated step still bootstraps
@@ -59,7 +67,7 @@ def critic_losses(agent, b, next_act, discount):
         y = b["rew"] + discount * not_terminated * q_next                          # (B,)
         # PAPER: Double DQN (van Hasselt et al. 2016): the online net picks a*, the target net values it;
         # the gripper-flip penalty is added to the grasp critic's reward only (hil-serl)
-        best_next = agent.grasp_critic(agent.encoder(b["next_obs"])).argmax(-1, keepdim=True)  # (B, 1)
+        best_next = agent.grasp_critic(z_next).argmax(-1, keepdim=True)            # (B, 1)
         g_next = agent.target["grasp_critic"](z_next_target).gather(-1, best_next).squeeze(-1)  # (B,)
         y_grasp = b["rew"] + b["grasp_penalty"] + discount * not_terminated * g_next
     z = agent.encoder(b["obs"])                                                    # (B, F)
@@ -89,9 +97,9 @@ def critic_step(agent, critic_opt, b, next_act, discount, tau, losses=critic_los
 
 def actor_step(agent, actor_opt, temperature_opt, obs, entropy_target):
     """One actor and one temperature update (SAC, Haarnoja et al. 2018, eqs. 7 and 18)."""
-    act, log_prob = agent.actor(obs)                                               # (B, 3), (B,)
     with torch.no_grad():
-        z = agent.encoder(obs)
+        z = agent.encoder(obs)                                                     # (B, F)
+    act, log_prob = agent.actor(obs, agent.image_features(z))   # image features detached (hil-serl)
     q = agent.critic(z, act).mean(0)                  # (B,) mean of the critics, not the min (hil-serl)
     alpha = agent.log_alpha.exp()
     # PAPER: J_pi = E[alpha log pi(a|s) - Q(s, a)], a ~ pi reparameterised (SAC eq. 7)
@@ -116,12 +124,18 @@ def learn(agent, opts, batches, cfg):
     batches: tensors on the agent's device shaped (utd_ratio, B, ...), from `to_device`.
     Returns detached tensors; nothing here waits for the GPU (no .item()).
     """
-    with torch.no_grad():   # the actor does not change during the critic updates: draw all a' at once
-        next_act, _ = agent.actor(batches["next_obs"])                             # (U, B, 3)
+    if agent.augment:   # DrQ: every frame of obs and of next_obs shifted on its own
+        for group in ("obs", "next_obs"):
+            batches[group] = {k: random_shift(v) if k in agent.encoder.images else v for k, v in batches[group].items()}
+    next_act = None     # with cameras, critic_losses draws a' from the actor after each encoder update
+    if not agent.encoder.images:
+        with torch.no_grad():   # the actor does not change during the critic updates: draw all a' at once
+            next_act, _ = agent.actor(batches["next_obs"])                         # (U, B, 3)
     info, losses = {}, compiled_critic_losses if cfg.compile else critic_losses
     for i in range(batches["act"].shape[0]):
         b = index_batch(batches, i)
-        info = critic_step(agent, opts["critic"], b, next_act[i], cfg.discount, cfg.tau, losses)
+        info = critic_step(agent, opts["critic"], b, None if next_act is None else next_act[i], cfg.discount,
+                           cfg.tau, losses)
     info.update(actor_step(agent, opts["actor"], opts["temperature"], b["obs"], target_entropy()))
     return info
 
@@ -146,6 +160,58 @@ def to_device(arrays, device):
     return out
 
 
+# --- camera features: the frozen backbone runs once per stored frame --------------------------------
+class FrameFeatures:
+    """The frozen ResNet-10's features of every frame in a replay buffer, kept on the device.
+
+    Row i of `table[camera]` holds the features of the frame in the buffer's slot i. `add` stores
+    a transition and computes the features of the frames it wrote, so the backbone runs once per
+    frame, and the updates only index these rows (speed.md B6 (a): at 20 updates of batch 256, two
+    cameras, the backbone in every update would cost ~12 TFLOP per control step). float16 halves
+    memory and copies. The price: no random-shift augmentation on this path (the features are fixed).
+    """
+
+    def __init__(self, buffer, backbone, device):
+        self.buffer, self.backbone = buffer, backbone
+        frame = torch.zeros(1, *buffer.arrays[buffer.image_keys[0]].shape[1:], dtype=torch.uint8, device=device)
+        shape = backbone(frame).shape[1:]                                          # (512, h, w)
+        self.table = {k: torch.zeros(buffer.capacity, *shape, dtype=torch.float16, device=device)
+                      for k in buffer.image_keys}
+        self.next_slot = None   # where the frame of the next add's obs already is, while an episode runs
+        self.compute(np.arange(buffer.size))   # frames loaded from a file
+
+    def compute(self, slots, chunk=256):
+        for start in range(0, len(slots), chunk):
+            s = slots[start:start + chunk]
+            for key, table in self.table.items():
+                frames = torch.from_numpy(self.buffer.arrays[key][s]).to(table.device)   # (n, H, W, 3)
+                table[torch.as_tensor(s, device=table.device)] = self.backbone(frames).half()
+
+    def add(self, *transition):
+        """buffer.add, then the features of its new frames: next_obs's, and obs's when an episode starts.
+
+        Returns next_obs's features {camera: (1, 512, h, w)}, for the policy's next action.
+        """
+        i = self.buffer.cursor
+        self.buffer.add(*transition)
+        j = (i + 1) % self.buffer.capacity
+        self.compute(np.array([j] if i == self.next_slot else [i, j]))
+        self.next_slot = j
+        return {key: table[j:j + 1] for key, table in self.table.items()}
+
+
+def add_features(batches, demo_features, online_features):
+    """Fill obs and next_obs with the cached features of each batch's frames (rows: half demo, half online)."""
+    slots = batches.pop("slot")                                                    # (U, B)
+    half = slots.shape[1] // 2
+    for key in online_features.table:
+        for group, offset in (("obs", 0), ("next_obs", 1)):   # next_obs's frame is in the next slot
+            d, o = demo_features.table[key], online_features.table[key]
+            batches[group][key] = torch.cat([d[(slots[:, :half] + offset) % len(d)],
+                                             o[(slots[:, half:] + offset) % len(o)]], dim=1)   # (U, B, 512, h, w)
+    return batches
+
+
 def pick_device(cfg):
     if cfg.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -153,6 +219,11 @@ def pick_device(cfg):
 
 
 # --- the loop -----------------------------------------------------------------------------------
+def image_shapes(obs):
+    """{camera: (H, W, 3)} of the frames in an observation; empty without cameras."""
+    return {k: v.shape for k, v in obs.items() if v.dtype == np.uint8}
+
+
 def obs_to_tensors(obs, device):
     return {k: torch.as_tensor(v, device=device).unsqueeze(0) for k, v in obs.items()}   # (1, ...)
 
@@ -207,7 +278,9 @@ def train(cfg, env, intervener, run_dir):
     obs = env.reset(seed=cfg.seed)
     demo = ReplayBuffer(cfg.demo_capacity, obs, ACT_DIM)
     online = ReplayBuffer(cfg.replay_capacity, obs, ACT_DIM)
-    agent = Agent(len(obs["state"]), cfg).to(device)
+    agent = Agent(len(obs["state"]), cfg, image_shapes(obs)).to(device)
+    if agent.backbone is not None and not cfg.resume:   # a resumed run's checkpoint holds the weights
+        load_resnet10(agent.backbone, resnet10_weights(cfg))
     opts = make_optimizers(agent, cfg)
     progress = {"episode": 0, "env_steps": 0, "updates": 0}
     if cfg.resume:
@@ -221,9 +294,11 @@ def train(cfg, env, intervener, run_dir):
         except ValueError as error:   # a file from other cameras, image size or state: one line, no traceback
             raise SystemExit(f"error: {error}") from None
         print(f"{cfg.demos}: {demo.num_episodes} demo episodes, {len(demo)} transitions")
+    cached = agent.backbone is not None   # frozen features, computed once per frame (FrameFeatures)
+    demo_store, online_store = (FrameFeatures(b, agent.backbone, device) for b in (demo, online)) if cached else (demo, online)
     for line in warnings_for(cfg, None if cfg.resume else demo.num_episodes):
         print(line)
-    if cfg.compile:   # compile now, at home, rather than stalling the arm in the first episode
+    if cfg.compile and not agent.encoder.images:   # compile now, at home, not in the first episode
         print("compiling the critic update (about 30 s)...")
         b = index_batch(to_device(sample_batches(demo, demo, 1, cfg.batch_size, rng), device), 0)
         sum(compiled_critic_losses(copy.deepcopy(agent), b, b["act"][:, :EE_DIM], cfg.discount)[:2]).backward()
@@ -240,9 +315,10 @@ def train(cfg, env, intervener, run_dir):
             if cfg.port and not wait_for_start(intervener, obs):   # the human resets the scene first
                 break
             ret, length, human_steps, info, timings, start = 0.0, 0, 0, {}, [], time.perf_counter()
+            features = {}   # the frozen backbone's features of obs, once FrameFeatures has them
             while True:
                 t0 = time.perf_counter()
-                policy_act = agent.act(obs_to_tensors(obs, device))[0].cpu().numpy()   # SYNC POINT: the action
+                policy_act = agent.act({**obs_to_tensors(obs, device), **features})[0].cpu().numpy()   # SYNC POINT
                 act, intervened, events = intervener.poll(policy_act, obs)
                 if "success" in events:
                     env.world.succeeded = True          # the human says the task is done (real robot)
@@ -251,11 +327,14 @@ def train(cfg, env, intervener, run_dir):
                 truncated = truncated or bool(events & {"failure", "rerecord", "quit"})
                 t2 = time.perf_counter()
                 transition = (obs, act, rew, next_obs, terminated, truncated, intervened, step_info["grasp_penalty"])
-                online.add(*transition)
+                next_features = online_store.add(*transition)   # FrameFeatures returns next_obs's features
+                features = next_features if cached else {}
                 if intervened:
-                    demo.add(*transition)               # a human correction is a demonstration too (hil-serl)
+                    demo_store.add(*transition)         # a human correction is a demonstration too (hil-serl)
                 if len(online) >= cfg.training_starts:
-                    batches = to_device(sample_batches(demo, online, cfg.utd_ratio, cfg.batch_size, rng), device)
+                    batches = to_device(sample_batches(demo, online, cfg.utd_ratio, cfg.batch_size, rng, not cached), device)
+                    if cached:
+                        batches = add_features(batches, demo_store, online_store)
                     info = learn(agent, opts, batches, cfg)
                     progress["updates"] += cfg.utd_ratio
                 t3 = time.perf_counter()
@@ -302,7 +381,7 @@ def evaluate(cfg, env, run_dir):
     """The deterministic policy, no learning, no interventions: success rate and mean length."""
     device = pick_device(cfg)
     obs = env.reset(seed=cfg.seed + 10_000)               # other cube positions than in training
-    agent = Agent(len(obs["state"]), cfg).to(device)
+    agent = Agent(len(obs["state"]), cfg, image_shapes(obs)).to(device)
     load_checkpoint(run_dir, agent)
     successes, lengths = [], []
     for episode in range(cfg.eval_episodes):
@@ -351,6 +430,88 @@ def plot_runs(run_dirs, out_path):
     fig.savefig(f"{out_path}.tmp.png")
     plt.close(fig)
     os.replace(f"{out_path}.tmp.png", out_path)
+
+
+# --- the reward classifier: python hilserl.py --train_classifier DEMOS --classifier OUT ----------------
+def classifier_data(path):
+    """(frames {camera: (N, H, W, 3)}, labels (N,), held_out (N,) bool) from a demo file.
+
+    A frame is positive when the step into it succeeded: the success button on the real arm, the
+    physics in the sim. Demos end at success, so each successful episode gives one positive, its
+    last frame. Every fifth episode is held out whole, as neighbouring frames look nearly the same.
+    """
+    with np.load(path) as data:
+        frames = {k: data[k] for k in data.files if data[k].dtype == np.uint8 and data[k].ndim == 4}
+        valid, terminated, truncated = data["valid"], data["terminated"], data["truncated"]
+    if not frames:
+        raise SystemExit(f"error: {path} holds no camera frames; record demos with --use_images true")
+    labels = np.zeros(len(valid), np.float32)
+    labels[1:][valid[:-1] & terminated[:-1]] = 1                # slot i + 1 holds the frame after step i
+    ends = np.cumsum(valid & (terminated | truncated))
+    episode = np.concatenate([[0, 0], ends[:-2]])[:len(valid)]  # an episode's last frame is 1 slot after its end
+    return frames, labels, episode % 5 == 4
+
+
+def backbone_features(backbone, frames, device, chunk=256):
+    """The frozen backbone once per frame, in chunks: (N, H, W, 3) uint8 -> (N, 512, h, w) on device."""
+    return torch.cat([backbone(torch.from_numpy(frames[i:i + chunk]).to(device)) for i in range(0, len(frames), chunk)])
+
+
+def fit_classifier(classifier, features, labels, train_idx, steps, rng, batch_size=256):
+    """BCE on balanced batches, half positive and half negative frames, Adam 1e-4 (hil-serl).
+
+    hil-serl also shifts the frames randomly; we train on cached features, so we do not.
+    """
+    positives, negatives = train_idx[labels[train_idx] == 1], train_idx[labels[train_idx] == 0]
+    if not len(positives) or not len(negatives):
+        raise SystemExit("error: the classifier needs positive (success) and negative frames to train on")
+    opt = torch.optim.Adam([p for p in classifier.parameters() if p.requires_grad], lr=1e-4)
+    half = batch_size // 2
+    y = torch.cat([torch.ones(half), torch.zeros(half)]).to(next(iter(features.values())).device)
+    for _ in range(steps):
+        idx = np.concatenate([rng.choice(positives, half), rng.choice(negatives, half)])
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(classifier({k: f[idx] for k, f in features.items()}), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+
+@torch.no_grad()
+def precision_recall(classifier, features, labels, idx):
+    """Of the frames in idx called success, the share that are; of the successes, the share found."""
+    called = (torch.sigmoid(classifier({k: f[idx] for k, f in features.items()})) > classifier.threshold).cpu().numpy()
+    actual = labels[idx] == 1                                                    # SYNC POINT above: the scores
+    hits = (called & actual).sum()
+    return hits / max(called.sum(), 1), hits / max(actual.sum(), 1)
+
+
+def train_classifier(cfg):
+    if not cfg.classifier:
+        raise SystemExit("error: --train_classifier needs --classifier PATH, the file to write the classifier to")
+    device = pick_device(cfg)
+    torch.manual_seed(cfg.seed)
+    frames, labels, held_out = classifier_data(cfg.train_classifier)
+    shapes = {k: f.shape[1:] for k, f in frames.items()}
+    classifier = RewardClassifier(shapes, cfg).to(device)
+    load_resnet10(classifier.backbone, resnet10_weights(cfg))
+    features = {k: backbone_features(classifier.backbone, f, device) for k, f in frames.items()}
+    train_idx, test_idx = np.flatnonzero(~held_out), np.flatnonzero(held_out)
+    if not len(test_idx):
+        raise SystemExit(f"error: {cfg.train_classifier} has fewer than 5 episodes; every fifth is held out to test on")
+    fit_classifier(classifier, features, labels, train_idx, cfg.classifier_steps, np.random.default_rng(cfg.seed))
+    precision, recall = precision_recall(classifier, features, labels, test_idx)
+    print(f"{cfg.train_classifier}: {int(labels.sum())} success frames of {len(labels)}; held out "
+          f"{len(test_idx)} frames ({int(labels[test_idx].sum())} successes): precision {precision:.0%}, "
+          f"recall {recall:.0%} at threshold {cfg.classifier_threshold}")
+    torch.save({"image_shapes": shapes, "classifier": classifier.state_dict()}, cfg.classifier)
+    print(f"wrote {cfg.classifier}; use it with --classifier {cfg.classifier} --use_images true")
+
+
+def load_classifier(cfg, device):
+    saved = torch.load(cfg.classifier, map_location=device)
+    classifier = RewardClassifier(saved["image_shapes"], cfg).to(device)
+    classifier.load_state_dict(saved["classifier"])
+    return classifier
 
 
 # --- benchmark: python hilserl.py --bench ------------------------------------------------------
@@ -451,6 +612,19 @@ def matmul_rate(device, n=256, seconds=1.0):
     return 2 * n ** 3 * count / (time.perf_counter() - start)
 
 
+def timed(fn, device, repeats=10):
+    """Mean seconds per call of fn, after two warm-up calls."""
+    fn(), fn()                                   # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize()                 # SYNC POINT: timing
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()                 # SYNC POINT: timing
+    return (time.perf_counter() - start) / repeats
+
+
 def benchmark(cfg):
     device = pick_device(cfg)
     torch.manual_seed(cfg.seed)
@@ -470,17 +644,6 @@ def benchmark(cfg):
     def ours():
         learn(agent, opts, to_device(sample_batches(demo, online, cfg.utd_ratio, cfg.batch_size, rng), device), cfg)
 
-    def timed(fn, repeats=10):
-        fn(), fn()                                   # warm-up
-        if device.type == "cuda":
-            torch.cuda.synchronize()                 # SYNC POINT: timing
-        start = time.perf_counter()
-        for _ in range(repeats):
-            fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()                 # SYNC POINT: timing
-        return (time.perf_counter() - start) / repeats
-
     rate = matmul_rate(device)
     floor_s = control_step_flops(state_dim, cfg) / rate
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
@@ -491,17 +654,63 @@ def benchmark(cfg):
     results = {}
     ours_label = "compiled" if cfg.compile else "hilserl"
     for label, fn in ((ours_label, ours), ("reference", lambda: reference.learn(demo, online, rng))):
-        seconds = timed(fn)
+        seconds = timed(fn, device)
         results[label] = seconds
         print(f"{label:>9}: {seconds * 1e3:7.1f} ms per control step, {cfg.utd_ratio / seconds:7.0f} updates/s, "
               f"{floor_s / seconds:4.0%} of the floor's speed")
     print(f"speed-up over the reference: {results['reference'] / results[ours_label]:.2f}x")
 
 
+def benchmark_images(cfg, slots=4_000, repeats=5):
+    """--bench --use_images true: one control step's learning with two cameras (cfg.encoder's trunk).
+
+    resnet10: the update reads cached features, filled here with random numbers (the backbone's
+    own cost per frame is timed apart, and what running it in every update would cost is derived).
+    """
+    device = pick_device(cfg)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    size = cfg.image_size
+    example = {"state": np.zeros(12, np.float32), "front": np.zeros((size, size, 3), np.uint8),
+               "wrist": np.zeros((size, size, 3), np.uint8)}
+    agent = Agent(12, cfg, image_shapes(example)).to(device)
+    opts = make_optimizers(agent, cfg)
+    demo, online = ReplayBuffer(slots, example, ACT_DIM), ReplayBuffer(slots, example, ACT_DIM)
+    cached = agent.backbone is not None
+    stores = [FrameFeatures(b, agent.backbone, device) for b in (demo, online)] if cached else []
+    frames = rng.integers(0, 256, (16, size, size, 3), dtype=np.uint8)
+    for buf in (demo, online):
+        for t in range(slots // 2):
+            obs = {"state": rng.standard_normal(12, np.float32), "front": frames[t % 16], "wrist": frames[-t % 16]}
+            act = np.append(rng.uniform(-1, 1, EE_DIM), rng.integers(-1, 2)).astype(np.float32)
+            buf.add(obs, act, rng.normal(), obs, t % 100 == 99, False, False)
+    for store in stores:
+        for table in store.table.values():
+            table.normal_()
+
+    def step():
+        batches = to_device(sample_batches(demo, online, cfg.utd_ratio, cfg.batch_size, rng, not cached), device)
+        learn(agent, opts, add_features(batches, *stores) if cached else batches, cfg)
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    print(f"device: {name}; torch {torch.__version__}; two {size}x{size} cameras, encoder {cfg.encoder}; "
+          f"utd_ratio {cfg.utd_ratio}, batch {cfg.batch_size}")
+    seconds = timed(step, device, repeats)
+    print(f"  hilserl: {seconds * 1e3:7.1f} ms per control step, {cfg.utd_ratio / seconds:7.0f} updates/s")
+    if cached:
+        two = torch.from_numpy(frames[:2]).to(device)
+        frame_s = timed(lambda: agent.backbone(two), device) / 2
+        per_step = cfg.utd_ratio * cfg.batch_size * 2 * 2   # updates x rows x (obs, next_obs) x cameras
+        print(f" backbone: {frame_s * 1e3:7.1f} ms per frame (batch of 2); run in every update instead of "
+              f"cached it would add ~{per_step * frame_s:.1f} s per control step ({per_step} frames)")
+
+
 def main():
     cfg = run_config(sys.argv[1:])
     if cfg.bench:
-        return benchmark(cfg)
+        return benchmark_images(cfg) if cfg.use_images else benchmark(cfg)
+    if cfg.train_classifier:
+        return train_classifier(cfg)
     if cfg.plot:
         *run_dirs, out_path = cfg.plot.split(",")
         return plot_runs(run_dirs, out_path)
@@ -518,8 +727,12 @@ def main():
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
     print(f"run folder: {run_dir}")
+    if cfg.classifier and not cfg.use_images:
+        raise SystemExit("error: --classifier judges camera frames; add --use_images true")
     try:
         with make_env(cfg, cfg.seed) as env:   # SAFETY: torque off however the run ends
+            if cfg.classifier:
+                env.classifier = load_classifier(cfg, pick_device(cfg)).success
             train(cfg, env, make_teleop(cfg, env), run_dir)
     except (BusError, ServoError, EmergencyStop) as error:   # the message names the servo and what to do
         raise SystemExit(f"error: {error}") from None

@@ -6,19 +6,31 @@ hidden layers Linear -> LayerNorm -> tanh, 256 wide, two of them (hil-serl launc
 
 Shapes (B = batch, E = critics in the ensemble, A = 3 continuous action dims, F = features):
   obs["state"]                      (B, S)  float32
+  obs[camera]                       (B, H, W, 3) uint8 frames, or (B, 512, h, w) ResNet-10 features
   Encoder(obs) -> z                 (B, F)  what the critics and the grasp critic see
-  Actor(obs) -> act, log_prob       (B, A), (B,)
+  Actor(obs, z_images) -> act, log_prob   (B, A), (B,)
   CriticEnsemble(z, act) -> q       (E, B)
   GraspCritic(z) -> q               (B, 3)  gripper classes 0 close, 1 stay, 2 open (hil-serl)
 
 Who trains what: the critic losses train the encoder, the critics and the grasp critic; the
 actor has its own small state encoder, so it is fixed while the critics learn, and the critic
 target's next actions for a whole control step can be drawn in one batched call.
-Camera frames: the `Encoder` is where image features join the state features.
+With cameras (issue 7), each camera adds an image head to the `Encoder` (hil-serl's
+SpatialLearnedEmbeddings -> Linear -> LayerNorm -> tanh) on one of two trunks:
+  resnet10  the pretrained ResNet-10, frozen; hilserl.py computes its features once per stored
+            frame and the update sees only features (hil-serl's encoder, cached)
+  small     a small CNN trained end to end with random-shift augmentation (DrQ); needs no weights
+The actor still has its own state encoder; with images it also reads the critic encoder's image
+features, detached (hil-serl and LeRobot), so only the critic losses train the image heads.
 """
 
 import copy
+import json
 import math
+import os
+import re
+import sys
+import urllib.request
 
 import torch
 import torch.nn as nn
@@ -48,33 +60,224 @@ def mlp(in_dim, hidden_dim, out_dim):
 
 
 class Encoder(nn.Module):
-    """Observation -> features: state through Linear -> LayerNorm -> tanh (hil-serl's proprio encoder).
-
-    Image encoders, when observations hold camera frames, add their features here: each
-    camera's features are concatenated after the state's.
+    """Observation -> features: state through Linear -> LayerNorm -> tanh (hil-serl's proprio encoder),
+    then each camera's image features (ImageHead), concatenated in that order: z[..., :state_dim]
+    is the state's part, the rest the cameras'.
     """
 
-    def __init__(self, state_dim, latent_dim):
+    def __init__(self, state_dim, latent_dim, image_shapes=None, cfg=None, backbone=None):
         super().__init__()
         self.state = nn.Sequential(nn.Linear(state_dim, latent_dim), nn.LayerNorm(latent_dim), Tanh())
-        self.out_dim = latent_dim
+        self.images = nn.ModuleDict({name: ImageHead(shape, cfg.image_latent_dim, backbone)
+                                     for name, shape in (image_shapes or {}).items()})
+        self.state_dim = latent_dim
+        self.out_dim = latent_dim + sum(head.out_dim for head in self.images.values())
 
     def forward(self, obs):
-        return self.state(obs["state"])  # (B, F)
+        z = self.state(obs["state"])                                         # (B, L)
+        if not self.images:
+            return z
+        return torch.cat([z, *(head(obs[name]) for name, head in self.images.items())], dim=-1)   # (B, F)
+
+
+# --- images -------------------------------------------------------------------------------------
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+RESNET10_URL = "https://huggingface.co/lerobot/resnet10/resolve/main/model.safetensors"
+NUM_SPATIAL_FEATURES = 8  # learned spatial embeddings per feature map (hil-serl)
+
+
+def pad_same(x, kernel, stride, value=0.0):
+    """JAX's 'SAME' padding of square maps: output side = ceil(side / stride), the odd pixel at the bottom/right."""
+    side = x.shape[-1]
+    total = max(0, (math.ceil(side / stride) - 1) * stride + kernel - side)
+    return F.pad(x, (total // 2, total - total // 2) * 2, value=value)
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, c_in, c_out, stride):
+        super().__init__()
+        self.stride = stride
+        self.conv1, self.norm1 = nn.Conv2d(c_in, c_out, 3, stride, bias=False), nn.GroupNorm(4, c_out)
+        self.conv2, self.norm2 = nn.Conv2d(c_out, c_out, 3, 1, bias=False), nn.GroupNorm(4, c_out)
+        self.shortcut = (nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.GroupNorm(4, c_out))
+                         if c_in != c_out else None)
+
+    def forward(self, x):
+        h = F.relu(self.norm1(self.conv1(pad_same(x, 3, self.stride))))
+        h = self.norm2(self.conv2(pad_same(h, 3, 1)))
+        return F.relu(h + (x if self.shortcut is None else self.shortcut(x)))
+
+
+class ResNet10(nn.Module):
+    """hil-serl's frozen trunk: ResNet-10, stage sizes (1, 1, 1, 1), 64 base filters, GroupNorm(4), ReLU.
+
+    uint8 frames (N, H, W, 3) -> (N, 512, H/32, W/32), 4x4 at 128x128. ImageNet normalisation
+    happens here, as in hil-serl's encoder (the HF port leaves it to its image processor). The
+    stem conv pads 3 on every side, as the HF port does; the other convs pad like JAX ('SAME').
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.embedder = nn.Sequential(nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.GroupNorm(4, 64), nn.ReLU())
+        self.stages = nn.ModuleList([BasicBlock(64, 64, 1), BasicBlock(64, 128, 2),
+                                     BasicBlock(128, 256, 2), BasicBlock(256, 512, 2)])
+        self.register_buffer("mean", 255 * torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", 255 * torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.requires_grad_(False)   # frozen: never trained, no target copy
+
+    @torch.no_grad()
+    def forward(self, frames):
+        x = (frames.permute(0, 3, 1, 2).float() - self.mean) / self.std           # (N, 3, H, W)
+        x = self.embedder(x)                                                      # (N, 64, H/2, W/2)
+        x = F.max_pool2d(pad_same(x, 3, 2, -math.inf), 3, 2)                      # (N, 64, H/4, W/4)
+        for stage in self.stages:
+            x = stage(x)
+        return x                                                                  # (N, 512, H/32, W/32)
+
+
+class SmallCNN(nn.Module):
+    """`--encoder small`: uint8 frames (N, H, W, 3) -> (N, 32, H/8, W/8), trained end to end.
+
+    DrQ's encoder (Yarats et al. 2021) has four 3x3 convs of 32 filters, the first with stride 2;
+    ours strides three of them, which makes it about 10x cheaper, so 20 updates a step stay possible.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(3, 32, 3, 2, 1), nn.ReLU(), nn.Conv2d(32, 32, 3, 2, 1), nn.ReLU(),
+                                 nn.Conv2d(32, 32, 3, 2, 1), nn.ReLU(), nn.Conv2d(32, 32, 3, 1, 1), nn.ReLU())
+
+    def forward(self, frames):
+        return self.net(frames.permute(0, 3, 1, 2).float() / 255 - 0.5)          # (N, 32, H/8, W/8)
+
+
+def random_shift(frames, pad=4):
+    """DrQ's augmentation: each image shifted by up to `pad` pixels, edges replicated; (..., H, W, C) -> same.
+
+    The same as padding by `pad` (replicate) and cropping back at a random offset, without the pad.
+    """
+    *lead, h, w, c = frames.shape
+    x = frames.reshape(-1, h, w, c)                                                # (N, H, W, C)
+    shift = torch.randint(-pad, pad + 1, (2, len(x), 1, 1), device=x.device)
+    rows = (torch.arange(h, device=x.device).view(1, h, 1) + shift[0]).clamp(0, h - 1)   # (N, H, 1)
+    cols = (torch.arange(w, device=x.device).view(1, 1, w) + shift[1]).clamp(0, w - 1)   # (N, 1, W)
+    return x[torch.arange(len(x), device=x.device).view(-1, 1, 1), rows, cols].reshape(frames.shape)
+
+
+class SpatialLearnedEmbeddings(nn.Module):
+    """hil-serl's pooling: F learned weightings of the (C, H, W) map, each summed over space -> C * F."""
+
+    def __init__(self, channels, height, width, num_features=NUM_SPATIAL_FEATURES):
+        super().__init__()
+        # lecun_normal over the fan-in H * W * C, as hil-serl's flax kernel (LeRobot's init is 8x larger)
+        self.kernel = nn.Parameter(torch.randn(channels, height * width, num_features) / math.sqrt(height * width * channels))
+
+    def forward(self, x):                                                          # (B, C, H, W)
+        return torch.einsum("bcp,cpf->bcf", x.flatten(2), self.kernel).flatten(1)  # (B, C * F)
+
+
+class ImageHead(nn.Module):
+    """One camera (hil-serl): [small CNN] -> SpatialLearnedEmbeddings(8) -> Linear(256) -> LayerNorm -> tanh.
+
+    With a backbone (the frozen ResNet-10), the head's input is that backbone's features, computed
+    elsewhere once per frame; the backbone is passed only to learn their shape. Without one, a
+    SmallCNN trained with the head turns frames into features. (hil-serl adds Dropout 0.1 after the
+    pooling; we leave it out: the agent never switches to eval mode, so acting would be noisy.)
+    """
+
+    def __init__(self, frame_shape, latent_dim, backbone=None):
+        super().__init__()
+        self.cnn = None if backbone is not None else SmallCNN()
+        with torch.no_grad():
+            c, h, w = (backbone or self.cnn)(torch.zeros(1, *frame_shape, dtype=torch.uint8)).shape[1:]
+        self.pool = SpatialLearnedEmbeddings(c, h, w)
+        self.proj = nn.Sequential(nn.Linear(c * NUM_SPATIAL_FEATURES, latent_dim), nn.LayerNorm(latent_dim), Tanh())
+        self.out_dim = latent_dim
+
+    def forward(self, x):
+        x = self.cnn(x) if self.cnn is not None else x.float()                    # (B, C, h, w)
+        return self.proj(self.pool(x))                                             # (B, latent)
+
+
+# --- pretrained weights: the HF port of hil-serl's ResNet-10, a .safetensors file ----------------
+def port_key(name):
+    """Our parameter name -> the HF port's (lerobot/resnet10): its convs and norms sit in wrapper modules."""
+    name = re.sub(r"^stages\.", "encoder.stages.", name)
+    name = re.sub(r"(conv\d|shortcut\.0)\.", r"\1.conv.", name)
+    return re.sub(r"(norm\d|embedder\.1|shortcut\.1)\.", r"\1.group_norm.", name)
+
+
+def read_safetensors(path):
+    """{name: float32 tensor}: an 8-byte little-endian header length, a JSON header, then raw data.
+
+    A dozen lines instead of the safetensors package, which this project does not otherwise need.
+    """
+    dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+    try:
+        with open(path, "rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+            data = bytearray(f.read())
+        tensors = {}
+        for name, info in header.items():
+            if name != "__metadata__":
+                start, end = info["data_offsets"]
+                dtype = dtypes[info["dtype"]]
+                t = torch.frombuffer(data, dtype=dtype, count=(end - start) // dtype.itemsize, offset=start)
+                tensors[name] = t.reshape(info["shape"]).float()
+    except (ValueError, KeyError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: not a readable .safetensors file ({error!r})") from None
+    return tensors
+
+
+def load_resnet10(backbone, path):
+    """Copy the weights in `path` (the HF port's key layout) into backbone; a clear error if they do not fit."""
+    theirs = read_safetensors(path)
+    ours = {port_key(name): p for name, p in backbone.named_parameters()}
+    missing, unexpected = sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours))
+    if missing or unexpected:
+        problem = f"missing key '{missing[0]}'" if missing else f"unexpected key '{unexpected[0]}'"
+        raise ValueError(f"{path}: {problem}; expected the key layout of lerobot/resnet10 ({RESNET10_URL})")
+    for key, p in ours.items():
+        if theirs[key].shape != p.shape:
+            raise ValueError(f"{path}: key '{key}' has shape {list(theirs[key].shape)}, expected {list(p.shape)}")
+        p.data.copy_(theirs[key])
+
+
+def resnet10_weights(cfg):
+    """cfg.resnet_weights, or the HF port's file, downloaded once into ~/.cache/hilserl-so101/."""
+    if cfg.resnet_weights:
+        return cfg.resnet_weights
+    path = os.path.join(os.path.expanduser("~"), ".cache", "hilserl-so101", "resnet10.safetensors")
+    if not os.path.exists(path):
+        print(f"downloading hil-serl's pretrained ResNet-10 (ImageNet-1k, about 20 MB) from {RESNET10_URL}")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        try:
+            urllib.request.urlretrieve(RESNET10_URL, path + ".tmp")
+        except OSError as error:
+            sys.exit(f"error: cannot download the ResNet-10 weights ({error}); put {RESNET10_URL} at {path} "
+                     "or pass --resnet_weights FILE, or use --encoder small, which needs no weights")
+        os.replace(path + ".tmp", path)
+    return path
 
 
 class Actor(nn.Module):
-    """Tanh-squashed diagonal Gaussian policy over EE deltas (SAC, Haarnoja et al. 2018)."""
+    """Tanh-squashed diagonal Gaussian policy over EE deltas (SAC, Haarnoja et al. 2018).
 
-    def __init__(self, state_dim, act_dim, cfg):
+    image_dim > 0: the actor also reads z_images, the critic encoder's image features, detached.
+    """
+
+    def __init__(self, state_dim, act_dim, cfg, image_dim=0):
         super().__init__()
         self.encoder = Encoder(state_dim, cfg.state_latent_dim)
-        self.net = mlp(self.encoder.out_dim, cfg.hidden_dim, 2 * act_dim)
+        self.net = mlp(self.encoder.out_dim + image_dim, cfg.hidden_dim, 2 * act_dim)
         self.log_std_min = math.log(cfg.actor_std_min)
         self.log_std_max = math.log(cfg.actor_std_max)
 
-    def forward(self, obs, deterministic=False):
-        mean, log_std = self.net(self.encoder(obs)).chunk(2, dim=-1)           # (B, A) each
+    def forward(self, obs, z_images=None, deterministic=False):
+        h = self.encoder(obs)                                                  # (B, L)
+        if z_images is not None:
+            h = torch.cat([h, z_images.detach()], dim=-1)                      # (B, L + F_img)
+        mean, log_std = self.net(h).chunk(2, dim=-1)                           # (B, A) each
         log_std = log_std.clamp(self.log_std_min, self.log_std_max)  # std = clip(exp(.), 1e-5, 5) (hil-serl)
         if deterministic:
             return torch.tanh(mean), None
@@ -129,12 +332,21 @@ class GraspCritic(nn.Module):
 
 
 class Agent(nn.Module):
-    """Everything the update trains, plus the polyak-averaged target copies (hil-serl averages all)."""
+    """Everything the update trains, plus the polyak-averaged target copies (hil-serl averages all).
 
-    def __init__(self, state_dim, cfg):
+    image_shapes: {camera: (H, W, 3)} when observations hold frames. With cfg.encoder "resnet10"
+    the agent also holds the frozen backbone (`backbone`), whose features the update reads from
+    hilserl.FrameFeatures; with "small", `augment` asks the update for DrQ's random shifts.
+    """
+
+    def __init__(self, state_dim, cfg, image_shapes=None):
         super().__init__()
-        self.actor = Actor(state_dim, EE_DIM, cfg)
-        self.encoder = Encoder(state_dim, cfg.state_latent_dim)
+        image_shapes = image_shapes or {}
+        self.backbone = ResNet10() if image_shapes and cfg.encoder == "resnet10" else None
+        self.augment = bool(image_shapes) and cfg.encoder == "small"
+        assert cfg.encoder in ("resnet10", "small"), f"--encoder {cfg.encoder!r}: expected resnet10 or small"
+        self.actor = Actor(state_dim, EE_DIM, cfg, len(image_shapes) * cfg.image_latent_dim)
+        self.encoder = Encoder(state_dim, cfg.state_latent_dim, image_shapes, cfg, self.backbone)
         self.critic = CriticEnsemble(cfg.num_critics, self.encoder.out_dim + EE_DIM, cfg.hidden_dim)
         self.grasp_critic = GraspCritic(self.encoder.out_dim, cfg.hidden_dim)
         self.target = nn.ModuleDict({"encoder": copy.deepcopy(self.encoder), "critic": copy.deepcopy(self.critic),
@@ -150,9 +362,46 @@ class Agent(nn.Module):
         t = self.target
         return [*t["encoder"].parameters(), *t["critic"].parameters(), *t["grasp_critic"].parameters()]
 
+    def image_features(self, z):
+        """The camera part of the critic encoder's features, which the actor reads; None without cameras."""
+        return z[..., self.encoder.state_dim:] if self.encoder.images else None
+
     @torch.no_grad()
     def act(self, obs, deterministic=False):
         """One action for the robot: EE deltas from the actor, the gripper from the grasp critic's argmax."""
-        ee, _ = self.actor(obs, deterministic)                                  # (B, 3)
-        gripper = self.grasp_critic(self.encoder(obs)).argmax(-1) - 1           # class -> {-1, 0, 1}
+        if self.backbone is not None:   # frames -> frozen features, rounded as FrameFeatures stores them,
+            obs = {**obs, **{name: self.backbone(obs[name]).half() for name in self.encoder.images
+                             if obs[name].dtype == torch.uint8}}   # unless the caller has them already
+        z = self.encoder(obs)                                                   # (B, F)
+        ee, _ = self.actor(obs, self.image_features(z), deterministic)          # (B, 3)
+        gripper = self.grasp_critic(z).argmax(-1) - 1                           # class -> {-1, 0, 1}
         return torch.cat([ee, gripper.unsqueeze(-1).to(ee.dtype)], dim=-1)      # (B, 4)
+
+
+class RewardClassifier(nn.Module):
+    """Success logit from camera frames (hil-serl's reward_classifier.py): per camera the frozen
+    ResNet-10 and an ImageHead, then Linear(256) -> LayerNorm -> ReLU -> Linear(1); no state.
+
+    forward takes backbone features, so training runs the backbone once per frame, not per step.
+    """
+
+    def __init__(self, image_shapes, cfg):
+        super().__init__()
+        self.backbone = ResNet10()
+        self.heads = nn.ModuleDict({name: ImageHead(shape, cfg.image_latent_dim, self.backbone)
+                                    for name, shape in image_shapes.items()})
+        width = sum(head.out_dim for head in self.heads.values())
+        self.net = nn.Sequential(nn.Linear(width, cfg.hidden_dim), nn.LayerNorm(cfg.hidden_dim), nn.ReLU(),
+                                 nn.Linear(cfg.hidden_dim, 1))
+        self.threshold = cfg.classifier_threshold
+
+    def forward(self, features):                          # {camera: (B, 512, h, w)}
+        z = torch.cat([head(features[name]) for name, head in self.heads.items()], dim=-1)
+        return self.net(z).squeeze(-1)                    # (B,) logits
+
+    @torch.no_grad()
+    def success(self, obs):
+        """The env's success signal from one observation's frames: sigmoid(logit) > threshold (hil-serl)."""
+        device = self.net[0].weight.device
+        features = {name: self.backbone(torch.as_tensor(obs[name], device=device)[None]) for name in self.heads}
+        return bool(torch.sigmoid(self(features)) > self.threshold)   # SYNC POINT: the env needs a bool

@@ -735,6 +735,7 @@ class SO101Env:
         self.workspace_low, self.workspace_high = parse_workspace(cfg.workspace_m)
         self.torque_on = False
         self.joints = None  # latest measured joints (5 rad + gripper opening)
+        self.classifier = None  # obs -> bool, a reward classifier (hilserl.py sets it from --classifier)
         self.ee_start = self.ee_target = self.q_target = None  # set by reset(), as are gripper_target and steps
 
     def reset(self, seed=None):
@@ -771,7 +772,8 @@ class SO101Env:
         self.joints = self.arm.read_joints()
         obs = self._observe()
         self.steps += 1
-        success = bool(self.world.success())
+        # The world's signal (the human's button; the sim's physics) or a reward classifier's (hil-serl)
+        success = bool(self.world.success()) or (self.classifier is not None and self.classifier(obs))
         rew = self.cfg.reward_success if success else self.cfg.reward_step
         truncated = self.steps >= self.cfg.episode_steps and not success
         info = {"success": success, "grasp_penalty": self.cfg.grasp_penalty if flipped else 0.0,

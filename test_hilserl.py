@@ -1387,3 +1387,241 @@ def test_on_the_real_arm_the_human_ends_the_episode(button):
         assert len(transitions) == 3 and transitions[-1][4] and transitions[-1][2] == cfg.reward_success
     else:                     # the episode ends where it is, cut short (truncated), not terminal
         assert len(transitions) == 2 and transitions[-1][5] and not transitions[-1][4]
+
+
+# =================================================================================================
+# Vision (issue 7): the frozen ResNet-10 and its weights, the small CNN and random shifts, cached
+# features, the shared encoder, the reward classifier, pixels in the sim
+# =================================================================================================
+import networks  # noqa: E402
+
+IMAGES = {"front": (64, 64, 3), "wrist": (64, 64, 3)}
+
+
+def write_safetensors(path, tensors):
+    """The .safetensors layout, written by hand: the tests never download the real file."""
+    header, blobs, offset = {}, [], 0
+    for name, t in tensors.items():
+        blob = t.detach().contiguous().numpy().astype(np.float32).tobytes()
+        header[name] = {"dtype": "F32", "shape": list(t.shape), "data_offsets": [offset, offset + len(blob)]}
+        blobs.append(blob)
+        offset += len(blob)
+    head = json.dumps(header).encode()
+    path.write_bytes(len(head).to_bytes(8, "little") + head + b"".join(blobs))
+
+
+def port_weights(path, seed=1):
+    """A ResNet-10 weight file with the HF port's key layout (lerobot/resnet10), random weights."""
+    torch.manual_seed(seed)
+    backbone = networks.ResNet10()
+    write_safetensors(path, {networks.port_key(n): p for n, p in backbone.named_parameters()})
+    return backbone
+
+
+def image_batch(batch_size=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    b = random_batch(batch_size, seed)
+    for group in ("obs", "next_obs"):
+        b[group]["state"] = torch.randn(batch_size, STATE_DIM, generator=g)
+        for name, shape in IMAGES.items():
+            b[group][name] = torch.randint(0, 256, (batch_size, *shape), generator=g, dtype=torch.uint8)
+    return b
+
+
+def test_resnet10_gives_512_maps_at_a_32nd_of_the_side_and_is_frozen():
+    backbone = networks.ResNet10()
+    frames = torch.randint(0, 256, (2, 128, 128, 3), dtype=torch.uint8)
+    features = backbone(frames)
+    assert features.shape == (2, 512, 4, 4) and features.grad_fn is None
+    assert not any(p.requires_grad for p in backbone.parameters())
+    assert sum(p.numel() for p in backbone.parameters()) == pytest.approx(4.9e6, rel=0.05)
+
+
+def test_encoder_appends_256_features_per_camera_for_both_trunks():
+    for trunk in ("resnet10", "small"):
+        agent = Agent(STATE_DIM, small_cfg(encoder=trunk), IMAGES)
+        obs = image_batch()["obs"]
+        if agent.backbone is not None:
+            obs = {**obs, **{k: agent.backbone(obs[k]) for k in IMAGES}}
+        assert agent.encoder(obs).shape == (8, 8 + 2 * 256)
+        assert agent.act(image_batch()["obs"]).shape == (8, 4)
+
+
+def test_weights_load_from_the_hf_port_layout(tmp_path):
+    source = port_weights(tmp_path / "resnet10.safetensors")
+    names = set(json.loads((tmp_path / "resnet10.safetensors").read_bytes()[8:].split(b"}}")[0] + b"}}"))
+    assert {"embedder.0.weight", "embedder.1.group_norm.weight", "encoder.stages.0.conv1.conv.weight",
+            "encoder.stages.3.shortcut.0.conv.weight", "encoder.stages.3.shortcut.1.group_norm.bias"} <= names
+    backbone = networks.ResNet10()
+    networks.load_resnet10(backbone, tmp_path / "resnet10.safetensors")
+    for p, q in zip(backbone.parameters(), source.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_weights_with_a_wrong_key_layout_name_the_key(tmp_path):
+    backbone = networks.ResNet10()
+    tensors = {networks.port_key(n): p for n, p in backbone.named_parameters()}
+    tensors["stages.0.conv1.weight"] = tensors.pop("encoder.stages.0.conv1.conv.weight")   # torchvision-like name
+    write_safetensors(tmp_path / "bad.safetensors", tensors)
+    with pytest.raises(ValueError, match=r"bad.safetensors: missing key 'encoder.stages.0.conv1.conv.weight'; "
+                                         r"expected the key layout of lerobot/resnet10"):
+        networks.load_resnet10(backbone, tmp_path / "bad.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00hello")
+    with pytest.raises(ValueError, match="not a readable .safetensors file"):
+        networks.load_resnet10(backbone, tmp_path / "junk.safetensors")
+
+
+def test_no_weights_and_no_network_is_one_line_naming_the_file_and_the_small_encoder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setattr(networks.urllib.request, "urlretrieve", lambda *a: (_ for _ in ()).throw(OSError("offline")))
+    with pytest.raises(SystemExit) as exit_info:
+        networks.resnet10_weights(Config())
+    message = str(exit_info.value)
+    assert "\n" not in message and "--encoder small" in message and "resnet10.safetensors" in message
+
+
+def test_random_shift_moves_each_image_by_at_most_4_pixels_with_edges_replicated():
+    h = w = 16
+    rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    image = torch.stack([rows, cols, rows * 0], -1).to(torch.uint8)               # pixel = its own (row, col)
+    shifted = networks.random_shift(image.expand(400, h, w, 3).clone())
+    dy = shifted[:, 8, 8, 0].long() - 8                                           # where the centre came from
+    dx = shifted[:, 8, 8, 1].long() - 8
+    assert dy.abs().max() == 4 and dx.abs().max() == 4                            # pad 4, every offset reachable
+    assert len({(a, b) for a, b in zip(dy.tolist(), dx.tolist())}) > 60           # per image, not one shift for all
+    for k in range(len(shifted)):                                                 # a pure shift, edges replicated
+        expect = image[(torch.arange(h) + dy[k]).clamp(0, h - 1)][:, (torch.arange(w) + dx[k]).clamp(0, w - 1)]
+        assert torch.equal(shifted[k], expect)
+
+
+def test_small_encoder_shifts_obs_and_next_obs_independently(monkeypatch):
+    cfg = small_cfg(encoder="small", utd_ratio=1)
+    agent = Agent(STATE_DIM, cfg, IMAGES)
+    seen = []
+    monkeypatch.setattr(hilserl, "random_shift", lambda x: seen.append(x) or networks.random_shift(x))
+    b = image_batch()
+    b["next_obs"] = {k: v.clone() for k, v in b["obs"].items()}                  # the same frames in both
+    batches = {k: ({n: t[None] for n, t in v.items()} if isinstance(v, dict) else v[None]) for k, v in b.items()}
+    hilserl.learn(agent, hilserl.make_optimizers(agent, cfg), batches, cfg)
+    assert len(seen) == 4                                                         # 2 cameras x (obs, next_obs)
+    assert not torch.equal(batches["obs"]["front"], batches["next_obs"]["front"])
+
+
+def test_actor_reads_image_features_without_training_the_shared_encoder():
+    cfg = small_cfg(encoder="small")
+    agent = Agent(STATE_DIM, cfg, IMAGES)
+    opts = hilserl.make_optimizers(agent, cfg)
+    before = copy.deepcopy(agent.state_dict())
+    hilserl.actor_step(agent, opts["actor"], opts["temperature"], image_batch()["obs"], -2.0)
+    after = agent.state_dict()
+    changed = {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"actor", "log_alpha"}
+    assert agent.actor.net[0].in_features == 8 + 2 * 256                          # state latent + 2 cameras
+    hilserl.critic_step(agent, opts["critic"], image_batch(), None, cfg.discount, cfg.tau)
+    changed = {k.rsplit(".", 1)[0] for k in before if not torch.equal(before[k], agent.state_dict()[k])}
+    assert {"encoder.images.front.cnn.net.0", "encoder.images.wrist.proj.0", "grasp_critic.net.0"} <= changed
+
+
+def counting_backbone():
+    backbone = networks.ResNet10()
+    calls = []
+    forward = backbone.forward
+    backbone.forward = lambda frames: calls.append(len(frames)) or forward(frames)
+    return backbone, calls
+
+
+def test_backbone_runs_once_per_stored_frame_and_never_in_an_update():
+    cfg = small_cfg(utd_ratio=4)
+    backbone, calls = counting_backbone()
+    example = {"state": np.zeros(STATE_DIM, np.float32), "front": np.zeros(IMAGES["front"], np.uint8)}
+    demo, online = buffer.ReplayBuffer(40, example, 4), buffer.ReplayBuffer(40, example, 4)
+    rng = np.random.default_rng(0)
+    frame = lambda t: {"state": np.full(STATE_DIM, t, np.float32), "front": rng.integers(0, 256, IMAGES["front"], np.uint8)}
+    for buf in (demo, online):
+        obs = frame(0)
+        for t in range(12):                                                        # two episodes of 6 steps
+            next_obs = frame(t + 1)
+            buf.add(obs, np.zeros(4, np.float32), 0.0, next_obs, t % 6 == 5, False, False)
+            obs = frame(t + 1) if t % 6 == 5 else next_obs
+    demo_features = hilserl.FrameFeatures(demo, backbone, torch.device("cpu"))   # loaded buffer: all at once
+    online_features = hilserl.FrameFeatures(buffer.ReplayBuffer(40, example, 4), backbone, torch.device("cpu"))
+    calls.clear()
+    obs = frame(0)
+    for t in range(12):
+        next_obs = frame(t + 1)
+        online_features.add(obs, np.zeros(4, np.float32), 0.0, next_obs, t % 6 == 5, False, False)
+        obs = frame(t + 1) if t % 6 == 5 else next_obs
+    assert sum(calls) == 14                                                       # 2 episodes x (6 steps + 1 frame)
+    agent = Agent(STATE_DIM, cfg, {"front": IMAGES["front"]})
+    agent.backbone = backbone
+    opts = hilserl.make_optimizers(agent, cfg)
+    for _ in range(3):
+        arrays = buffer.sample_batches(demo, online_features.buffer, cfg.utd_ratio, cfg.batch_size, rng, frames=False)
+        batches = hilserl.add_features(hilserl.to_device(arrays, torch.device("cpu")), demo_features, online_features)
+        hilserl.learn(agent, opts, batches, cfg)
+    assert sum(calls) == 14                                                       # updates read the cache only
+    slots = arrays["slot"][0]                                                     # the rows are the right frames
+    frames = np.concatenate([demo.arrays["front"][(slots[:4] + 1) % 40], online_features.buffer.arrays["front"][(slots[4:] + 1) % 40]])
+    assert torch.allclose(batches["next_obs"]["front"][0].float(), backbone(torch.from_numpy(frames)), atol=1e-2, rtol=1e-2)
+
+
+def sim_frames(cube_z, seeds, size=64):
+    """Front and wrist frames of the sim with the cube at height cube_z (m) above its resting place."""
+    import mujoco
+    cfg = Config(use_images=True, image_size=size)
+    arm, cameras, world = make_sim(cfg, seed=0)
+    frames = {"front": [], "wrist": []}
+    with SO101Env(cfg, arm, cameras, world) as env:
+        for seed in seeds:
+            env.reset(seed=seed)
+            world.data.qpos[world.cube_qpos + 2] += cube_z
+            mujoco.mj_forward(world.model, world.data)
+            for name in frames:
+                frames[name].append(cameras[name].read())
+    return {k: np.stack(v) for k, v in frames.items()}
+
+
+def test_classifier_learns_to_tell_a_lifted_cube_from_one_on_the_table():
+    cfg = small_cfg(hidden_dim=64)
+    resting, lifted = sim_frames(0.0, range(24)), sim_frames(0.08, range(24))   # random backbone weights
+    frames = {k: np.concatenate([resting[k], lifted[k]]) for k in resting}
+    labels = np.repeat([0.0, 1.0], 24).astype(np.float32)
+    held_out = np.arange(48) % 4 == 3                                             # cube places never trained on
+    torch.manual_seed(0)
+    classifier = networks.RewardClassifier(IMAGES, cfg)
+    features = {k: hilserl.backbone_features(classifier.backbone, f, torch.device("cpu")) for k, f in frames.items()}
+    rng = np.random.default_rng(0)
+    hilserl.fit_classifier(classifier, features, labels, np.flatnonzero(~held_out), 150, rng, batch_size=32)
+    assert hilserl.precision_recall(classifier, features, labels, np.flatnonzero(held_out)) == (1.0, 1.0)
+
+
+def test_pixels_only_on_the_sim_train_eval_and_classifier(tmp_path, monkeypatch, capsys):
+    """The whole pixel loop without privileged cube state: demos with frames, training on cached
+    ResNet-10 features (weights from a file the test makes), evaluation, the reward classifier."""
+    port_weights(tmp_path / "resnet10.safetensors")
+    demos, run, clf = tmp_path / "demos.npz", tmp_path / "run", tmp_path / "classifier.pt"
+    pixels = ["--use_images", "true", "--privileged_state", "false", "--image_size", "32",
+              "--resnet_weights", str(tmp_path / "resnet10.safetensors"), "--demos", str(demos)]
+    small = ["--hidden_dim", "32", "--state_latent_dim", "16", "--image_latent_dim", "16", "--batch_size", "16",
+             "--utd_ratio", "2", "--training_starts", "20", "--demo_episodes", "5", "--episode_steps", "30",
+             "--replay_capacity", "1000", "--demo_capacity", "1000"]
+    monkeypatch.setattr("sys.argv", ["hilserl.py", "--run_dir", str(run), "--max_env_steps", "60", *pixels, *small])
+    hilserl.main()
+    rows = list(csv.DictReader(open(run / "log.csv")))
+    assert int(rows[-1]["env_steps"]) >= 60 and float(rows[-1]["loss/critic"]) >= 0
+    monkeypatch.setattr("sys.argv", ["hilserl.py", "--eval", str(run), "--eval_episodes", "1"])
+    hilserl.main()
+    monkeypatch.setattr("sys.argv", ["hilserl.py", "--train_classifier", str(demos), "--classifier", str(clf),
+                                     "--classifier_steps", "5", *pixels, *small])
+    hilserl.main()
+    out = capsys.readouterr().out
+    assert re.search(r"5 success frames of \d+; held out \d+ frames \(1 successes\): precision \d+%, recall \d+%", out)
+    cfg = Config(classifier=str(clf), image_latent_dim=16, hidden_dim=32, use_images=True, image_size=32,
+                 privileged_state=False)
+    arm, cameras, world = make_sim(cfg, seed=3)
+    with SO101Env(cfg, arm, cameras, world) as env:
+        env.classifier = lambda obs: True                                          # a classifier that always says yes
+        env.reset(seed=3)
+        assert env.step(np.zeros(4, np.float32))[2]                                # ends the episode as a success
+        env.classifier = hilserl.load_classifier(cfg, torch.device("cpu")).success
+        assert isinstance(env.step(np.zeros(4, np.float32))[2], bool)
