@@ -474,6 +474,16 @@ def test_lessons_warnings():
     assert len(lines) == 5 and all("\n" not in line for line in lines)
 
 
+def test_diagnosis_speaks_only_when_interventions_stop_falling():
+    cfg = config.Config(diagnose_after_steps=1000, temperature_init=0.2)
+    rows = lambda rates: [{"env_steps": 100 * (i + 1), "intervention_rate": r} for i, r in enumerate(rates)]
+    flat = hilserl.diagnose(rows([0.5] * 40), cfg)
+    assert "not falling (50% -> 50%)" in flat and "temperature_init above 0.01 (now 0.2)" in flat
+    assert hilserl.diagnose(rows([0.5] * 20 + [0.3] * 20), cfg) is None       # falling
+    assert hilserl.diagnose(rows([0.05] * 40), cfg) is None                   # already low
+    assert hilserl.diagnose(rows([0.5] * 39), cfg) is None                    # too early to tell
+
+
 # --- the whole loop on the sim -----------------------------------------------------------------
 def test_end_to_end_training_then_resume_then_eval(tmp_path, monkeypatch, capsys):
     demos, run = tmp_path / "demos.npz", tmp_path / "run"
