@@ -166,7 +166,7 @@ class FrameFeatures:
 
     Row i of `table[camera]` holds the features of the frame in the buffer's slot i. `add` stores
     a transition and computes the features of the frames it wrote, so the backbone runs once per
-    frame, and the updates only index these rows (speed.md B6 (a): at 20 updates of batch 256, two
+    frame, and the updates only index these rows (at 20 updates of batch 256 and two
     cameras, the backbone in every update would cost ~12 TFLOP per control step). float16 halves
     memory and copies. The price: no random-shift augmentation on this path (the features are fixed).
     """

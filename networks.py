@@ -15,7 +15,7 @@ Shapes (B = batch, E = critics in the ensemble, A = 3 continuous action dims, F 
 Who trains what: the critic losses train the encoder, the critics and the grasp critic; the
 actor has its own small state encoder, so it is fixed while the critics learn, and the critic
 target's next actions for a whole control step can be drawn in one batched call.
-With cameras (issue 7), each camera adds an image head to the `Encoder` (hil-serl's
+With cameras, each camera adds an image head to the `Encoder` (hil-serl's
 SpatialLearnedEmbeddings -> Linear -> LayerNorm -> tanh) on one of two trunks:
   resnet10  the pretrained ResNet-10, frozen; hilserl.py computes its features once per stored
             frame and the update sees only features (hil-serl's encoder, cached)

@@ -1400,7 +1400,7 @@ def test_on_the_real_arm_the_human_ends_the_episode(button):
 
 
 # =================================================================================================
-# Vision (issue 7): the frozen ResNet-10 and its weights, the small CNN and random shifts, cached
+# Vision: the frozen ResNet-10 and its weights, the small CNN and random shifts, cached
 # features, the shared encoder, the reward classifier, pixels in the sim
 # =================================================================================================
 import networks  # noqa: E402
