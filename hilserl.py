@@ -315,6 +315,7 @@ def train(cfg, env, intervener, run_dir):
             if cfg.port and not wait_for_start(intervener, obs):   # the human resets the scene first
                 break
             ret, length, human_steps, info, timings, start = 0.0, 0, 0, {}, [], time.perf_counter()
+            updates_before = progress["updates"]
             features = {}   # the frozen backbone's features of obs, once FrameFeatures has them
             while True:
                 t0 = time.perf_counter()
@@ -355,7 +356,7 @@ def train(cfg, env, intervener, run_dir):
             seconds = time.perf_counter() - start
             row = {"episode": progress["episode"], "env_steps": progress["env_steps"], "return": ret,
                    "length": length, "success": float(terminated), "intervention_rate": human_steps / length,
-                   "updates_per_s": cfg.utd_ratio * length / seconds if info else 0.0,
+                   "updates_per_s": (progress["updates"] - updates_before) / seconds,
                    **{k: v.item() for k, v in info.items()},                            # SYNC POINT: logging
                    **dict(zip(("time/act_ms", "time/robot_ms", "time/update_ms"),
                               (1e3 * np.mean(x) for x in zip(*timings))))}
