@@ -39,6 +39,7 @@ class ReplayBuffer:
             self.arrays[key] = np.zeros(capacity, bool)
         self.cursor = 0          # the slot the next transition goes to
         self.size = 0            # slots written so far, up to capacity (valid or not)
+        self.frame_pending = False   # slot `cursor` holds the last transition's next frame
 
     def __len__(self):
         """Number of transitions that can be sampled."""
@@ -51,8 +52,13 @@ class ReplayBuffer:
         return int((a["valid"] & (a["terminated"] | a["truncated"])).sum())
 
     def add(self, obs, act, rew, next_obs, terminated, truncated, intervened, grasp_penalty=0.0):
-        i, j = self.cursor, (self.cursor + 1) % self.capacity
+        """Store one transition; returns its slot."""
         a = self.arrays
+        if self.frame_pending and any(not np.array_equal(a[k][self.cursor], obs[k]) for k in self.image_keys):
+            # obs does not follow the last transition (the demo buffer gets only the human's steps,
+            # with gaps between interventions): skip a slot so that transition keeps its next frame
+            self.cursor = (self.cursor + 1) % self.capacity
+        i, j = self.cursor, (self.cursor + 1) % self.capacity
         for key in self.image_keys:
             a[key][i] = obs[key]
             a[key][j] = next_obs[key]                    # becomes obs of slot j on the next add
@@ -66,6 +72,8 @@ class ReplayBuffer:
         episode_over = terminated or truncated
         self.cursor = (j + 1) % self.capacity if episode_over else j
         self.size = self.capacity if j == 0 or self.size == self.capacity else max(self.size, j + 1)
+        self.frame_pending = not episode_over
+        return i
 
     def sample_indices(self, n, rng):
         """n slot indices drawn uniformly from the valid transitions."""
@@ -137,7 +145,7 @@ class ReplayBuffer:
         for key, values in loaded.items():
             self.arrays[key][:n] = values
         self.arrays["valid"][n:] = False
-        self.size, self.cursor = n, n % self.capacity
+        self.size, self.cursor, self.frame_pending = n, n % self.capacity, False
 
 
 def sample_batches(demo, online, num_batches, batch_size, rng, frames=True):

@@ -192,8 +192,7 @@ class FrameFeatures:
 
         Returns next_obs's features {camera: (1, 512, h, w)}, for the policy's next action.
         """
-        i = self.buffer.cursor
-        self.buffer.add(*transition)
+        i = self.buffer.add(*transition)
         j = (i + 1) % self.buffer.capacity
         self.compute(np.array([j] if i == self.next_slot else [i, j]))
         self.next_slot = j
@@ -737,6 +736,8 @@ def main():
             train(cfg, env, make_teleop(cfg, env), run_dir)
     except (BusError, ServoError, EmergencyStop) as error:   # the message names the servo and what to do
         raise SystemExit(f"error: {error}") from None
+    except KeyboardInterrupt:   # Ctrl-C: train() has saved the checkpoint on its way out
+        raise SystemExit(f"stopped; continue with: python hilserl.py --resume {run_dir}") from None
 
 
 if __name__ == "__main__":

@@ -385,6 +385,14 @@ def test_last_step_of_an_episode_keeps_its_own_next_frame():
     assert len(buf) == 2 and buf.num_episodes == 1
 
 
+def test_transitions_with_gaps_keep_their_next_frames():
+    demo = buffer.ReplayBuffer(20, frame_obs(0), 4)     # the human acted at steps 5, 6 and 9 of one episode
+    for t in (5, 6, 9):
+        demo.add(frame_obs(t), np.array([t, 0, 0, 0], np.float32), 0.0, frame_obs(t + 1), False, False, True)
+    b = demo.gather(demo.sample_indices(100, np.random.default_rng(0)))
+    assert (b["next_obs/front"][:, 0, 0, 0] == b["act"][:, 0] + 1).all() and len(demo) == 3
+
+
 def test_save_load_round_trip(tmp_path):
     buf = buffer.ReplayBuffer(12, frame_obs(0), 4)
     fill(buf, 30, episode_len=6)
