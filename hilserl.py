@@ -303,7 +303,7 @@ def train(cfg, env, intervener, run_dir):
         sum(compiled_critic_losses(copy.deepcopy(agent), b, b["act"][:, :EE_DIM], cfg.discount)[:2]).backward()
     log_path = run_dir / "log.csv"
     rows = list(csv.DictReader(open(log_path))) if cfg.resume and log_path.exists() else []
-    rows = [{k: int(v) if v.lstrip("-").isdigit() else float(v) for k, v in r.items()} for r in rows]
+    rows = [{k: int(v) if v.lstrip("-").isdigit() else float(v) for k, v in r.items() if v} for r in rows]
     window = OperatorWindow(cfg)    # drawn where there is a display; prints a line per episode anyway
     window.episode = progress["episode"] + 1
     warned_slow = False

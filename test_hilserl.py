@@ -496,7 +496,7 @@ def test_diagnosis_speaks_only_when_interventions_stop_falling():
 def test_end_to_end_training_then_resume_then_eval(tmp_path, monkeypatch, capsys):
     demos, run = tmp_path / "demos.npz", tmp_path / "run"
     small = ["--hidden_dim", "32", "--state_latent_dim", "16", "--batch_size", "32", "--utd_ratio", "2",
-             "--training_starts", "50", "--checkpoint_every", "2", "--demo_episodes", "3", "--episode_steps", "50",
+             "--training_starts", "60", "--checkpoint_every", "2", "--demo_episodes", "3", "--episode_steps", "50",
              "--replay_capacity", "2000", "--demo_capacity", "2000"]
     monkeypatch.setattr("sys.argv", ["hilserl.py", "--demos", str(demos), "--run_dir", str(run),
                                      "--max_env_steps", "200", *small])
