@@ -252,7 +252,12 @@ def run_config(args):
     cfg, _ = load_config(args)
     folder = cfg.resume or cfg.eval
     if folder:
-        saved = json.loads((pathlib.Path(folder) / "config.json").read_text())
+        path = pathlib.Path(folder) / "config.json"
+        if not path.exists():
+            raise SystemExit(f"error: {path} does not exist; pass a run folder that hilserl.py wrote (runs/...)")
+        saved = json.loads(path.read_text())
+        known = {f.name for f in dataclasses.fields(Config)}    # settings a newer version dropped are ignored
+        saved = {k: v for k, v in saved.items() if k in known}
         cfg, _ = load_config(args, Config(**{**saved, "resume": cfg.resume, "eval": cfg.eval}))
     return cfg
 
