@@ -34,9 +34,9 @@ from config import Config, load_config, warnings_for
 from networks import (EE_DIM, Actor, Agent, Encoder, GraspCritic, RewardClassifier, load_resnet10, mlp, random_shift,
                       resnet10_weights)
 from robot import BusError, ServoError
-from teleop import EmergencyStop, OperatorWindow, make_env, make_teleop, record_demos, wait_for_start
+from teleop import ACT_DIM, EmergencyStop, OperatorWindow, make_env, make_teleop, record_demos, wait_for_start
 
-ACT_DIM = EE_DIM + 1  # EE delta x, y, z and the gripper command
+assert ACT_DIM == EE_DIM + 1, "the action is the EE delta x, y, z and the gripper command"
 
 
 def target_entropy():
@@ -617,6 +617,27 @@ def matmul_rate(device, n=256, seconds=1.0):
     return 2 * n ** 3 * count / (time.perf_counter() - start)
 
 
+def random_buffers(example, slots, rng):
+    """(demo, online) buffers, each half full of random transitions shaped like `example`.
+
+    Frames come from a pool of 16 random images: what the benchmarks time does not depend on
+    what the pictures show, and drawing 100 MB of random bytes would only slow the set-up.
+    """
+    buffers = ReplayBuffer(slots, example, ACT_DIM), ReplayBuffer(slots, example, ACT_DIM)
+    pool = {k: rng.integers(0, 256, (16, *v.shape), dtype=np.uint8) for k, v in example.items() if v.dtype == np.uint8}
+    for buf in buffers:
+        for t in range(slots // 2):
+            obs, next_obs = ({k: pool[k][(t + i) % 16] if k in pool else rng.standard_normal(v.shape).astype(np.float32)
+                              for k, v in example.items()} for i in (0, 1))
+            act = np.append(rng.uniform(-1, 1, EE_DIM), rng.integers(-1, 2)).astype(np.float32)
+            buf.add(obs, act, rng.normal(), next_obs, t % 100 == 99, False, False)
+    return buffers
+
+
+def device_name(device):
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+
+
 def timed(fn, device, repeats=10):
     """Mean seconds per call of fn, after two warm-up calls."""
     fn(), fn()                                   # warm-up
@@ -635,13 +656,7 @@ def benchmark(cfg):
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     state_dim = 12   # the sim's state: 5 joints, gripper, EE position, cube relative to the EE
-    example = {"state": np.zeros(state_dim, np.float32)}
-    demo, online = ReplayBuffer(20_000, example, ACT_DIM), ReplayBuffer(20_000, example, ACT_DIM)
-    for buf in (demo, online):
-        for t in range(10_000):
-            act = np.append(rng.uniform(-1, 1, EE_DIM), rng.integers(-1, 2)).astype(np.float32)
-            buf.add({"state": rng.standard_normal(state_dim, np.float32)}, act, rng.normal(),
-                    {"state": rng.standard_normal(state_dim, np.float32)}, t % 100 == 99, False, False)
+    demo, online = random_buffers({"state": np.zeros(state_dim, np.float32)}, 20_000, rng)
     agent = Agent(state_dim, cfg).to(device)
     opts = make_optimizers(agent, cfg)
     reference = ReferenceLearner(state_dim, cfg, device)
@@ -651,8 +666,7 @@ def benchmark(cfg):
 
     rate = matmul_rate(device)
     floor_s = control_step_flops(state_dim, cfg) / rate
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
-    print(f"device: {name}; torch {torch.__version__}; utd_ratio {cfg.utd_ratio}, batch {cfg.batch_size}, "
+    print(f"device: {device_name(device)}; torch {torch.__version__}; utd_ratio {cfg.utd_ratio}, batch {cfg.batch_size}, "
           f"{cfg.num_critics} critics, hidden {cfg.hidden_dim}")
     print(f"matmul rate ({256}x{256} @ {256}x{256}): {rate / 1e9:.1f} GFLOP/s; one control step = "
           f"{control_step_flops(state_dim, cfg) / 1e9:.2f} GFLOP; floor {floor_s * 1e3:.1f} ms")
@@ -680,15 +694,9 @@ def benchmark_images(cfg, slots=4_000, repeats=5):
                "wrist": np.zeros((size, size, 3), np.uint8)}
     agent = Agent(12, cfg, image_shapes(example)).to(device)
     opts = make_optimizers(agent, cfg)
-    demo, online = ReplayBuffer(slots, example, ACT_DIM), ReplayBuffer(slots, example, ACT_DIM)
+    demo, online = random_buffers(example, slots, rng)
     cached = agent.backbone is not None
     stores = [FrameFeatures(b, agent.backbone, device) for b in (demo, online)] if cached else []
-    frames = rng.integers(0, 256, (16, size, size, 3), dtype=np.uint8)
-    for buf in (demo, online):
-        for t in range(slots // 2):
-            obs = {"state": rng.standard_normal(12, np.float32), "front": frames[t % 16], "wrist": frames[-t % 16]}
-            act = np.append(rng.uniform(-1, 1, EE_DIM), rng.integers(-1, 2)).astype(np.float32)
-            buf.add(obs, act, rng.normal(), obs, t % 100 == 99, False, False)
     for store in stores:
         for table in store.table.values():
             table.normal_()
@@ -697,13 +705,12 @@ def benchmark_images(cfg, slots=4_000, repeats=5):
         batches = to_device(sample_batches(demo, online, cfg.utd_ratio, cfg.batch_size, rng, not cached), device)
         learn(agent, opts, add_features(batches, *stores) if cached else batches, cfg)
 
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
-    print(f"device: {name}; torch {torch.__version__}; two {size}x{size} cameras, encoder {cfg.encoder}; "
+    print(f"device: {device_name(device)}; torch {torch.__version__}; two {size}x{size} cameras, encoder {cfg.encoder}; "
           f"utd_ratio {cfg.utd_ratio}, batch {cfg.batch_size}")
     seconds = timed(step, device, repeats)
     print(f"  hilserl: {seconds * 1e3:7.1f} ms per control step, {cfg.utd_ratio / seconds:7.0f} updates/s")
     if cached:
-        two = torch.from_numpy(frames[:2]).to(device)
+        two = torch.from_numpy(demo.arrays["front"][:2]).to(device)
         frame_s = timed(lambda: agent.backbone(two), device) / 2
         per_step = cfg.utd_ratio * cfg.batch_size * 2 * 2   # updates x rows x (obs, next_obs) x cameras
         print(f" backbone: {frame_s * 1e3:7.1f} ms per frame (batch of 2); run in every update instead of "
