@@ -282,6 +282,17 @@ def test_compiled_critic_losses_match_eager():
         assert torch.allclose(p_eager.grad, p_compiled.grad, rtol=1e-4, atol=1e-6)
 
 
+def test_compiled_next_actions_match_eager(monkeypatch):
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)   # eager's random numbers
+    cfg = small_cfg()
+    actor, next_obs = make_agent(cfg).actor, random_batch()["next_obs"]
+    torch.manual_seed(1)
+    eager = hilserl.next_actions(actor, next_obs)
+    torch.manual_seed(1)
+    compiled = hilserl.compiled_next_actions(actor, next_obs)
+    assert torch.allclose(eager, compiled, atol=1e-5)
+
+
 # --- the actor and temperature update ----------------------------------------------------------
 def test_actor_loss_and_gradient_match_float64_reference():
     cfg = small_cfg()
