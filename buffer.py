@@ -108,17 +108,7 @@ class ReplayBuffer:
         arrays = {k: v[order] for k, v in self.arrays.items()}
         if self.size:
             arrays["valid"][-1] = False  # its next frame, if any, is not in the file
-        directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp.npz")
-        os.chmod(tmp, 0o644)             # mkstemp makes it private; a demo file is for sharing
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        save_npz(path, arrays)
 
     def load(self, path):
         """Replace the contents with a file written by `save`, checking every key, shape and dtype."""
@@ -146,6 +136,22 @@ class ReplayBuffer:
             self.arrays[key][:n] = values
         self.arrays["valid"][n:] = False
         self.size, self.cursor, self.frame_pending = n, n % self.capacity, False
+
+
+def save_npz(path, arrays):
+    """np.savez atomically: a temporary file in the same folder, then a rename, so a crash or a
+    kill at any moment leaves either the old file or the new one, never half of one."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp.npz")
+    os.chmod(tmp, 0o644)             # mkstemp makes it private; a recording is for sharing
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
 
 
 def sample_batches(demo, online, num_batches, batch_size, rng, frames=True):

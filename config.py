@@ -53,7 +53,9 @@ class Config:
     classifier: str = ""                 # reward classifier file; when set, it too decides success from the frames (hil-serl)
     classifier_threshold: float = 0.7    # success when sigmoid(logit) > this (hil-serl USB task)
     classifier_steps: int = 150          # gradient steps of 128 positive + 128 negative frames (hil-serl)
-    train_classifier: str = ""           # demo file recorded with --use_images true: train --classifier on it, then exit
+    train_classifier: str = ""           # labelled frames file (python teleop.py label): train --classifier on it, then exit
+    frames: str = "data/frames.npz"      # where python teleop.py label writes camera frames labelled success or not
+    success_frames: int = 200            # label until the frames file holds this many successes (hil-serl: 200)
 
     # --- reward and gripper -----------------------------------------------------------------
     reward_success: float = 10.0         # reward on success, which ends the episode (HIL-SERL; lessons)

@@ -5,8 +5,8 @@
     python hilserl.py --eval runs/X                 success rate of the learned policy, no learning
     python hilserl.py --bench                       time one control step's learning
     python hilserl.py --bench --use_images true     the same with two 128x128 cameras
-    python hilserl.py --train_classifier data/demos.npz --classifier data/classifier.pt
-                                                    train the reward classifier on recorded frames
+    python hilserl.py --train_classifier data/frames.npz --classifier data/classifier.pt
+                                                    train the reward classifier on labelled frames
 
 Reading order: the update (critic_step, actor_step, learn), camera features (FrameFeatures),
 the loop (train, evaluate, and the run folder's checkpoints, log and plots), the reward
@@ -460,24 +460,21 @@ def plot_runs(run_dirs, out_path):
     os.replace(f"{out_path}.tmp.png", out_path)
 
 
-# --- the reward classifier: python hilserl.py --train_classifier DEMOS --classifier OUT ----------------
+# --- the reward classifier: python hilserl.py --train_classifier FRAMES --classifier OUT ---------------
 def classifier_data(path):
-    """(frames {camera: (N, H, W, 3)}, labels (N,), held_out (N,) bool) from a demo file.
+    """(frames {camera: (N, H, W, 3)}, labels (N,), held_out (N,) bool) from `python teleop.py label`'s file.
 
-    A frame is positive when the step into it succeeded: the success button on the real arm, the
-    physics in the sim. Demos end at success, so each successful episode gives one positive, its
-    last frame. Every fifth episode is held out whole, as neighbouring frames look nearly the same.
+    Every fifth episode is held out whole, as neighbouring frames look nearly the same.
     """
-    with np.load(path) as data:
-        frames = {k: data[k] for k in data.files if data[k].dtype == np.uint8 and data[k].ndim == 4}
-        valid, terminated, truncated = data["valid"], data["terminated"], data["truncated"]
-    if not frames:
-        raise SystemExit(f"error: {path} holds no camera frames; record demos with --use_images true")
-    labels = np.zeros(len(valid), np.float32)
-    labels[1:][valid[:-1] & terminated[:-1]] = 1                # slot i + 1 holds the frame after step i
-    ends = np.cumsum(valid & (terminated | truncated))
-    episode = np.concatenate([[0, 0], ends[:-2]])[:len(valid)]  # an episode's last frame is 1 slot after its end
-    return frames, labels, episode % 5 == 4
+    try:
+        data = np.load(path)
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"error: {path}: not a readable .npz file ({error})") from None
+    with data:
+        if "success" not in data.files or "episode" not in data.files:
+            raise SystemExit(f"error: {path} holds no labelled frames; record them with python teleop.py label --frames {path}")
+        frames = {k: data[k] for k in data.files if k not in ("success", "episode")}
+        return frames, data["success"].astype(np.float32), data["episode"] % 5 == 4
 
 
 def backbone_features(backbone, frames, device, chunk=256):

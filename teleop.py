@@ -12,8 +12,10 @@ z in [-1, 1], gripper -1 close / 0 stay / +1 open), and held, the set of control
 Raw axes and buttons map to them in pure functions, tested without a device. Seen from behind the
 arm: left stick up = +x (away from the base), left stick left = +y, right stick up = +z.
 
-Commands: `python teleop.py record` records demos (cfg.demos, cfg.demo_episodes); `snapshot PNG`
-draws the operator's window offscreen; `pad` prints the numbers of a pad's sticks and buttons.
+Commands: `python teleop.py record` records demos (cfg.demos, cfg.demo_episodes); `label` records
+camera frames labelled success or not for the reward classifier (cfg.frames, cfg.success_frames);
+`snapshot PNG` draws the operator's window offscreen; `pad` prints the numbers of a pad's sticks
+and buttons.
 """
 
 import os
@@ -24,7 +26,7 @@ os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
 import numpy as np
 import pygame
 
-from buffer import ReplayBuffer
+from buffer import ReplayBuffer, save_npz
 from config import load_config
 from robot import (SO101, FeetechBus, RealWorld, SO101Env, forward_kinematics, load_calibration, make_cameras,
                    open_bus)
@@ -216,7 +218,7 @@ class Teleop:
 
     def __init__(self, device, leader=None, torque_off=None, period_s=0.0):
         self.device, self.leader, self.torque_off = device, leader, torque_off
-        self.previous = set()
+        self.held = set()   # the controls held at the last read
         self.period_s, self.next_s = period_s, 0.0
 
     def reset(self):
@@ -229,8 +231,8 @@ class Teleop:
         time.sleep(max(0.0, self.next_s - time.perf_counter()))
         self.next_s = time.perf_counter() + self.period_s
         act, held = self.device.read(obs)
-        events = {name for name in EVENTS if name in held and name not in self.previous}
-        self.previous = held
+        events = {name for name in EVENTS if name in held and name not in self.held}
+        self.held = held
         if "estop" in events:
             if self.torque_off is not None:
                 self.torque_off()   # SAFETY: first, before anything else can send a goal
@@ -426,6 +428,59 @@ def record_demos(cfg, path, episodes):
     return demos.num_episodes
 
 
+# --- labelled frames for the reward classifier ---------------------------------------------------------------
+def label_frames(cfg, path, success_frames):
+    """Record camera frames labelled success or not until `path` holds `success_frames` successes
+    (hil-serl's record_success_fail.py); returns how many it holds.
+
+    The human drives the arm and holds the success button (Y, Enter) while the scene shows success
+    (the cube held up): those frames are positives, every other frame a negative. Show both sides
+    in many poses; the classifier learns only what it sees. In the sim the expert drives and the
+    physics labels. An episode lasts cfg.episode_steps (failure ends it early); the file is
+    rewritten atomically after each, and running the command again adds to it.
+    """
+    cfg.use_images = True
+    with make_env(cfg, cfg.seed) as env:
+        teleop, window = make_teleop(cfg, env), OperatorWindow(cfg)
+        obs = env.reset()
+        cameras = [k for k, v in obs.items() if v.dtype == np.uint8]
+        recorded = {}
+        if os.path.exists(path):
+            with np.load(path) as data:
+                recorded = {k: [data[k]] for k in data.files}
+            if sorted(recorded) != sorted(cameras + ["episode", "success"]) or \
+                    any(recorded[k][0].shape[1:] != obs[k].shape for k in cameras):
+                raise ValueError(f"{path}: frames of other cameras or another size; label into another --frames file")
+        positives = int(recorded["success"][0].sum()) if recorded else 0
+        episode = int(recorded["episode"][0].max()) + 1 if recorded else 0
+        events = set()
+        while positives < success_frames and "quit" not in events:
+            if cfg.port and not wait_for_start(teleop, obs):
+                break
+            frames, labels = {k: [] for k in cameras}, []
+            for _ in range(cfg.episode_steps):
+                act, _, events = teleop.read(obs)
+                if events & {"quit", "failure", "rerecord"}:
+                    break
+                obs = env.step(act)[0]
+                labels.append("success" in teleop.held or bool(env.world.success()))   # the sim: its physics
+                for k in cameras:
+                    frames[k].append(obs[k])
+                window.show(obs, True, float(labels[-1]))
+            if labels and "rerecord" not in events:   # re-record: the human mislabelled; drop the episode
+                positives += sum(labels)
+                for k in cameras:
+                    recorded.setdefault(k, []).append(np.stack(frames[k]))
+                recorded.setdefault("success", []).append(np.array(labels))
+                recorded.setdefault("episode", []).append(np.full(len(labels), episode))
+                save_npz(path, {k: np.concatenate(v) for k, v in recorded.items()})
+                window.end_episode(any(labels), f"  |  {path}: {positives}/{success_frames} success frames")
+                episode += 1
+            obs = env.reset()
+            teleop.reset()
+    return positives
+
+
 # --- command line ------------------------------------------------------------------------------------------
 def snapshot(cfg, path, steps=60):
     """The operator's window, drawn offscreen (SDL's dummy driver) over the sim, saved as a PNG."""
@@ -464,13 +519,15 @@ def main():
     try:
         if words == ["record"]:
             print(f"{cfg.demos}: {record_demos(cfg, cfg.demos, cfg.demo_episodes)} episodes")
+        elif words == ["label"]:
+            print(f"{cfg.frames}: {label_frames(cfg, cfg.frames, cfg.success_frames)} success frames")
         elif len(words) == 2 and words[0] == "snapshot":
             snapshot(cfg, words[1])
         elif words == ["pad"]:
             show_pad()
         else:
             raise SystemExit("usage: python teleop.py record [--demos PATH --demo_episodes N --port PORT] "
-                             "| snapshot PNG | pad")
+                             "| label [--frames PATH --success_frames N --port PORT] | snapshot PNG | pad")
     except (ValueError, OSError, EmergencyStop) as error:   # one line a user can act on
         raise SystemExit(f"error: {error}") from None
 

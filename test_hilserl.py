@@ -1218,6 +1218,9 @@ class Scripted:
     def read(self, obs):
         return self.steps.pop(0)
 
+    def reset(self):
+        pass
+
 
 HUMAN = np.array([1.0, 0.0, 0.0, 0.0], np.float32)
 POLICY = np.array([0.0, 0.0, -1.0, 1.0], np.float32)
@@ -1352,6 +1355,46 @@ def test_an_exception_mid_episode_leaves_the_finished_episodes_intact(tmp_path, 
     demos.load(path)
     assert demos.num_episodes == 2
     np.testing.assert_array_equal(demos.arrays["next_state"][demos.arrays["valid"]], states[:2 * cfg.episode_steps])
+
+
+def label_cfg(**overrides):
+    return Config(episode_steps=40, image_size=32, show_window=False, **overrides)
+
+
+def test_labelling_in_the_sim_marks_the_lifted_cube_and_continues_a_file(tmp_path):
+    path = str(tmp_path / "frames.npz")
+    held = teleop.label_frames(label_cfg(), path, success_frames=10)
+    with np.load(path) as data:
+        success, episode, front = data["success"], data["episode"], data["front"]
+    assert held == success.sum() >= 10 and front.shape == (len(success), 32, 32, 3) and front.dtype == np.uint8
+    for e in np.unique(episode):                              # the expert lifts the cube within 40 steps
+        labels = success[episode == e]
+        assert len(labels) == 40 and not labels[:5].any() and labels[-1]   # on the table first, held up at the end
+    assert teleop.label_frames(label_cfg(), path, success_frames=held + 1) > held   # a second run adds to it
+    with np.load(path) as data:
+        assert data["episode"].max() > episode.max() and len(data["success"]) > len(success)
+
+
+def test_frames_are_positive_while_the_success_button_is_held(tmp_path, monkeypatch):
+    still = np.zeros(4, np.float32)                          # the cube stays on the table: the physics says no
+    presses = [set(), {"success"}, {"success"}, set(), {"success"}, {"failure"},      # episode 1, ended early
+               {"success"}, {"rerecord"},                                             # episode 2, dropped
+               {"success"}, {"quit"}]                                                 # episode 3, then stop
+    device = Scripted(*[(still, held) for held in presses])
+    monkeypatch.setattr(teleop, "make_teleop", lambda cfg, env: teleop.Teleop(device))
+    path = str(tmp_path / "frames.npz")
+    assert teleop.label_frames(label_cfg(), path, success_frames=100) == 4
+    with np.load(path) as data:
+        np.testing.assert_array_equal(data["success"], [False, True, True, False, True, True])
+        np.testing.assert_array_equal(data["episode"], [0, 0, 0, 0, 0, 1])
+
+
+def test_labelling_into_a_file_of_other_frames_is_a_one_line_error(tmp_path):
+    path = str(tmp_path / "frames.npz")
+    np.savez(path, front=np.zeros((3, 64, 64, 3), np.uint8), wrist=np.zeros((3, 64, 64, 3), np.uint8),
+             success=np.zeros(3, bool), episode=np.zeros(3, int))
+    with pytest.raises(ValueError, match="frames.npz: frames of other cameras or another size; label into another"):
+        teleop.label_frames(label_cfg(), path, success_frames=1)
 
 
 def test_a_killed_recording_leaves_the_finished_episodes_intact(tmp_path):
@@ -1640,11 +1683,18 @@ def test_pixels_only_on_the_sim_train_eval_and_classifier(tmp_path, monkeypatch,
     assert int(rows[-1]["env_steps"]) >= 60 and float(rows[-1]["loss/critic"]) >= 0
     monkeypatch.setattr("sys.argv", ["hilserl.py", "--eval", str(run), "--eval_episodes", "1"])
     hilserl.main()
-    monkeypatch.setattr("sys.argv", ["hilserl.py", "--train_classifier", str(demos), "--classifier", str(clf),
+    monkeypatch.setattr("sys.argv", ["hilserl.py", "--train_classifier", str(demos), "--classifier", str(clf)])
+    with pytest.raises(SystemExit, match="demos.npz holds no labelled frames; record them with python teleop.py label"):
+        hilserl.main()
+    frames = str(tmp_path / "frames.npz")
+    held = 0
+    for _ in range(5):                                        # each call labels one more episode
+        held = teleop.label_frames(label_cfg(privileged_state=False), frames, success_frames=held + 1)
+    monkeypatch.setattr("sys.argv", ["hilserl.py", "--train_classifier", frames, "--classifier", str(clf),
                                      "--classifier_steps", "5", *pixels, *small])
     hilserl.main()
     out = capsys.readouterr().out
-    assert re.search(r"5 success frames of \d+; held out \d+ frames \(1 successes\): precision \d+%, recall \d+%", out)
+    assert re.search(rf"{held} success frames of 200; held out 40 frames \(\d+ successes\): precision \d+%, recall \d+%", out)
     cfg = Config(classifier=str(clf), image_latent_dim=16, hidden_dim=32, use_images=True, image_size=32,
                  privileged_state=False)
     arm, cameras, world = make_sim(cfg, seed=3)
