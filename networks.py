@@ -313,11 +313,13 @@ class CriticEnsemble(nn.Module):
 
     def forward(self, z, act):
         x = torch.cat([z, act], dim=-1)                                     # (B, F + A)
-        h = torch.matmul(x, self.weights[0]) + self.biases[0]               # (E, B, H): one input, E members
+        h = x.expand(len(self.weights[0]), *x.shape)                        # (E, B, F + A): one input, E members
         for layer in range(2):
+            h = torch.baddbmm(self.biases[layer], h, self.weights[layer])   # (E, B, H)
             h = tanh(torch.addcmul(self.ln_shifts[layer], F.layer_norm(h, h.shape[-1:]), self.ln_gains[layer]))
-            h = torch.baddbmm(self.biases[layer + 1], h, self.weights[layer + 1])   # (E, B, H) then (E, B, 1)
-        return h.squeeze(-1)                                                # (E, B)
+        # The H -> 1 output layer as a multiply and a sum: a batched matmul with a single output
+        # column takes about 4x longer on a CPU (measured: 73 against 18 us at E=2, B=H=256).
+        return (h * self.weights[2].transpose(1, 2)).sum(-1) + self.biases[2][..., 0]   # (E, B)
 
 
 class GraspCritic(nn.Module):
