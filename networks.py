@@ -41,8 +41,8 @@ GRIPPER_CLASSES = 3  # close, stay, open (hil-serl's hybrid agent)
 
 
 def tanh(x):
-    """tanh(x) = 2 sigmoid(2x) - 1: the same function, but torch's CPU tanh kernel is about 3x slower
-    than its sigmoid here, and tanh is a fifth of an update's time on a CPU."""
+    """tanh(x) = 2 sigmoid(2x) - 1: the same function, but torch's CPU tanh kernel is about 5x slower
+    than its sigmoid here (87 against 18 us on 256x256), which outweighs the two extra passes."""
     return torch.sigmoid(2 * x) * 2 - 1
 
 
