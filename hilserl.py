@@ -98,7 +98,8 @@ def critic_step(agent, critic_opt, b, next_act, discount, tau, losses=critic_los
     (critic_loss + grasp_loss).backward()    # disjoint parameters, except the shared encoder
     critic_opt.step()
     # PAPER: soft target update thetabar <- (1 - tau) thetabar + tau theta (SAC; hil-serl averages all)
-    torch._foreach_lerp_(agent.target_parameters(), agent.critic_parameters(), tau)
+    with torch.no_grad():   # else autograd records every update and the targets grow an endless history
+        torch._foreach_lerp_(agent.target_parameters(), agent.critic_parameters(), tau)
     return {"loss/critic": critic_loss.detach(), "loss/grasp_critic": grasp_loss.detach(), "q/mean": q_mean}
 
 
@@ -326,9 +327,12 @@ def train(cfg, env, intervener, run_dir):
     for line in warnings_for(cfg, None if cfg.resume else demo.num_episodes):
         print(line)
     if cfg.compile and not agent.encoder.images:   # compile now, at home, not in the first episode
-        print("compiling the critic update (about 30 s)...")
-        b = index_batch(to_device(sample_batches(demo, demo, 1, cfg.batch_size, rng), device), 0)
-        sum(compiled_critic_losses(copy.deepcopy(agent), b, b["act"][:, :EE_DIM], cfg.discount)[:2]).backward()
+        print("compiling the update (about 30 s)...")
+        batches = to_device(sample_batches(demo, demo, cfg.utd_ratio, cfg.batch_size, rng), device)
+        with torch.no_grad():
+            next_act = compiled_next_actions(agent.actor, batches["next_obs"])          # (U, B, 3)
+        b = index_batch(batches, 0)
+        sum(compiled_critic_losses(copy.deepcopy(agent), b, next_act[0], cfg.discount)[:2]).backward()
     log_path = run_dir / "log.csv"
     rows = list(csv.DictReader(open(log_path))) if cfg.resume and log_path.exists() else []
     rows = [{k: int(v) if v.lstrip("-").isdigit() else float(v) for k, v in r.items() if v} for r in rows]

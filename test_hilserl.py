@@ -267,6 +267,15 @@ def test_soft_target_update_moves_targets_by_tau():
         assert torch.allclose(new.double(), expected, atol=1e-6)
 
 
+def test_target_update_leaves_no_autograd_history():
+    cfg = small_cfg()
+    agent = make_agent(cfg)
+    for _ in range(2):
+        run_critic_step(agent, random_batch(), torch.zeros(8, EE_DIM), cfg)
+    for p in agent.target_parameters():
+        assert p.is_leaf and not p.requires_grad and p.grad_fn is None
+
+
 def test_compiled_critic_losses_match_eager():
     cfg = small_cfg()
     agent, b = make_agent(cfg), random_batch()
