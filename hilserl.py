@@ -137,8 +137,9 @@ def learn(agent, opts, batches, cfg):
             batches[group] = {k: random_shift(v) if k in agent.encoder.images else v for k, v in batches[group].items()}
     next_act = None     # with cameras, critic_losses draws a' from the actor after each encoder update
     if not agent.encoder.images:
+        draw = compiled_next_actions if cfg.compile else next_actions
         with torch.no_grad():   # the actor does not change during the critic updates: draw all a' at once
-            next_act = (compiled_next_actions if cfg.compile else next_actions)(agent.actor, batches["next_obs"])  # (U, B, 3)
+            next_act = draw(agent.actor, batches["next_obs"])                      # (U, B, 3)
     info, losses = {}, compiled_critic_losses if cfg.compile else critic_losses
     for i in range(batches["act"].shape[0]):
         b = index_batch(batches, i)
