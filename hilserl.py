@@ -8,7 +8,7 @@
     python hilserl.py --train_classifier data/frames.npz --classifier data/classifier.pt
                                                     train the reward classifier on labelled frames
 
-Reading order: the update (critic_step, actor_step, learn), camera features (FrameFeatures),
+Reading order: the update (Adam, critic_update, actor_step, learn), camera features (FrameFeatures),
 the loop (train, evaluate, and the run folder's checkpoints, log and plots), the reward
 classifier's training, then the benchmark.
 The update is RLPD's recipe (Ball et al. 2023) with HIL-SERL's choices (Luo et al. 2024):
@@ -45,13 +45,46 @@ def target_entropy():
     return -ACT_DIM / 2
 
 
+class Adam:
+    """Adam (Kingma & Ba 2015), updating a list of parameters in place from gradients it is given.
+
+    Written out instead of torch.optim.Adam so that a whole critic update, Adam included, is a
+    function of tensors that torch.compile can turn into one graph (--compile). The `_foreach_`
+    ops each do one operation on every tensor of a list in one call.
+    """
+
+    def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-8):
+        self.params = list(params)
+        self.lr, (self.beta1, self.beta2), self.eps = lr, betas, eps
+        self.m = [torch.zeros_like(p) for p in self.params]            # first moments
+        self.v = [torch.zeros_like(p) for p in self.params]            # second moments
+        self.t = torch.zeros((), device=self.params[0].device)         # steps; a tensor, so counting never recompiles
+
+    @torch.no_grad()
+    def step(self, grads):
+        self.t += 1
+        # PAPER: Kingma & Ba 2015, Algorithm 1: m <- b1 m + (1 - b1) g, v <- b2 v + (1 - b2) g^2,
+        # theta <- theta - lr m_hat / (sqrt(v_hat) + eps), m_hat = m / (1 - b1^t), v_hat = v / (1 - b2^t)
+        torch._foreach_lerp_(self.m, grads, 1 - self.beta1)
+        torch._foreach_mul_(self.v, self.beta2)
+        torch._foreach_addcmul_(self.v, grads, grads, value=1 - self.beta2)
+        m_hat = torch._foreach_div(self.m, 1 - self.beta1 ** self.t)
+        v_hat = torch._foreach_div(self.v, 1 - self.beta2 ** self.t)
+        torch._foreach_addcdiv_(self.params, m_hat, torch._foreach_add(torch._foreach_sqrt(v_hat), self.eps),
+                                value=-self.lr)
+
+    def state_dict(self):
+        return {"m": self.m, "v": self.v, "t": self.t}
+
+    @torch.no_grad()
+    def load_state_dict(self, state):
+        torch._foreach_copy_([*self.m, *self.v, self.t], [*state["m"], *state["v"], state["t"]])
+
+
 def make_optimizers(agent, cfg):
-    """Adam everywhere (hil-serl). One optimizer for everything the critic loss trains."""
-    def adam(params):
-        # fused: one kernel for all parameters instead of several per tensor
-        return torch.optim.Adam(params, lr=cfg.lr, fused=True)
-    return {"critic": adam(agent.critic_parameters()), "actor": adam(agent.actor.parameters()),
-            "temperature": adam([agent.log_alpha])}
+    """Adam everywhere (hil-serl). One optimizer for everything the critic losses train."""
+    return {"critic": Adam(agent.critic_parameters().values(), cfg.lr), "actor": Adam(agent.actor.parameters(), cfg.lr),
+            "temperature": Adam([agent.log_alpha], cfg.lr)}
 
 
 # --- the update ---------------------------------------------------------------------------
@@ -80,31 +113,48 @@ def critic_losses(agent, b, next_act, discount):
     return critic_loss, grasp_loss, q.detach().mean()
 
 
+def critic_gradients(agent, b, next_act, discount):
+    """({name: gradient} of the critic plus grasp-critic loss, (the two losses, the mean Q)).
+
+    One gradient for both losses: their parameters are disjoint except the shared encoder.
+    """
+    params = agent.critic_parameters()
+    if torch.compiler.is_compiling():
+        # torch.compile traces torch.func.grad, a function of the parameters, where autograd.grad
+        # would split the compiled update in two; functional_call runs the losses on `params`
+        def total_loss(params):
+            losses = torch.func.functional_call(agent, params, (critic_losses, b, next_act, discount))
+            return losses[0] + losses[1], losses
+        return torch.func.grad(total_loss, has_aux=True)(params)
+    with torch.enable_grad():   # eager: autograd, which is faster here than torch.func's wrapped tensors
+        losses = critic_losses(agent, b, next_act, discount)
+        return dict(zip(params, torch.autograd.grad(losses[0] + losses[1], list(params.values())))), losses
+
+
+def critic_update(agent, adam, b, next_act, discount, tau):
+    """One critic and grasp-critic update on batch b: gradients, Adam, then the target networks."""
+    grads, (critic_loss, grasp_loss, q_mean) = critic_gradients(agent, b, next_act, discount)
+    adam.step(list(grads.values()))
+    # PAPER: soft target update thetabar <- (1 - tau) thetabar + tau theta (SAC; hil-serl averages all)
+    with torch.no_grad():   # else autograd records every update and the targets grow an endless history
+        torch._foreach_lerp_(agent.target_parameters(), adam.params, tau)
+    return {"loss/critic": critic_loss.detach(), "loss/grasp_critic": grasp_loss.detach(), "q/mean": q_mean}
+
+
 def next_actions(actor, next_obs):
     """a' ~ pi(.|s') for the critic targets of a whole control step (no cameras)."""
     return actor(next_obs)[0]
 
 
-# --compile: the same functions through torch.compile, which fuses the many small elementwise
-# kernels of the forward and backward passes (about 1.2x on a 2-core CPU; compiling takes ~30 s).
-compiled_critic_losses = torch.compile(critic_losses)
+# --compile: the critic update and the next-action draw through torch.compile, which makes each
+# one graph and fuses its many small elementwise kernels (compiling takes ~30 s). The update runs
+# under no_grad: torch.func.grad makes its own gradients, and the graph needs no autograd around it.
+compiled_critic_update = torch.compile(torch.no_grad()(critic_update))
 compiled_next_actions = torch.compile(next_actions)
 
 
-def critic_step(agent, critic_opt, b, next_act, discount, tau, losses=critic_losses):
-    """One critic and grasp-critic update on batch b."""
-    critic_loss, grasp_loss, q_mean = losses(agent, b, next_act, discount)
-    critic_opt.zero_grad(set_to_none=True)
-    (critic_loss + grasp_loss).backward()    # disjoint parameters, except the shared encoder
-    critic_opt.step()
-    # PAPER: soft target update thetabar <- (1 - tau) thetabar + tau theta (SAC; hil-serl averages all)
-    with torch.no_grad():   # else autograd records every update and the targets grow an endless history
-        torch._foreach_lerp_(agent.target_parameters(), agent.critic_parameters(), tau)
-    return {"loss/critic": critic_loss.detach(), "loss/grasp_critic": grasp_loss.detach(), "q/mean": q_mean}
-
-
-def actor_step(agent, actor_opt, temperature_opt, obs, entropy_target):
-    """One actor and one temperature update (SAC, Haarnoja et al. 2018, eqs. 7 and 18)."""
+def actor_losses(agent, obs, entropy_target):
+    """The actor and temperature losses (SAC, Haarnoja et al. 2018, eqs. 7 and 18), the entropy and alpha."""
     with torch.no_grad():
         z = agent.encoder(obs)                                                     # (B, F)
     act, log_prob = agent.actor(obs, agent.image_features(z))   # image features detached (hil-serl)
@@ -112,18 +162,19 @@ def actor_step(agent, actor_opt, temperature_opt, obs, entropy_target):
     alpha = agent.log_alpha.exp()
     # PAPER: J_pi = E[alpha log pi(a|s) - Q(s, a)], a ~ pi reparameterised (SAC eq. 7)
     actor_loss = (alpha.detach() * log_prob - q).mean()
-    actor_opt.zero_grad(set_to_none=True)
-    actor_loss.backward(inputs=list(agent.actor.parameters()))   # the critics are not trained here
-    actor_opt.step()
     # PAPER: J_alpha = alpha (H - Htarget) with H = -E[log pi]: alpha falls while the policy is more
     # random than the target (hil-serl's Lagrange form of SAC eq. 18; H from this batch, as in RLPD)
     entropy = -log_prob.detach().mean()
     temperature_loss = alpha * (entropy - entropy_target)
-    temperature_opt.zero_grad(set_to_none=True)
-    temperature_loss.backward()
-    temperature_opt.step()
-    return {"loss/actor": actor_loss.detach(), "loss/temperature": temperature_loss.detach(),
-            "entropy": entropy, "alpha": alpha.detach()}
+    return actor_loss, temperature_loss, {"entropy": entropy, "alpha": alpha.detach()}
+
+
+def actor_step(agent, actor_adam, temperature_adam, obs, entropy_target):
+    """One actor and one temperature update."""
+    actor_loss, temperature_loss, info = actor_losses(agent, obs, entropy_target)
+    actor_adam.step(torch.autograd.grad(actor_loss, actor_adam.params))   # the critics are not trained here
+    temperature_adam.step(torch.autograd.grad(temperature_loss, temperature_adam.params))
+    return {"loss/actor": actor_loss.detach(), "loss/temperature": temperature_loss.detach(), **info}
 
 
 def learn(agent, opts, batches, cfg):
@@ -140,11 +191,10 @@ def learn(agent, opts, batches, cfg):
         draw = compiled_next_actions if cfg.compile else next_actions
         with torch.no_grad():   # the actor does not change during the critic updates: draw all a' at once
             next_act = draw(agent.actor, batches["next_obs"])                      # (U, B, 3)
-    info, losses = {}, compiled_critic_losses if cfg.compile else critic_losses
+    update = compiled_critic_update if cfg.compile else critic_update
     for i in range(batches["act"].shape[0]):
         b = index_batch(batches, i)
-        info = critic_step(agent, opts["critic"], b, None if next_act is None else next_act[i], cfg.discount,
-                           cfg.tau, losses)
+        info = update(agent, opts["critic"], b, None if next_act is None else next_act[i], cfg.discount, cfg.tau)
     info.update(actor_step(agent, opts["actor"], opts["temperature"], b["obs"], target_entropy()))
     return info
 
@@ -332,8 +382,9 @@ def train(cfg, env, intervener, run_dir):
         batches = to_device(sample_batches(demo, demo, cfg.utd_ratio, cfg.batch_size, rng), device)
         with torch.no_grad():
             next_act = compiled_next_actions(agent.actor, batches["next_obs"])          # (U, B, 3)
-        b = index_batch(batches, 0)
-        sum(compiled_critic_losses(copy.deepcopy(agent), b, next_act[0], cfg.discount)[:2]).backward()
+        twin = copy.deepcopy(agent)   # an update of a copy: the agent itself starts untouched
+        compiled_critic_update(twin, make_optimizers(twin, cfg)["critic"], index_batch(batches, 0), next_act[0],
+                               cfg.discount, cfg.tau)
     log_path = run_dir / "log.csv"
     rows = list(csv.DictReader(open(log_path))) if cfg.resume and log_path.exists() else []
     rows = [{k: int(v) if v.lstrip("-").isdigit() else float(v) for k, v in r.items() if v} for r in rows]
@@ -495,15 +546,13 @@ def fit_classifier(classifier, features, labels, train_idx, steps, rng, batch_si
     positives, negatives = train_idx[labels[train_idx] == 1], train_idx[labels[train_idx] == 0]
     if not len(positives) or not len(negatives):
         raise SystemExit("error: the classifier needs positive (success) and negative frames to train on")
-    opt = torch.optim.Adam([p for p in classifier.parameters() if p.requires_grad], lr=1e-4)
+    adam = Adam([p for p in classifier.parameters() if p.requires_grad], lr=1e-4)
     half = batch_size // 2
     y = torch.cat([torch.ones(half), torch.zeros(half)]).to(next(iter(features.values())).device)
     for _ in range(steps):
         idx = np.concatenate([rng.choice(positives, half), rng.choice(negatives, half)])
         loss = torch.nn.functional.binary_cross_entropy_with_logits(classifier({k: f[idx] for k, f in features.items()}), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        adam.step(torch.autograd.grad(loss, adam.params))
 
 
 @torch.no_grad()
@@ -663,9 +712,10 @@ def device_name(device):
     return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
 
 
-def timed(fn, device, repeats=10):
-    """Mean seconds per call of fn, after two warm-up calls."""
-    fn(), fn()                                   # warm-up
+def timed(fn, device, repeats=10, warmup=2):
+    """Mean seconds per call of fn, after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
     if device.type == "cuda":
         torch.cuda.synchronize()                 # SYNC POINT: timing
     start = time.perf_counter()
@@ -676,7 +726,12 @@ def timed(fn, device, repeats=10):
     return (time.perf_counter() - start) / repeats
 
 
-def benchmark(cfg):
+def benchmark(cfg, rounds=5):
+    """--bench: one control step's learning, ours against the reference and the arithmetic floor.
+
+    This machine's speed can drift within seconds, so each round measures the matmul rate right
+    before timing both learners, and the round with the median share of the floor is reported.
+    """
     device = pick_device(cfg)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
@@ -685,24 +740,29 @@ def benchmark(cfg):
     agent = Agent(state_dim, cfg).to(device)
     opts = make_optimizers(agent, cfg)
     reference = ReferenceLearner(state_dim, cfg, device)
-
-    def ours():
+    def our_step():
         learn(agent, opts, to_device(sample_batches(demo, online, cfg.utd_ratio, cfg.batch_size, rng), device), cfg)
 
-    rate = matmul_rate(device)
-    floor_s = control_step_flops(state_dim, cfg) / rate
+    ours = "compiled" if cfg.compile else "hilserl"
+    learners = {ours: our_step, "reference": lambda: reference.learn(demo, online, rng)}
+    flops = control_step_flops(state_dim, cfg)
     print(f"device: {device_name(device)}; torch {torch.__version__}; utd_ratio {cfg.utd_ratio}, batch {cfg.batch_size}, "
-          f"{cfg.num_critics} critics, hidden {cfg.hidden_dim}")
-    print(f"matmul rate ({256}x{256} @ {256}x{256}): {rate / 1e9:.1f} GFLOP/s; one control step = "
-          f"{control_step_flops(state_dim, cfg) / 1e9:.2f} GFLOP; floor {floor_s * 1e3:.1f} ms")
-    results = {}
-    ours_label = "compiled" if cfg.compile else "hilserl"
-    for label, fn in ((ours_label, ours), ("reference", lambda: reference.learn(demo, online, rng))):
-        seconds = timed(fn, device)
-        results[label] = seconds
-        print(f"{label:>9}: {seconds * 1e3:7.1f} ms per control step, {cfg.utd_ratio / seconds:7.0f} updates/s, "
-              f"{floor_s / seconds:4.0%} of the floor's speed")
-    print(f"speed-up over the reference: {results['reference'] / results[ours_label]:.2f}x")
+          f"{cfg.num_critics} critics, hidden {cfg.hidden_dim}; one control step = {flops / 1e9:.2f} GFLOP")
+    for fn in learners.values():   # warm-up (and, with --compile, compiling)
+        fn(), fn()
+    results = []   # per round: (share of the floor, matmul rate, {learner: seconds})
+    for _ in range(rounds):
+        rate = matmul_rate(device, seconds=0.5)
+        seconds = {label: timed(fn, device, repeats=5, warmup=0) for label, fn in learners.items()}
+        results.append((flops / rate / seconds[ours], rate, seconds))
+    shares = sorted(r[0] for r in results)
+    _, rate, seconds = sorted(results, key=lambda r: r[0])[rounds // 2]
+    print(f"median of {rounds} rounds (the share of the floor ranged {shares[0]:.0%} - {shares[-1]:.0%}): "
+          f"matmul rate (256x256 @ 256x256) {rate / 1e9:.1f} GFLOP/s, floor {flops / rate * 1e3:.1f} ms")
+    for label, s in seconds.items():
+        print(f"{label:>9}: {s * 1e3:7.1f} ms per control step, {cfg.utd_ratio / s:7.0f} updates/s, "
+              f"{flops / rate / s:4.0%} of the floor's speed")
+    print(f"speed-up over the reference: {seconds['reference'] / seconds[ours]:.2f}x")
 
 
 def benchmark_images(cfg, slots=4_000, repeats=5):

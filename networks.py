@@ -356,9 +356,14 @@ class Agent(nn.Module):
         # alpha = exp(log_alpha) stays positive; initialised to temperature_init (hil-serl: 0.01)
         self.log_alpha = nn.Parameter(torch.tensor(math.log(cfg.temperature_init)))
 
+    def forward(self, loss, *args):
+        """loss(self, *args). torch.func.functional_call runs a module's forward on parameters it is
+        given instead of the module's own; this forward lets it do so for any loss of the agent."""
+        return loss(self, *args)
+
     def critic_parameters(self):
-        """Trained by the critic loss, in the same order as `target_parameters`."""
-        return [*self.encoder.parameters(), *self.critic.parameters(), *self.grasp_critic.parameters()]
+        """{name: parameter} trained by the critic losses, in the order of `target_parameters`."""
+        return {name: p for name, p in self.named_parameters() if name.split(".")[0] in ("encoder", "critic", "grasp_critic")}
 
     def target_parameters(self):
         t = self.target

@@ -176,11 +176,8 @@ def reference_critic_losses(agent, b, next_act, cfg):
     return a, critic_loss, grasp_loss
 
 
-def run_critic_step(agent, b, next_act, cfg, stubbed=False):
-    opts = hilserl.make_optimizers(agent, cfg)
-    if stubbed:   # hand-written stand-ins have no parameters to average into
-        agent.target_parameters, agent.critic_parameters = lambda: [torch.zeros(1)], lambda: [torch.ones(1)]
-    return hilserl.critic_step(agent, opts["critic"], b, next_act, cfg.discount, cfg.tau)
+def run_critic_update(agent, b, next_act, cfg):
+    return hilserl.critic_update(agent, hilserl.make_optimizers(agent, cfg)["critic"], b, next_act, cfg.discount, cfg.tau)
 
 
 def test_critic_and_grasp_losses_match_float64_reference():
@@ -188,7 +185,7 @@ def test_critic_and_grasp_losses_match_float64_reference():
     agent, b = make_agent(cfg), random_batch()
     next_act = torch.rand(8, EE_DIM) * 2 - 1
     ref, critic_loss, grasp_loss = reference_critic_losses(agent, b, next_act, cfg)
-    info = run_critic_step(agent, b, next_act, cfg)
+    info = run_critic_update(agent, b, next_act, cfg)
     assert math.isclose(info["loss/critic"].item(), critic_loss.item(), rel_tol=1e-5)
     assert math.isclose(info["loss/grasp_critic"].item(), grasp_loss.item(), rel_tol=1e-5)
 
@@ -199,9 +196,10 @@ def test_critic_gradients_match_float64_reference():
     next_act = torch.rand(8, EE_DIM) * 2 - 1
     ref, critic_loss, grasp_loss = reference_critic_losses(agent, b, next_act, cfg)
     (critic_loss + grasp_loss).backward()
-    run_critic_step(agent, b, next_act, cfg)
-    for mine, theirs in zip(agent.critic_parameters(), ref.critic_parameters()):
-        assert torch.allclose(mine.grad.double(), theirs.grad, rtol=1e-4, atol=1e-6)
+    grads, _ = hilserl.critic_gradients(agent, b, next_act, cfg.discount)
+    assert list(grads) == list(agent.critic_parameters()) == list(ref.critic_parameters())
+    for mine, theirs in zip(grads.values(), ref.critic_parameters().values()):
+        assert torch.allclose(mine.double(), theirs.grad, rtol=1e-4, atol=1e-6)
 
 
 class FixedQ(torch.nn.Module):
@@ -226,8 +224,8 @@ def test_target_is_clipped_min_and_stops_only_at_termination():
     y = torch.tensor([1 + 0.9 * 3, 2.0, 3 + 0.9 * 7, 4 + 0.9 * -1])
     with torch.no_grad():
         q = agent.critic(agent.encoder(b["obs"]), b["act"][:, :EE_DIM])
-    info = run_critic_step(agent, b, torch.zeros(4, EE_DIM), cfg, stubbed=True)
-    assert math.isclose(info["loss/critic"].item(), ((q - y) ** 2).mean().item(), rel_tol=1e-6)
+    critic_loss, _, _ = hilserl.critic_losses(agent, b, torch.zeros(4, EE_DIM), cfg.discount)
+    assert math.isclose(critic_loss.item(), ((q - y) ** 2).mean().item(), rel_tol=1e-6)
 
 
 class FixedGrasp(torch.nn.Module):
@@ -253,16 +251,16 @@ def test_grasp_target_is_double_dqn_with_the_penalty():
     #          row 1: terminated -> 1 - 0.02
     y = torch.tensor([1.98, 0.98])
     q_taken = torch.tensor([1.0, 4.0])                         # online values of the taken classes
-    info = run_critic_step(agent, b, torch.zeros(2, EE_DIM), cfg, stubbed=True)
-    assert math.isclose(info["loss/grasp_critic"].item(), ((q_taken - y) ** 2).mean().item(), rel_tol=1e-6)
+    _, grasp_loss, _ = hilserl.critic_losses(agent, b, torch.zeros(2, EE_DIM), cfg.discount)
+    assert math.isclose(grasp_loss.item(), ((q_taken - y) ** 2).mean().item(), rel_tol=1e-6)
 
 
 def test_soft_target_update_moves_targets_by_tau():
     cfg = small_cfg(tau=0.1)
     agent, b = make_agent(cfg), random_batch()
     before = [p.detach().double().clone() for p in agent.target_parameters()]
-    run_critic_step(agent, b, torch.zeros(8, EE_DIM), cfg)
-    for old, new, online in zip(before, agent.target_parameters(), agent.critic_parameters()):
+    run_critic_update(agent, b, torch.zeros(8, EE_DIM), cfg)
+    for old, new, online in zip(before, agent.target_parameters(), agent.critic_parameters().values()):
         expected = (1 - 0.1) * old + 0.1 * online.detach().double()   # online after its update
         assert torch.allclose(new.double(), expected, atol=1e-6)
 
@@ -271,24 +269,39 @@ def test_target_update_leaves_no_autograd_history():
     cfg = small_cfg()
     agent = make_agent(cfg)
     for _ in range(2):
-        run_critic_step(agent, random_batch(), torch.zeros(8, EE_DIM), cfg)
+        run_critic_update(agent, random_batch(), torch.zeros(8, EE_DIM), cfg)
     for p in agent.target_parameters():
         assert p.is_leaf and not p.requires_grad and p.grad_fn is None
 
 
-def test_compiled_critic_losses_match_eager():
+def test_compiled_critic_gradients_match_eager():
     cfg = small_cfg()
     agent, b = make_agent(cfg), random_batch()
     next_act = torch.rand(8, EE_DIM) * 2 - 1
-    twin = copy.deepcopy(agent)
-    eager = hilserl.critic_losses(agent, b, next_act, cfg.discount)
-    compiled = hilserl.compiled_critic_losses(twin, b, next_act, cfg.discount)
-    sum(eager[:2]).backward()
-    sum(compiled[:2]).backward()
-    for e, c in zip(eager, compiled):
+    eager_grads, eager_losses = hilserl.critic_gradients(agent, b, next_act, cfg.discount)          # autograd
+    compiled = torch.compile(torch.no_grad()(hilserl.critic_gradients))                            # torch.func.grad
+    compiled_grads, compiled_losses = compiled(agent, b, next_act, cfg.discount)
+    for e, c in zip(eager_losses, compiled_losses):
         assert torch.allclose(e, c, rtol=1e-5, atol=1e-6)
-    for p_eager, p_compiled in zip(agent.critic_parameters(), twin.critic_parameters()):
-        assert torch.allclose(p_eager.grad, p_compiled.grad, rtol=1e-4, atol=1e-6)
+    assert list(eager_grads) == list(compiled_grads)
+    for e, c in zip(eager_grads.values(), compiled_grads.values()):
+        assert torch.allclose(e, c, rtol=1e-4, atol=1e-6)
+
+
+def test_compiled_critic_update_matches_eager():
+    cfg = small_cfg()
+    agent = make_agent(cfg)
+    twin = copy.deepcopy(agent)
+    eager_adam, compiled_adam = (hilserl.make_optimizers(a, cfg)["critic"] for a in (agent, twin))
+    for seed in range(3):
+        b, next_act = random_batch(seed=seed), torch.rand(8, EE_DIM) * 2 - 1
+        eager = hilserl.critic_update(agent, eager_adam, b, next_act, cfg.discount, cfg.tau)
+        compiled = hilserl.compiled_critic_update(twin, compiled_adam, b, next_act, cfg.discount, cfg.tau)
+        for key in eager:
+            assert torch.allclose(eager[key], compiled[key], rtol=1e-5, atol=1e-6)
+    assert compiled_adam.t.item() == 3
+    for (name, e), c in zip(agent.state_dict().items(), twin.state_dict().values()):
+        assert torch.allclose(e, c, rtol=1e-4, atol=1e-6), name
 
 
 def test_compiled_next_actions_match_eager(monkeypatch):
@@ -307,9 +320,9 @@ def test_actor_loss_and_gradient_match_float64_reference():
     cfg = small_cfg()
     agent, b = make_agent(cfg), random_batch()
     ref = copy.deepcopy(agent).double()
-    opts = hilserl.make_optimizers(agent, cfg)
     torch.manual_seed(3)
-    info = hilserl.actor_step(agent, opts["actor"], opts["temperature"], b["obs"], hilserl.target_entropy())
+    actor_loss, _, _ = hilserl.actor_losses(agent, b["obs"], hilserl.target_entropy())
+    grads = torch.autograd.grad(actor_loss, list(agent.actor.parameters()))
     obs = double(b["obs"])
     h = ref_encoder(ref.actor.encoder, obs)
     mean, log_std = ref_mlp(ref.actor.net, h).chunk(2, -1)
@@ -321,10 +334,19 @@ def test_actor_loss_and_gradient_match_float64_reference():
     q_mean = ref_critics(ref.critic, ref_encoder(ref.encoder, obs).detach(), act).mean(0)   # mean, not min
     loss = (cfg.temperature_init * log_prob - q_mean).mean()
     loss.backward()
-    assert math.isclose(info["loss/actor"].item(), loss.item(), rel_tol=1e-4)
-    for mine, theirs in zip(agent.actor.parameters(), ref.actor.parameters()):
-        assert torch.allclose(mine.grad.double(), theirs.grad, rtol=1e-3, atol=1e-6)
-    assert all(p.grad is None for p in agent.critic_parameters())   # the critics are not trained here
+    assert math.isclose(actor_loss.item(), loss.item(), rel_tol=1e-4)
+    for mine, theirs in zip(grads, ref.actor.parameters()):
+        assert torch.allclose(mine.double(), theirs.grad, rtol=1e-3, atol=1e-6)
+
+
+def test_actor_step_trains_the_actor_and_alpha_only():
+    cfg = small_cfg()
+    agent = make_agent(cfg)
+    opts = hilserl.make_optimizers(agent, cfg)
+    before = copy.deepcopy(agent.state_dict())
+    hilserl.actor_step(agent, opts["actor"], opts["temperature"], random_batch()["obs"], hilserl.target_entropy())
+    changed = {k.split(".")[0] for k, v in agent.state_dict().items() if not torch.equal(before[k], v)}
+    assert changed == {"actor", "log_alpha"}
 
 
 @pytest.mark.parametrize("log_std_bias, alpha_should", [(-0.5, "fall"), (-6.0, "rise")])
@@ -336,10 +358,15 @@ def test_temperature_gradient_sign(log_std_bias, alpha_should):
         agent.actor.net[-1].bias.copy_(torch.tensor([0.0, 0, 0, log_std_bias, log_std_bias, log_std_bias]))
     opts = hilserl.make_optimizers(agent, cfg)
     alpha_before = agent.log_alpha.exp().item()
-    info = hilserl.actor_step(agent, opts["actor"], opts["temperature"], {"state": torch.randn(256, STATE_DIM)}, -2.0)
+    obs = {"state": torch.randn(256, STATE_DIM)}
+    torch.manual_seed(5)
+    _, temperature_loss, info = hilserl.actor_losses(agent, obs, -2.0)
+    (grad,) = torch.autograd.grad(temperature_loss, [agent.log_alpha])
     # d/dlog_alpha [alpha (H - Htarget)] = alpha (H - Htarget): positive when the policy is too random
     expected_grad = alpha_before * (info["entropy"].item() + 2.0)
-    assert math.isclose(agent.log_alpha.grad.item(), expected_grad, rel_tol=1e-5)
+    assert math.isclose(grad.item(), expected_grad, rel_tol=1e-5)
+    torch.manual_seed(5)
+    hilserl.actor_step(agent, opts["actor"], opts["temperature"], obs, -2.0)
     alpha_after = agent.log_alpha.exp().item()
     assert (alpha_after < alpha_before) if alpha_should == "fall" else (alpha_after > alpha_before)
 
@@ -355,8 +382,50 @@ def test_learn_does_utd_critic_updates_then_one_actor_update():
     batches = {k: (torch.stack([v] * 5) if not isinstance(v, dict) else {n: torch.stack([t] * 5) for n, t in v.items()})
                for k, v in random_batch().items()}
     hilserl.learn(agent, opts, batches, cfg)
-    steps = lambda opt: int(next(iter(opt.state.values()))["step"])
-    assert steps(opts["critic"]) == 5 and steps(opts["actor"]) == 1 and steps(opts["temperature"]) == 1
+    assert (opts["critic"].t.item(), opts["actor"].t.item(), opts["temperature"].t.item()) == (5, 1, 1)
+
+
+# --- Adam and the checkpoint ---------------------------------------------------------------------
+def test_adam_matches_torch_optim_adam():
+    torch.manual_seed(0)
+    ours_params = [torch.randn(5, 3), torch.randn(4)]
+    theirs_params = [p.clone().requires_grad_() for p in ours_params]
+    ours, theirs = hilserl.Adam(ours_params, lr=0.01), torch.optim.Adam(theirs_params, lr=0.01)
+    for step in range(6):
+        grads = [torch.randn_like(p) * 10.0 ** (step - 3) for p in ours_params]   # changing scales: bias correction shows
+        ours.step(grads)
+        for p, g in zip(theirs_params, grads):
+            p.grad = g.clone()
+        theirs.step()
+    for mine, reference in zip(ours_params, theirs_params):
+        assert torch.allclose(mine, reference, rtol=1e-6, atol=1e-7)
+
+
+def test_adam_first_step_by_hand():
+    # after bias correction m_hat = g and v_hat = g^2: the first step is -lr g / (|g| + eps)
+    p = torch.tensor([1.0, -2.0, 0.5])
+    hilserl.Adam([p], lr=0.1).step([torch.tensor([0.3, -4.0, 0.0])])
+    assert torch.allclose(p, torch.tensor([1.0 - 0.1, -2.0 + 0.1, 0.5]), atol=1e-6)
+
+
+def test_checkpoint_restores_the_agent_and_the_optimizers(tmp_path):
+    cfg = small_cfg()
+    agent = make_agent(cfg)
+    opts = hilserl.make_optimizers(agent, cfg)
+    for seed in range(2):
+        hilserl.critic_update(agent, opts["critic"], random_batch(seed=seed), torch.zeros(8, EE_DIM), cfg.discount, cfg.tau)
+    hilserl.actor_step(agent, opts["actor"], opts["temperature"], random_batch()["obs"], -2.0)
+    buffers = [buffer.ReplayBuffer(10, {"state": np.zeros(STATE_DIM, np.float32)}, 4) for _ in range(2)]
+    hilserl.save_checkpoint(tmp_path, agent, opts, *buffers, {"episode": 7})
+    fresh = make_agent(cfg, seed=1)
+    fresh_opts = hilserl.make_optimizers(fresh, cfg)
+    assert hilserl.load_checkpoint(tmp_path, fresh, fresh_opts) == {"episode": 7}
+    for (name, mine), restored in zip(agent.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(mine, restored), name
+    for key, adam in opts.items():
+        restored = fresh_opts[key]
+        assert restored.t.item() == adam.t.item() > 0
+        assert all(torch.equal(a, b) for a, b in zip([*adam.m, *adam.v], [*restored.m, *restored.v]))
 
 
 # --- buffers -----------------------------------------------------------------------------------
@@ -1598,7 +1667,7 @@ def test_actor_reads_image_features_without_training_the_shared_encoder():
     changed = {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}
     assert changed == {"actor", "log_alpha"}
     assert agent.actor.net[0].in_features == 8 + 2 * 256                          # state latent + 2 cameras
-    hilserl.critic_step(agent, opts["critic"], image_batch(), None, cfg.discount, cfg.tau)
+    hilserl.critic_update(agent, opts["critic"], image_batch(), None, cfg.discount, cfg.tau)
     changed = {k.rsplit(".", 1)[0] for k in before if not torch.equal(before[k], agent.state_dict()[k])}
     assert {"encoder.images.front.cnn.net.0", "encoder.images.wrist.proj.0", "grasp_critic.net.0"} <= changed
 
