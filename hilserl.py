@@ -669,12 +669,11 @@ def control_step_flops(state_dim, cfg):
         return sum(2 * rows * i * o for i, o in zip(dims[:-1], dims[1:]))
     encoder, critic = fwd(B, [state_dim, L]), E * fwd(B, [L + A, H, H, 1])
     grasp, actor = fwd(B, [L, H, H, 3]), fwd(B, [state_dim, L, H, H, 2 * A])
-    first_critic_layer = E * fwd(B, [L + A, H])
     per_critic_update = (
         encoder + critic + encoder + grasp + grasp         # targets: target enc, critics; online enc, grasp; target grasp
         + 2 * encoder + 3 * critic + 3 * grasp)            # online: encoder fwd + weight grads; critics, grasp fwd + 2 bwd
     actor_update = (3 * actor - fwd(B, [state_dim, L])     # the state needs no gradient
-                    + encoder + 2 * critic - first_critic_layer)  # critics: fwd + input grads, no weight grads
+                    + encoder + 2 * critic)       # critics: fwd + input grads (for the action), no weight grads
     return U * per_critic_update + U * actor + actor_update   # U*actor: next actions for every batch
 
 

@@ -385,6 +385,20 @@ def test_learn_does_utd_critic_updates_then_one_actor_update():
     assert (opts["critic"].t.item(), opts["actor"].t.item(), opts["temperature"].t.item()) == (5, 1, 1)
 
 
+
+def test_benchmark_floor_counts_the_matmuls_learn_runs():
+    cfg = small_cfg(utd_ratio=3)
+    agent = make_agent(cfg)
+    batches = {k: (torch.stack([v] * 3) if not isinstance(v, dict) else {n: torch.stack([t] * 3) for n, t in v.items()})
+               for k, v in random_batch().items()}
+    with torch.utils.flop_counter.FlopCounterMode(display=False) as counter:
+        hilserl.learn(agent, hilserl.make_optimizers(agent, cfg), batches, cfg)
+    # the critics' H -> 1 output layers run as a multiply and a sum, which torch does not count:
+    # 2 B H multiply-adds per critic in each target and online forward and in each of the two
+    # backward products, in every critic update, and in the actor update's forward and input gradient
+    output_layers = (4 * cfg.utd_ratio + 2) * cfg.num_critics * 2 * cfg.batch_size * cfg.hidden_dim
+    assert hilserl.control_step_flops(STATE_DIM, cfg) == counter.get_total_flops() + output_layers
+
 # --- Adam and the checkpoint ---------------------------------------------------------------------
 def test_adam_matches_torch_optim_adam():
     torch.manual_seed(0)
