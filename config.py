@@ -20,7 +20,7 @@ class Config:
     device: str = "auto"                 # "auto" = cuda when available, else cpu
     demos: str = "data/demos.npz"        # demo file (a saved ReplayBuffer); recorded in sim when missing
     bench: bool = False                  # time one control step's learning against a plain reference, then exit
-    compile: bool = False                # torch.compile the critic losses: faster updates after ~30 s of compiling
+    compile: bool = False                # torch.compile the critic update: faster updates after ~30 s of compiling
     run_dir: str = ""                    # where logs, plots and checkpoints go; empty = runs/<date>-<time>
     resume: str = ""                     # a run folder to continue from its last checkpoint
     eval: str = ""                       # a run folder whose policy to evaluate (no learning, no interventions)
