@@ -8,7 +8,7 @@
     python hilserl.py --train_classifier data/frames.npz --classifier data/classifier.pt
                                                     train the reward classifier on labelled frames
 
-Reading order: the update (Adam, critic_update, actor_step, learn), camera features (FrameFeatures),
+Reading order: the update (Adam, critic_step, actor_step, learn), camera features (FrameFeatures),
 the loop (train, evaluate, and the run folder's checkpoints, log and plots), the reward
 classifier's training, then the benchmark.
 The update is RLPD's recipe (Ball et al. 2023) with HIL-SERL's choices (Luo et al. 2024):
@@ -131,7 +131,7 @@ def critic_gradients(agent, b, next_act, discount):
         return dict(zip(params, torch.autograd.grad(losses[0] + losses[1], list(params.values())))), losses
 
 
-def critic_update(agent, adam, b, next_act, discount, tau):
+def critic_step(agent, adam, b, next_act, discount, tau):
     """One critic and grasp-critic update on batch b: gradients, Adam, then the target networks."""
     grads, (critic_loss, grasp_loss, q_mean) = critic_gradients(agent, b, next_act, discount)
     adam.step(list(grads.values()))
@@ -149,7 +149,7 @@ def next_actions(actor, next_obs):
 # --compile: the critic update and the next-action draw through torch.compile, which makes each
 # one graph and fuses its many small elementwise kernels (compiling takes ~30 s). The update runs
 # under no_grad: torch.func.grad makes its own gradients, and the graph needs no autograd around it.
-compiled_critic_update = torch.compile(torch.no_grad()(critic_update))
+compiled_critic_step = torch.compile(torch.no_grad()(critic_step))
 compiled_next_actions = torch.compile(next_actions)
 
 
@@ -191,10 +191,10 @@ def learn(agent, opts, batches, cfg):
         draw = compiled_next_actions if cfg.compile else next_actions
         with torch.no_grad():   # the actor does not change during the critic updates: draw all a' at once
             next_act = draw(agent.actor, batches["next_obs"])                      # (U, B, 3)
-    update = compiled_critic_update if cfg.compile else critic_update
+    step = compiled_critic_step if cfg.compile else critic_step
     for i in range(batches["act"].shape[0]):
         b = index_batch(batches, i)
-        info = update(agent, opts["critic"], b, None if next_act is None else next_act[i], cfg.discount, cfg.tau)
+        info = step(agent, opts["critic"], b, None if next_act is None else next_act[i], cfg.discount, cfg.tau)
     info.update(actor_step(agent, opts["actor"], opts["temperature"], b["obs"], target_entropy()))
     return info
 
@@ -383,7 +383,7 @@ def train(cfg, env, intervener, run_dir):
         with torch.no_grad():
             next_act = compiled_next_actions(agent.actor, batches["next_obs"])          # (U, B, 3)
         twin = copy.deepcopy(agent)   # an update of a copy: the agent itself starts untouched
-        compiled_critic_update(twin, make_optimizers(twin, cfg)["critic"], index_batch(batches, 0), next_act[0],
+        compiled_critic_step(twin, make_optimizers(twin, cfg)["critic"], index_batch(batches, 0), next_act[0],
                                cfg.discount, cfg.tau)
     log_path = run_dir / "log.csv"
     rows = list(csv.DictReader(open(log_path))) if cfg.resume and log_path.exists() else []

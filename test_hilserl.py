@@ -176,8 +176,8 @@ def reference_critic_losses(agent, b, next_act, cfg):
     return a, critic_loss, grasp_loss
 
 
-def run_critic_update(agent, b, next_act, cfg):
-    return hilserl.critic_update(agent, hilserl.make_optimizers(agent, cfg)["critic"], b, next_act, cfg.discount, cfg.tau)
+def run_critic_step(agent, b, next_act, cfg):
+    return hilserl.critic_step(agent, hilserl.make_optimizers(agent, cfg)["critic"], b, next_act, cfg.discount, cfg.tau)
 
 
 def test_critic_and_grasp_losses_match_float64_reference():
@@ -185,7 +185,7 @@ def test_critic_and_grasp_losses_match_float64_reference():
     agent, b = make_agent(cfg), random_batch()
     next_act = torch.rand(8, EE_DIM) * 2 - 1
     ref, critic_loss, grasp_loss = reference_critic_losses(agent, b, next_act, cfg)
-    info = run_critic_update(agent, b, next_act, cfg)
+    info = run_critic_step(agent, b, next_act, cfg)
     assert math.isclose(info["loss/critic"].item(), critic_loss.item(), rel_tol=1e-5)
     assert math.isclose(info["loss/grasp_critic"].item(), grasp_loss.item(), rel_tol=1e-5)
 
@@ -259,7 +259,7 @@ def test_soft_target_update_moves_targets_by_tau():
     cfg = small_cfg(tau=0.1)
     agent, b = make_agent(cfg), random_batch()
     before = [p.detach().double().clone() for p in agent.target_parameters()]
-    run_critic_update(agent, b, torch.zeros(8, EE_DIM), cfg)
+    run_critic_step(agent, b, torch.zeros(8, EE_DIM), cfg)
     for old, new, online in zip(before, agent.target_parameters(), agent.critic_parameters().values()):
         expected = (1 - 0.1) * old + 0.1 * online.detach().double()   # online after its update
         assert torch.allclose(new.double(), expected, atol=1e-6)
@@ -269,7 +269,7 @@ def test_target_update_leaves_no_autograd_history():
     cfg = small_cfg()
     agent = make_agent(cfg)
     for _ in range(2):
-        run_critic_update(agent, random_batch(), torch.zeros(8, EE_DIM), cfg)
+        run_critic_step(agent, random_batch(), torch.zeros(8, EE_DIM), cfg)
     for p in agent.target_parameters():
         assert p.is_leaf and not p.requires_grad and p.grad_fn is None
 
@@ -288,15 +288,15 @@ def test_compiled_critic_gradients_match_eager():
         assert torch.allclose(e, c, rtol=1e-4, atol=1e-6)
 
 
-def test_compiled_critic_update_matches_eager():
+def test_compiled_critic_step_matches_eager():
     cfg = small_cfg()
     agent = make_agent(cfg)
     twin = copy.deepcopy(agent)
     eager_adam, compiled_adam = (hilserl.make_optimizers(a, cfg)["critic"] for a in (agent, twin))
     for seed in range(3):
         b, next_act = random_batch(seed=seed), torch.rand(8, EE_DIM) * 2 - 1
-        eager = hilserl.critic_update(agent, eager_adam, b, next_act, cfg.discount, cfg.tau)
-        compiled = hilserl.compiled_critic_update(twin, compiled_adam, b, next_act, cfg.discount, cfg.tau)
+        eager = hilserl.critic_step(agent, eager_adam, b, next_act, cfg.discount, cfg.tau)
+        compiled = hilserl.compiled_critic_step(twin, compiled_adam, b, next_act, cfg.discount, cfg.tau)
         for key in eager:
             assert torch.allclose(eager[key], compiled[key], rtol=1e-5, atol=1e-6)
     assert compiled_adam.t.item() == 3
@@ -427,7 +427,7 @@ def test_checkpoint_restores_the_agent_and_the_optimizers(tmp_path):
     agent = make_agent(cfg)
     opts = hilserl.make_optimizers(agent, cfg)
     for seed in range(2):
-        hilserl.critic_update(agent, opts["critic"], random_batch(seed=seed), torch.zeros(8, EE_DIM), cfg.discount, cfg.tau)
+        hilserl.critic_step(agent, opts["critic"], random_batch(seed=seed), torch.zeros(8, EE_DIM), cfg.discount, cfg.tau)
     hilserl.actor_step(agent, opts["actor"], opts["temperature"], random_batch()["obs"], -2.0)
     buffers = [buffer.ReplayBuffer(10, {"state": np.zeros(STATE_DIM, np.float32)}, 4) for _ in range(2)]
     hilserl.save_checkpoint(tmp_path, agent, opts, *buffers, {"episode": 7})
@@ -1681,7 +1681,7 @@ def test_actor_reads_image_features_without_training_the_shared_encoder():
     changed = {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}
     assert changed == {"actor", "log_alpha"}
     assert agent.actor.net[0].in_features == 8 + 2 * 256                          # state latent + 2 cameras
-    hilserl.critic_update(agent, opts["critic"], image_batch(), None, cfg.discount, cfg.tau)
+    hilserl.critic_step(agent, opts["critic"], image_batch(), None, cfg.discount, cfg.tau)
     changed = {k.rsplit(".", 1)[0] for k in before if not torch.equal(before[k], agent.state_dict()[k])}
     assert {"encoder.images.front.cnn.net.0", "encoder.images.wrist.proj.0", "grasp_critic.net.0"} <= changed
 
