@@ -24,6 +24,7 @@ import json
 import math
 import os
 import pathlib
+import shutil
 import sys
 import time
 
@@ -334,6 +335,9 @@ def run_config(args):
         known = {f.name for f in dataclasses.fields(Config)}    # settings a newer version dropped are ignored
         saved = {k: v for k, v in saved.items() if k in known}
         cfg, _ = load_config(args, Config(**{**saved, "resume": cfg.resume, "eval": cfg.eval}))
+    has_compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++")
+    if cfg.compile and pick_device(cfg).type == "cpu" and not has_compiler:   # torch.compile builds C++ kernels
+        raise SystemExit("error: --compile on a CPU needs a C++ compiler (g++ or clang++); install one or leave out --compile")
     return cfg
 
 

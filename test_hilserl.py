@@ -399,6 +399,14 @@ def test_benchmark_floor_counts_the_matmuls_learn_runs():
     output_layers = (4 * cfg.utd_ratio + 2) * cfg.num_critics * 2 * cfg.batch_size * cfg.hidden_dim
     assert hilserl.control_step_flops(STATE_DIM, cfg) == counter.get_total_flops() + output_layers
 
+
+def test_compile_without_a_cpp_compiler_is_a_one_line_error(monkeypatch):
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(hilserl.shutil, "which", lambda name: None)
+    with pytest.raises(SystemExit, match="needs a C.. compiler"):
+        hilserl.run_config(["--compile", "true", "--device", "cpu"])
+    assert hilserl.run_config(["--device", "cpu"]).compile is False
+
 # --- Adam and the checkpoint ---------------------------------------------------------------------
 def test_adam_matches_torch_optim_adam():
     torch.manual_seed(0)
