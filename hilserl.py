@@ -319,6 +319,9 @@ def load_checkpoint(run_dir, agent, opts=None):
     state = torch.load(path, map_location=next(agent.parameters()).device)
     agent.load_state_dict(state["agent"])
     for name, opt in (opts or {}).items():
+        if set(state["opts"][name]) != {"m", "v", "t"}:   # torch.optim.Adam's state, before Adam was written out
+            raise SystemExit(f"error: {path} holds optimizer state of an older hilserl.py, which cannot resume; "
+                             f"evaluate it (--eval {run_dir}) or start a new run")
         opt.load_state_dict(state["opts"][name])
     return state["progress"]
 

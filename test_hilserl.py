@@ -450,6 +450,17 @@ def test_checkpoint_restores_the_agent_and_the_optimizers(tmp_path):
         assert all(torch.equal(a, b) for a, b in zip([*adam.m, *adam.v], [*restored.m, *restored.v]))
 
 
+def test_checkpoint_with_old_optimizer_state_is_a_one_line_error(tmp_path):
+    cfg = small_cfg()
+    agent = make_agent(cfg)
+    old_opts = {"critic": torch.optim.Adam(agent.critic_parameters().values())}
+    torch.save({"agent": agent.state_dict(), "opts": {"critic": old_opts["critic"].state_dict()}, "progress": {}},
+               tmp_path / "checkpoint.pt")
+    with pytest.raises(SystemExit, match="older hilserl.py, which cannot resume"):
+        hilserl.load_checkpoint(tmp_path, make_agent(cfg), {"critic": hilserl.make_optimizers(agent, cfg)["critic"]})
+    assert hilserl.load_checkpoint(tmp_path, make_agent(cfg)) == {}   # evaluating needs the agent only
+
+
 # --- buffers -----------------------------------------------------------------------------------
 def frame_obs(t, image=True):
     obs = {"state": np.full(3, t, np.float32)}
