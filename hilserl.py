@@ -384,14 +384,11 @@ def train(cfg, env, intervener, run_dir):
     demo_store, online_store = (FrameFeatures(b, agent.backbone, device) for b in (demo, online)) if cached else (demo, online)
     for line in warnings_for(cfg, None if cfg.resume else demo.num_episodes):
         print(line)
-    if cfg.compile and not agent.encoder.images:   # compile now, at home, not in the first episode
+    if cfg.compile:   # compile now, at home, not in the first episode
         print("compiling the update (about 30 s)...")
-        batches = to_device(sample_batches(demo, demo, cfg.utd_ratio, cfg.batch_size, rng), device)
-        with torch.no_grad():
-            next_act = compiled_next_actions(agent.actor, batches["next_obs"])          # (U, B, 3)
-        twin = copy.deepcopy(agent)   # an update of a copy: the agent itself starts untouched
-        compiled_critic_step(twin, make_optimizers(twin, cfg)["critic"], index_batch(batches, 0), next_act[0],
-                               cfg.discount, cfg.tau)
+        twin = copy.deepcopy(agent)   # a control step's learning on a copy: the agent itself starts untouched
+        batches = to_device(sample_batches(demo, demo, cfg.utd_ratio, cfg.batch_size, rng, not cached), device)
+        learn(twin, make_optimizers(twin, cfg), add_features(batches, demo_store, demo_store) if cached else batches, cfg)
     log_path = run_dir / "log.csv"
     rows = list(csv.DictReader(open(log_path))) if cfg.resume and log_path.exists() else []
     rows = [{k: int(v) if v.lstrip("-").isdigit() else float(v) for k, v in r.items() if v} for r in rows]
