@@ -651,6 +651,21 @@ def test_end_to_end_training_then_resume_then_eval(tmp_path, monkeypatch, capsys
 
 
 
+
+def test_compile_happens_before_the_first_episode_and_never_again(tmp_path, monkeypatch):
+    torch._dynamo.reset()                                         # forget graphs other tests compiled
+    graphs = lambda: torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    before_loop, window = [], hilserl.OperatorWindow              # the window opens as the loop starts
+    monkeypatch.setattr(hilserl, "OperatorWindow", lambda cfg: before_loop.append(graphs()) or window(cfg))
+    small = ["--hidden_dim", "32", "--state_latent_dim", "16", "--batch_size", "16", "--utd_ratio", "2",
+             "--training_starts", "20", "--demo_episodes", "2", "--episode_steps", "30", "--compile", "true"]
+    monkeypatch.setattr("sys.argv", ["hilserl.py", "--demos", str(tmp_path / "demos.npz"), "--run_dir",
+                                     str(tmp_path / "run"), "--max_env_steps", "90", *small])
+    hilserl.main()
+    assert len(list(csv.DictReader(open(tmp_path / "run" / "log.csv")))) == 3
+    assert before_loop == [graphs()] and graphs() >= 2            # the critic step and the next-action draw
+
+
 # =================================================================================================
 # robot.py: packets, the bus against the emulator, calibration, safety, FK/IK, cameras, env
 # =================================================================================================
