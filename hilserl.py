@@ -84,7 +84,7 @@ class Adam:
 
 def make_optimizers(agent, cfg):
     """Adam everywhere (hil-serl). One optimizer for everything the critic losses train."""
-    return {"critic": Adam(agent.critic_parameters().values(), cfg.lr), "actor": Adam(agent.actor.parameters(), cfg.lr),
+    return {"critic": Adam(agent.critic_params.values(), cfg.lr), "actor": Adam(agent.actor.parameters(), cfg.lr),
             "temperature": Adam([agent.log_alpha], cfg.lr)}
 
 
@@ -119,7 +119,7 @@ def critic_gradients(agent, b, next_act, discount):
 
     One gradient for both losses: their parameters are disjoint except the shared encoder.
     """
-    params = agent.critic_parameters()
+    params = agent.critic_params
     if torch.compiler.is_compiling():
         # torch.compile traces torch.func.grad, a function of the parameters, where autograd.grad
         # would split the compiled update in two; functional_call runs the losses on `params`
@@ -138,7 +138,7 @@ def critic_step(agent, adam, b, next_act, discount, tau):
     adam.step(list(grads.values()))
     # PAPER: soft target update thetabar <- (1 - tau) thetabar + tau theta (SAC; hil-serl averages all)
     with torch.no_grad():   # else autograd records every update and the targets grow an endless history
-        torch._foreach_lerp_(agent.target_parameters(), adam.params, tau)
+        torch._foreach_lerp_(agent.target_params, adam.params, tau)
     return {"loss/critic": critic_loss.detach(), "loss/grasp_critic": grasp_loss.detach(), "q/mean": q_mean}
 
 

@@ -109,7 +109,7 @@ def make_agent(cfg, seed=0, perturb_targets=True):
     agent = Agent(STATE_DIM, cfg)
     if perturb_targets:   # so that online and target nets differ, as they do after training starts
         with torch.no_grad():
-            for p in agent.target_parameters():
+            for p in agent.target_params:
                 p.add_(0.3 * torch.randn_like(p))
     return agent
 
@@ -197,8 +197,8 @@ def test_critic_gradients_match_float64_reference():
     ref, critic_loss, grasp_loss = reference_critic_losses(agent, b, next_act, cfg)
     (critic_loss + grasp_loss).backward()
     grads, _ = hilserl.critic_gradients(agent, b, next_act, cfg.discount)
-    assert list(grads) == list(agent.critic_parameters()) == list(ref.critic_parameters())
-    for mine, theirs in zip(grads.values(), ref.critic_parameters().values()):
+    assert list(grads) == list(agent.critic_params) == list(ref.critic_params)
+    for mine, theirs in zip(grads.values(), ref.critic_params.values()):
         assert torch.allclose(mine.double(), theirs.grad, rtol=1e-4, atol=1e-6)
 
 
@@ -258,9 +258,9 @@ def test_grasp_target_is_double_dqn_with_the_penalty():
 def test_soft_target_update_moves_targets_by_tau():
     cfg = small_cfg(tau=0.1)
     agent, b = make_agent(cfg), random_batch()
-    before = [p.detach().double().clone() for p in agent.target_parameters()]
+    before = [p.detach().double().clone() for p in agent.target_params]
     run_critic_step(agent, b, torch.zeros(8, EE_DIM), cfg)
-    for old, new, online in zip(before, agent.target_parameters(), agent.critic_parameters().values()):
+    for old, new, online in zip(before, agent.target_params, agent.critic_params.values()):
         expected = (1 - 0.1) * old + 0.1 * online.detach().double()   # online after its update
         assert torch.allclose(new.double(), expected, atol=1e-6)
 
@@ -270,7 +270,7 @@ def test_target_update_leaves_no_autograd_history():
     agent = make_agent(cfg)
     for _ in range(2):
         run_critic_step(agent, random_batch(), torch.zeros(8, EE_DIM), cfg)
-    for p in agent.target_parameters():
+    for p in agent.target_params:
         assert p.is_leaf and not p.requires_grad and p.grad_fn is None
 
 
@@ -453,7 +453,7 @@ def test_checkpoint_restores_the_agent_and_the_optimizers(tmp_path):
 def test_checkpoint_with_old_optimizer_state_is_a_one_line_error(tmp_path):
     cfg = small_cfg()
     agent = make_agent(cfg)
-    old_opts = {"critic": torch.optim.Adam(agent.critic_parameters().values())}
+    old_opts = {"critic": torch.optim.Adam(agent.critic_params.values())}
     torch.save({"agent": agent.state_dict(), "opts": {"critic": old_opts["critic"].state_dict()}, "progress": {}},
                tmp_path / "checkpoint.pt")
     with pytest.raises(SystemExit, match="older hilserl.py, which cannot resume"):
