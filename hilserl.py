@@ -271,6 +271,15 @@ def add_features(batches, demo_features, online_features):
     return batches
 
 
+def control_step_batches(demo_store, online_store, cfg, rng, device):
+    """One control step's utd_ratio batches on the device, from two ReplayBuffers, or from two
+    FrameFeatures, whose cached backbone features then stand in for the frames."""
+    cached = isinstance(online_store, FrameFeatures)
+    demo, online = (store.buffer if cached else store for store in (demo_store, online_store))
+    batches = to_device(sample_batches(demo, online, cfg.utd_ratio, cfg.batch_size, rng, not cached), device)
+    return add_features(batches, demo_store, online_store) if cached else batches
+
+
 def keep_freed_memory():
     """Let glibc keep freed memory for reuse instead of returning it to the OS.
 
@@ -387,8 +396,7 @@ def train(cfg, env, intervener, run_dir):
     if cfg.compile:   # compile now, at home, not in the first episode
         print("compiling the update (about 30 s)...")
         twin = copy.deepcopy(agent)   # a control step's learning on a copy: the agent itself starts untouched
-        batches = to_device(sample_batches(demo, demo, cfg.utd_ratio, cfg.batch_size, rng, not cached), device)
-        learn(twin, make_optimizers(twin, cfg), add_features(batches, demo_store, demo_store) if cached else batches, cfg)
+        learn(twin, make_optimizers(twin, cfg), control_step_batches(demo_store, demo_store, cfg, rng, device), cfg)
     log_path = run_dir / "log.csv"
     rows = list(csv.DictReader(open(log_path))) if cfg.resume and log_path.exists() else []
     rows = [{k: int(v) if v.lstrip("-").isdigit() else float(v) for k, v in r.items() if v} for r in rows]
@@ -420,10 +428,7 @@ def train(cfg, env, intervener, run_dir):
                 if intervened:
                     demo_store.add(*transition)         # a human correction is a demonstration too (hil-serl)
                 if len(online) >= cfg.training_starts:
-                    batches = to_device(sample_batches(demo, online, cfg.utd_ratio, cfg.batch_size, rng, not cached), device)
-                    if cached:
-                        batches = add_features(batches, demo_store, online_store)
-                    info = learn(agent, opts, batches, cfg)
+                    info = learn(agent, opts, control_step_batches(demo_store, online_store, cfg, rng, device), cfg)
                     progress["updates"] += cfg.utd_ratio
                 t3 = time.perf_counter()
                 timings.append((t1 - t0, t2 - t1, t3 - t2))
@@ -744,7 +749,7 @@ def benchmark(cfg, rounds=5):
     opts = make_optimizers(agent, cfg)
     reference = ReferenceLearner(state_dim, cfg, device)
     def our_step():
-        learn(agent, opts, to_device(sample_batches(demo, online, cfg.utd_ratio, cfg.batch_size, rng), device), cfg)
+        learn(agent, opts, control_step_batches(demo, online, cfg, rng, device), cfg)
 
     ours = "compiled" if cfg.compile else "hilserl"
     learners = {ours: our_step, "reference": lambda: reference.learn(demo, online, rng)}
@@ -784,14 +789,13 @@ def benchmark_images(cfg, slots=4_000, repeats=5):
     opts = make_optimizers(agent, cfg)
     demo, online = random_buffers(example, slots, rng)
     cached = agent.backbone is not None
-    stores = [FrameFeatures(b, agent.backbone, device) for b in (demo, online)] if cached else []
-    for store in stores:
+    stores = [FrameFeatures(b, agent.backbone, device) for b in (demo, online)] if cached else [demo, online]
+    for store in stores if cached else []:   # random features stand in for the backbone's
         for table in store.table.values():
             table.normal_()
 
     def step():
-        batches = to_device(sample_batches(demo, online, cfg.utd_ratio, cfg.batch_size, rng, not cached), device)
-        learn(agent, opts, add_features(batches, *stores) if cached else batches, cfg)
+        learn(agent, opts, control_step_batches(*stores, cfg, rng, device), cfg)
 
     print(f"device: {device_name(device)}; torch {torch.__version__}; two {size}x{size} cameras, encoder {cfg.encoder}; "
           f"utd_ratio {cfg.utd_ratio}, batch {cfg.batch_size}")
