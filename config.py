@@ -19,8 +19,7 @@ class Config:
     seed: int = 0                        # seeds numpy, torch and the sim's cube placement
     device: str = "auto"                 # "auto" = cuda when available, else cpu
     demos: str = "data/demos.npz"        # demo file (a saved ReplayBuffer); recorded in sim when missing
-    bench: bool = False                  # time one control step's learning against a plain reference, then exit
-    compile: bool = False                # torch.compile the critic update: faster updates after ~30 s of compiling
+    compile: bool = False                # the update through fast.py: torch.compile (CUDA graphs on a GPU), ~30 s to compile
     run_dir: str = ""                    # where logs, plots and checkpoints go; empty = runs/<date>-<time>
     resume: str = ""                     # a run folder to continue from its last checkpoint
     eval: str = ""                       # a run folder whose policy to evaluate (no learning, no interventions)
@@ -53,8 +52,7 @@ class Config:
     classifier: str = ""                 # reward classifier file; when set, it too decides success from the frames (hil-serl)
     classifier_threshold: float = 0.7    # success when sigmoid(logit) > this (hil-serl USB task)
     classifier_steps: int = 150          # gradient steps of 128 positive + 128 negative frames (hil-serl)
-    train_classifier: str = ""           # labelled frames file (python teleop.py label): train --classifier on it, then exit
-    frames: str = "data/frames.npz"      # where python teleop.py label writes camera frames labelled success or not
+    frames: str = "data/frames.npz"      # camera frames labelled success or not: teleop.py label writes them, classifier.py trains on them
     success_frames: int = 200            # label until the frames file holds this many successes (hil-serl: 200)
 
     # --- reward and gripper -----------------------------------------------------------------
@@ -141,7 +139,7 @@ def parse_overrides(args, cfg=None):
             hint = f" (did you mean --{close[0]}?)" if close else ""
             raise ValueError(f"unknown option --{name}{hint}; see config.py for every setting")
         if not value and isinstance(getattr(cfg, name), bool) and (i + 1 >= len(args) or args[i + 1].startswith("--")):
-            value = "true"                # a bare boolean flag: --bench
+            value = "true"                # a bare boolean flag: --compile
         if not value:
             if i + 1 >= len(args):
                 raise ValueError(f"--{name} needs a value")

@@ -36,26 +36,23 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-EE_DIM = 3           # continuous action: EE position delta x, y, z
-GRIPPER_CLASSES = 3  # close, stay, open (hil-serl's hybrid agent)
+from robot import EE_DIM   # the action's layout is the env's: act[:EE_DIM] moves the EE, act[EE_DIM] the gripper
+
+GRIPPER_CLASSES = 3  # the grasp critic's classes: close, stay, open (hil-serl's hybrid agent)
 
 
-def tanh(x):
-    """tanh(x) = 2 sigmoid(2x) - 1: the same function, but torch's CPU tanh kernel is about 5x slower
-    than its sigmoid here (87 against 18 us on 256x256), which outweighs the two extra passes."""
-    return torch.sigmoid(2 * x) * 2 - 1
-
-
-class Tanh(nn.Module):
-    def forward(self, x):
-        return tanh(x)
+def pick_device(cfg):
+    """cfg.device, where "auto" is the GPU when there is one."""
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
 
 
 def mlp(in_dim, hidden_dim, out_dim):
     """Two hidden Linear -> LayerNorm -> tanh layers, then a linear output (hil-serl)."""
     return nn.Sequential(
-        nn.Linear(in_dim, hidden_dim), nn.LayerNorm(hidden_dim), Tanh(),
-        nn.Linear(hidden_dim, hidden_dim), nn.LayerNorm(hidden_dim), Tanh(),
+        nn.Linear(in_dim, hidden_dim), nn.LayerNorm(hidden_dim), nn.Tanh(),
+        nn.Linear(hidden_dim, hidden_dim), nn.LayerNorm(hidden_dim), nn.Tanh(),
         nn.Linear(hidden_dim, out_dim))
 
 
@@ -67,7 +64,7 @@ class Encoder(nn.Module):
 
     def __init__(self, state_dim, latent_dim, image_shapes=None, cfg=None, backbone=None):
         super().__init__()
-        self.state = nn.Sequential(nn.Linear(state_dim, latent_dim), nn.LayerNorm(latent_dim), Tanh())
+        self.state = nn.Sequential(nn.Linear(state_dim, latent_dim), nn.LayerNorm(latent_dim), nn.Tanh())
         self.images = nn.ModuleDict({name: ImageHead(shape, cfg.image_latent_dim, backbone)
                                      for name, shape in (image_shapes or {}).items()})
         self.state_dim = latent_dim
@@ -191,7 +188,7 @@ class ImageHead(nn.Module):
         with torch.no_grad():
             c, h, w = (backbone or self.cnn)(torch.zeros(1, *frame_shape, dtype=torch.uint8)).shape[1:]
         self.pool = SpatialLearnedEmbeddings(c, h, w)
-        self.proj = nn.Sequential(nn.Linear(c * NUM_SPATIAL_FEATURES, latent_dim), nn.LayerNorm(latent_dim), Tanh())
+        self.proj = nn.Sequential(nn.Linear(c * NUM_SPATIAL_FEATURES, latent_dim), nn.LayerNorm(latent_dim), nn.Tanh())
         self.out_dim = latent_dim
 
     def forward(self, x):
@@ -310,16 +307,15 @@ class CriticEnsemble(nn.Module):
             self.biases.append(nn.Parameter(torch.zeros(num_critics, 1, d_out)))
         self.ln_gains = nn.ParameterList([nn.Parameter(torch.ones(num_critics, 1, hidden_dim)) for _ in range(2)])
         self.ln_shifts = nn.ParameterList([nn.Parameter(torch.zeros(num_critics, 1, hidden_dim)) for _ in range(2)])
+        self.activation = nn.Tanh()
 
     def forward(self, z, act):
         x = torch.cat([z, act], dim=-1)                                     # (B, F + A)
         h = x.expand(len(self.weights[0]), *x.shape)                        # (E, B, F + A): one input, E members
         for layer in range(2):
             h = torch.baddbmm(self.biases[layer], h, self.weights[layer])   # (E, B, H)
-            h = tanh(torch.addcmul(self.ln_shifts[layer], F.layer_norm(h, h.shape[-1:]), self.ln_gains[layer]))
-        # The H -> 1 output layer as a multiply and a sum: a batched matmul with a single output
-        # column takes about 4x longer on a CPU (measured: 73 against 18 us at E=2, B=H=256).
-        return (h * self.weights[2].transpose(1, 2)).sum(-1) + self.biases[2][..., 0]   # (E, B)
+            h = self.activation(torch.addcmul(self.ln_shifts[layer], F.layer_norm(h, h.shape[-1:]), self.ln_gains[layer]))
+        return torch.baddbmm(self.biases[2], h, self.weights[2]).squeeze(-1)   # (E, B)
 
 
 class GraspCritic(nn.Module):
@@ -355,16 +351,10 @@ class Agent(nn.Module):
                                      "grasp_critic": copy.deepcopy(self.grasp_critic)}).requires_grad_(False)
         # alpha = exp(log_alpha) stays positive; initialised to temperature_init (hil-serl: 0.01)
         self.log_alpha = nn.Parameter(torch.tensor(math.log(cfg.temperature_init)))
-        # listed once here, not in each of a control step's 20 critic updates (~0.1 ms a listing):
         # {name: parameter} trained by the critic losses, and their target copies in the same order
         self.critic_params = {name: p for name, p in self.named_parameters()
                               if name.split(".")[0] in ("encoder", "critic", "grasp_critic")}
         self.target_params = list(self.target.parameters())
-
-    def forward(self, loss, *args):
-        """loss(self, *args). torch.func.functional_call runs a module's forward on parameters it is
-        given instead of the module's own; this forward lets it do so for any loss of the agent."""
-        return loss(self, *args)
 
     def image_features(self, z):
         """The camera part of the critic encoder's features, which the actor reads; None without cameras."""

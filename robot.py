@@ -722,12 +722,18 @@ class RealWorld:
         return self.succeeded
 
 
+# The action the env takes, float32 (ACT_DIM,): act[:EE_DIM] is the EE delta x, y, z in [-1, 1]
+# (times cfg.ee_step_m), act[EE_DIM] the gripper command -1 close, 0 stay, +1 open (hil-serl).
+EE_DIM = 3
+ACT_DIM = EE_DIM + 1
+
+
 class SO101Env:
     """reset() -> obs; step(act) -> (obs, rew, terminated, truncated, info); close() -> torque off.
 
     obs["state"] (float32): 5 arm joint angles (rad), gripper opening (0 closed, 1 open), EE
     position minus the EE position at reset (m, base frame), then world.extra_state().
-    act (4,): EE delta in [-1, 1] (times cfg.ee_step_m), gripper command -1 close, 0 stay, +1 open.
+    act: see ACT_DIM above.
     """
 
     def __init__(self, cfg, arm, cameras, world):
@@ -760,10 +766,10 @@ class SO101Env:
         # otherwise the servos' steady gravity sag is subtracted again every step and the arm sinks.
         # SAFETY: it leads the measured EE by 3 steps at most, so a blocked arm is not pushed ever harder.
         ee, step_m = forward_kinematics(self.joints[:5])[0], self.cfg.ee_step_m
-        lead = np.clip(self.ee_target + np.clip(act[:3], -1, 1) * step_m - ee, -3 * step_m, 3 * step_m)
+        lead = np.clip(self.ee_target + np.clip(act[:EE_DIM], -1, 1) * step_m - ee, -3 * step_m, 3 * step_m)
         self.ee_target = np.clip(ee + lead, self.workspace_low, self.workspace_high)
         self.q_target = inverse_kinematics(self.q_target, self.ee_target)  # from the last solution: no jumps
-        command = int(round(float(act[3])))  # hil-serl's coding: -1 close, 0 stay, +1 open
+        command = int(round(float(act[EE_DIM])))  # hil-serl's coding: -1 close, 0 stay, +1 open
         gripper = float(command > 0) if command else self.gripper_target
         flipped = gripper != self.gripper_target
         self.gripper_target = gripper

@@ -28,10 +28,9 @@ import pygame
 
 from buffer import ReplayBuffer, save_npz
 from config import load_config
-from robot import (SO101, FeetechBus, RealWorld, SO101Env, forward_kinematics, load_calibration, make_cameras,
-                   open_bus)
+from robot import (ACT_DIM, SO101, FeetechBus, RealWorld, SO101Env, forward_kinematics, load_calibration,
+                   make_cameras, open_bus)
 
-ACT_DIM = 4
 EVENTS = ("success", "failure", "rerecord", "estop", "quit")   # pressed once, acted on once
 
 # --- gamepad: layouts and the pure mapping ---------------------------------------------------------

@@ -19,6 +19,7 @@ import csv  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import re  # noqa: E402
+import runpy  # noqa: E402
 import signal  # noqa: E402
 import time  # noqa: E402
 
@@ -27,14 +28,17 @@ import pygame  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+import bench  # noqa: E402
 import buffer  # noqa: E402
+import classifier  # noqa: E402
 import config  # noqa: E402
+import fast  # noqa: E402
 import hilserl  # noqa: E402
 import robot  # noqa: E402
 import teleop  # noqa: E402
 from config import Config  # noqa: E402
-from networks import EE_DIM, Agent  # noqa: E402
-from robot import IDS, JOINTS, TICKS_PER_RAD, FeetechBus, ServoEmulator, SO101Env  # noqa: E402
+from networks import Agent  # noqa: E402
+from robot import EE_DIM, IDS, JOINTS, TICKS_PER_RAD, FeetechBus, ServoEmulator, SO101Env  # noqa: E402
 from sim import ScriptedExpert, make_sim  # noqa: E402
 
 torch.set_num_threads(1)  # small tensors: one thread is faster and deterministic
@@ -196,10 +200,11 @@ def test_critic_gradients_match_float64_reference():
     next_act = torch.rand(8, EE_DIM) * 2 - 1
     ref, critic_loss, grasp_loss = reference_critic_losses(agent, b, next_act, cfg)
     (critic_loss + grasp_loss).backward()
-    grads, _ = hilserl.critic_gradients(agent, b, next_act, cfg.discount)
-    assert list(grads) == list(agent.critic_params) == list(ref.critic_params)
-    for mine, theirs in zip(grads.values(), ref.critic_params.values()):
-        assert torch.allclose(mine.double(), theirs.grad, rtol=1e-4, atol=1e-6)
+    losses = hilserl.critic_losses(agent, b, next_act, cfg.discount)
+    (losses[0] + losses[1]).backward()                  # what critic_step differentiates
+    assert list(agent.critic_params) == list(ref.critic_params)
+    for mine, theirs in zip(agent.critic_params.values(), ref.critic_params.values()):
+        assert torch.allclose(mine.grad.double(), theirs.grad, rtol=1e-4, atol=1e-6)
 
 
 class FixedQ(torch.nn.Module):
@@ -274,45 +279,70 @@ def test_target_update_leaves_no_autograd_history():
         assert p.is_leaf and not p.requires_grad and p.grad_fn is None
 
 
-def test_compiled_critic_gradients_match_eager():
+def test_fast_critic_gradients_match_float64_reference():
     cfg = small_cfg()
     agent, b = make_agent(cfg), random_batch()
     next_act = torch.rand(8, EE_DIM) * 2 - 1
-    eager_grads, eager_losses = hilserl.critic_gradients(agent, b, next_act, cfg.discount)          # autograd
-    compiled = torch.compile(torch.no_grad()(hilserl.critic_gradients))                            # torch.func.grad
-    compiled_grads, compiled_losses = compiled(agent, b, next_act, cfg.discount)
-    for e, c in zip(eager_losses, compiled_losses):
-        assert torch.allclose(e, c, rtol=1e-5, atol=1e-6)
-    assert list(eager_grads) == list(compiled_grads)
-    for e, c in zip(eager_grads.values(), compiled_grads.values()):
-        assert torch.allclose(e, c, rtol=1e-4, atol=1e-6)
+    ref, critic_loss, grasp_loss = reference_critic_losses(agent, b, next_act, cfg)
+    (critic_loss + grasp_loss).backward()
+    compiled = torch.compile(torch.no_grad()(fast.gradients))                      # torch.func.grad, compiled
+    grads, losses = compiled(fast.Losses(agent, hilserl.critic_losses), agent.critic_params, b, next_act, cfg.discount)
+    assert math.isclose(losses[0].item(), critic_loss.item(), rel_tol=1e-5)
+    assert list(grads) == list(ref.critic_params)
+    for mine, theirs in zip(grads.values(), ref.critic_params.values()):
+        assert torch.allclose(mine.double(), theirs.grad, rtol=1e-4, atol=1e-6)
 
 
-def test_compiled_critic_step_matches_eager():
+def test_compiled_critic_step_matches_the_spine():
     cfg = small_cfg()
     agent = make_agent(cfg)
     twin = copy.deepcopy(agent)
-    eager_adam, compiled_adam = (hilserl.make_optimizers(a, cfg)["critic"] for a in (agent, twin))
+    optimizer, twin_optimizer = hilserl.make_optimizers(agent, cfg)["critic"], hilserl.make_optimizers(twin, cfg)["critic"]
+    adam = fast.AdamState(twin_optimizer, twin)
     for seed in range(3):
         b, next_act = random_batch(seed=seed), torch.rand(8, EE_DIM) * 2 - 1
-        eager = hilserl.critic_step(agent, eager_adam, b, next_act, cfg.discount, cfg.tau)
-        compiled = hilserl.compiled_critic_step(twin, compiled_adam, b, next_act, cfg.discount, cfg.tau)
+        eager = hilserl.critic_step(agent, optimizer, b, next_act, cfg.discount, cfg.tau)
+        compiled = fast.compiled_critic_step(fast.Losses(twin, hilserl.critic_losses), adam, b, next_act, cfg.discount, cfg.tau)
         for key in eager:
             assert torch.allclose(eager[key], compiled[key], rtol=1e-5, atol=1e-6)
-    assert compiled_adam.t.item() == 3
+    for (name, e), c in zip(agent.state_dict().items(), twin.state_dict().values()):
+        assert torch.allclose(e, c, rtol=1e-4, atol=1e-6), name
+    for p, q in zip(agent.critic_params.values(), twin.critic_params.values()):   # torch.optim's own state, stepped
+        mine, theirs = optimizer.state[p], twin_optimizer.state[q]
+        assert mine["step"].item() == theirs["step"].item() == 3
+        assert torch.allclose(mine["exp_avg_sq"], theirs["exp_avg_sq"], rtol=1e-4, atol=1e-12)
+
+
+def test_compiled_actor_step_matches_the_spine():
+    cfg = small_cfg()
+    agent = make_agent(cfg)
+    twin = copy.deepcopy(agent)
+    optimizers, twin_optimizers = hilserl.make_optimizers(agent, cfg), hilserl.make_optimizers(twin, cfg)
+    adams = [fast.AdamState(twin_optimizers[k], twin) for k in ("actor", "temperature")]
+    with torch._inductor.config.patch(fallback_random=True):                       # eager's random numbers
+        step = torch.compile(lambda *args: fast.actor_step(*args))                 # compiled afresh, with them
+        for seed in range(3):
+            obs = random_batch(seed=seed)["obs"]
+            torch.manual_seed(seed)
+            eager = hilserl.actor_step(agent, optimizers["actor"], optimizers["temperature"], obs, -2.0)
+            torch.manual_seed(seed)
+            with torch.no_grad():
+                compiled = step(fast.Losses(twin, hilserl.actor_losses), *adams, obs, -2.0)
+            for key in eager:
+                assert torch.allclose(eager[key], compiled[key], rtol=1e-5, atol=1e-6), key
     for (name, e), c in zip(agent.state_dict().items(), twin.state_dict().values()):
         assert torch.allclose(e, c, rtol=1e-4, atol=1e-6), name
 
 
-def test_compiled_next_actions_match_eager(monkeypatch):
-    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)   # eager's random numbers
+def test_compiled_next_actions_match_eager():
     cfg = small_cfg()
     actor, next_obs = make_agent(cfg).actor, random_batch()["next_obs"]
-    torch.manual_seed(1)
-    eager = hilserl.next_actions(actor, next_obs)
-    torch.manual_seed(1)
-    compiled = hilserl.compiled_next_actions(actor, next_obs)
-    assert torch.allclose(eager, compiled, atol=1e-5)
+    with torch._inductor.config.patch(fallback_random=True):                       # eager's random numbers
+        compiled = torch.compile(lambda actor, obs: hilserl.next_actions(actor, obs))   # as fast.py does
+        torch.manual_seed(1)
+        eager = hilserl.next_actions(actor, next_obs)
+        torch.manual_seed(1)
+        assert torch.allclose(eager, compiled(actor, next_obs), atol=1e-5)
 
 
 # --- the actor and temperature update ----------------------------------------------------------
@@ -375,88 +405,158 @@ def test_target_entropy_is_minus_half_the_action_dimension():
     assert hilserl.target_entropy() == -2.0    # 3 EE dims + 1 gripper
 
 
+def stacked(batch, times):
+    return {k: {n: torch.stack([x] * times) for n, x in v.items()} if isinstance(v, dict) else torch.stack([v] * times)
+            for k, v in batch.items()}
+
+
+def adam_steps(optimizer):
+    return {optimizer.state[p]["step"].item() for p in optimizer.param_groups[0]["params"]}
+
+
 def test_learn_does_utd_critic_updates_then_one_actor_update():
     cfg = small_cfg(utd_ratio=5)
     agent = make_agent(cfg)
-    opts = hilserl.make_optimizers(agent, cfg)
-    batches = {k: (torch.stack([v] * 5) if not isinstance(v, dict) else {n: torch.stack([t] * 5) for n, t in v.items()})
-               for k, v in random_batch().items()}
-    hilserl.learn(agent, opts, batches, cfg)
-    assert (opts["critic"].t.item(), opts["actor"].t.item(), opts["temperature"].t.item()) == (5, 1, 1)
-
+    optimizers = hilserl.make_optimizers(agent, cfg)
+    hilserl.learn(agent, optimizers, cfg, stacked(random_batch(), 5))
+    assert [adam_steps(optimizers[k]) for k in ("critic", "actor", "temperature")] == [{5}, {1}, {1}]
 
 
 def test_benchmark_floor_counts_the_matmuls_learn_runs():
     cfg = small_cfg(utd_ratio=3)
     agent = make_agent(cfg)
-    batches = {k: (torch.stack([v] * 3) if not isinstance(v, dict) else {n: torch.stack([t] * 3) for n, t in v.items()})
-               for k, v in random_batch().items()}
     with torch.utils.flop_counter.FlopCounterMode(display=False) as counter:
-        hilserl.learn(agent, hilserl.make_optimizers(agent, cfg), batches, cfg)
-    # the critics' H -> 1 output layers run as a multiply and a sum, which torch does not count:
-    # 2 B H multiply-adds per critic in each target and online forward and in each of the two
-    # backward products, in every critic update, and in the actor update's forward and input gradient
-    output_layers = (4 * cfg.utd_ratio + 2) * cfg.num_critics * 2 * cfg.batch_size * cfg.hidden_dim
-    assert hilserl.control_step_flops(STATE_DIM, cfg) == counter.get_total_flops() + output_layers
+        hilserl.learn(agent, hilserl.make_optimizers(agent, cfg), cfg, stacked(random_batch(), 3))
+    assert bench.control_step_flops(STATE_DIM, cfg) == counter.get_total_flops()
 
 
 def test_compile_without_a_cpp_compiler_is_a_one_line_error(monkeypatch):
     monkeypatch.delenv("CXX", raising=False)
-    monkeypatch.setattr(hilserl.shutil, "which", lambda name: None)
+    monkeypatch.setattr(fast.shutil, "which", lambda name: None)
     with pytest.raises(SystemExit, match="needs a C.. compiler"):
-        hilserl.run_config(["--compile", "true", "--device", "cpu"])
-    assert hilserl.run_config(["--device", "cpu"]).compile is False
+        fast.check_compiler(torch.device("cpu"))
+
+
+def test_fast_learner_matches_the_spine_and_leaves_the_agent_as_it_found_it():
+    """Same losses and parameters after a few control steps; compiling (real updates) is undone."""
+    cfg = small_cfg(utd_ratio=3)
+    agent = make_agent(cfg)
+    twin = copy.deepcopy(agent)
+    optimizers, twin_optimizers = hilserl.make_optimizers(agent, cfg), hilserl.make_optimizers(twin, cfg)
+    batches = [stacked(random_batch(seed=seed), 3) for seed in range(4)]
+    torch._dynamo.reset()                                       # compiled afresh, with eager's random numbers:
+    with torch._inductor.config.patch(fallback_random=True):    # the same a' and actions in both
+        learner = fast.Learner(twin, twin_optimizers, cfg, batches[0])
+    for name, p in agent.state_dict().items():
+        assert torch.equal(p, twin.state_dict()[name]), name                      # untouched by the warm-up
+    assert all(adam_steps(o) == {0} for o in twin_optimizers.values())
+    for seed, b in enumerate(batches[1:]):
+        torch.manual_seed(seed)
+        eager = hilserl.learn(agent, optimizers, cfg, b)
+        torch.manual_seed(seed)
+        compiled = learner(b)
+        for key in eager:
+            assert torch.allclose(eager[key], compiled[key], rtol=1e-4, atol=1e-5), key
+    for name, p in agent.state_dict().items():
+        assert torch.allclose(p, twin.state_dict()[name], rtol=1e-4, atol=1e-5), name
+    assert [adam_steps(twin_optimizers[k]) for k in ("critic", "actor", "temperature")] == [{9}, {3}, {3}]
+
 
 # --- Adam and the checkpoint ---------------------------------------------------------------------
-def test_adam_matches_torch_optim_adam():
+def test_fast_adam_matches_torch_optim_adam():
     torch.manual_seed(0)
-    ours_params = [torch.randn(5, 3), torch.randn(4)]
-    theirs_params = [p.clone().requires_grad_() for p in ours_params]
-    ours, theirs = hilserl.Adam(ours_params, lr=0.01), torch.optim.Adam(theirs_params, lr=0.01)
+    ours, theirs = torch.nn.ParameterList([torch.randn(5, 3), torch.randn(4)]), None
+    theirs = copy.deepcopy(ours)
+    adam = fast.AdamState(torch.optim.Adam(ours, lr=0.01), ours)
+    reference = torch.optim.Adam(theirs, lr=0.01)
     for step in range(6):
-        grads = [torch.randn_like(p) * 10.0 ** (step - 3) for p in ours_params]   # changing scales: bias correction shows
-        ours.step(grads)
-        for p, g in zip(theirs_params, grads):
+        grads = [torch.randn_like(p) * 10.0 ** (step - 3) for p in ours]   # changing scales: bias correction shows
+        with torch.no_grad():
+            adam.step(grads)
+        for p, g in zip(theirs, grads):
             p.grad = g.clone()
-        theirs.step()
-    for mine, reference in zip(ours_params, theirs_params):
-        assert torch.allclose(mine, reference, rtol=1e-6, atol=1e-7)
+        reference.step()
+    for mine, expected in zip(ours, theirs):
+        assert torch.allclose(mine, expected, rtol=1e-6, atol=1e-7)
 
 
-def test_adam_first_step_by_hand():
+def test_fast_adam_first_step_by_hand():
     # after bias correction m_hat = g and v_hat = g^2: the first step is -lr g / (|g| + eps)
-    p = torch.tensor([1.0, -2.0, 0.5])
-    hilserl.Adam([p], lr=0.1).step([torch.tensor([0.3, -4.0, 0.0])])
-    assert torch.allclose(p, torch.tensor([1.0 - 0.1, -2.0 + 0.1, 0.5]), atol=1e-6)
+    params = torch.nn.ParameterList([torch.tensor([1.0, -2.0, 0.5])])
+    with torch.no_grad():
+        fast.AdamState(torch.optim.Adam(params, lr=0.1), params).step([torch.tensor([0.3, -4.0, 0.0])])
+    assert torch.allclose(params[0], torch.tensor([1.0 - 0.1, -2.0 + 0.1, 0.5]), atol=1e-6)
+
+
+def trained(cfg, seed=0):
+    agent = make_agent(cfg, seed)
+    optimizers = hilserl.make_optimizers(agent, cfg)
+    hilserl.learn(agent, optimizers, cfg, stacked(random_batch(seed=seed), cfg.utd_ratio))
+    return agent, optimizers
+
+
+def checkpoint_run(cfg, folder, agent, optimizers):
+    buffers = [buffer.ReplayBuffer(10, {"state": np.zeros(STATE_DIM, np.float32)}, 4) for _ in range(2)]
+    return hilserl.Run(cfg, folder, torch.device("cpu"), agent, optimizers, None, *buffers, None, None,
+                       {"episode": 7}, [], None)
+
+
+def assert_same_training_state(agent, optimizers, other, other_optimizers):
+    for (name, mine), restored in zip(agent.state_dict().items(), other.state_dict().values()):
+        assert torch.equal(mine, restored), name
+    for key, optimizer in optimizers.items():
+        for p, q in zip(optimizer.param_groups[0]["params"], other_optimizers[key].param_groups[0]["params"]):
+            assert all(torch.equal(optimizer.state[p][k], other_optimizers[key].state[q][k]) for k in optimizer.state[p])
 
 
 def test_checkpoint_restores_the_agent_and_the_optimizers(tmp_path):
     cfg = small_cfg()
-    agent = make_agent(cfg)
-    opts = hilserl.make_optimizers(agent, cfg)
-    for seed in range(2):
-        hilserl.critic_step(agent, opts["critic"], random_batch(seed=seed), torch.zeros(8, EE_DIM), cfg.discount, cfg.tau)
-    hilserl.actor_step(agent, opts["actor"], opts["temperature"], random_batch()["obs"], -2.0)
-    buffers = [buffer.ReplayBuffer(10, {"state": np.zeros(STATE_DIM, np.float32)}, 4) for _ in range(2)]
-    hilserl.save_checkpoint(tmp_path, agent, opts, *buffers, {"episode": 7})
+    agent, optimizers = trained(cfg)
+    hilserl.save_checkpoint(checkpoint_run(cfg, tmp_path, agent, optimizers))
     fresh = make_agent(cfg, seed=1)
-    fresh_opts = hilserl.make_optimizers(fresh, cfg)
-    assert hilserl.load_checkpoint(tmp_path, fresh, fresh_opts) == {"episode": 7}
-    for (name, mine), restored in zip(agent.state_dict().items(), fresh.state_dict().values()):
-        assert torch.equal(mine, restored), name
-    for key, adam in opts.items():
-        restored = fresh_opts[key]
-        assert restored.t.item() == adam.t.item() > 0
-        assert all(torch.equal(a, b) for a, b in zip([*adam.m, *adam.v], [*restored.m, *restored.v]))
+    fresh_optimizers = hilserl.make_optimizers(fresh, cfg)
+    assert hilserl.load_checkpoint(tmp_path, fresh, fresh_optimizers) == {"episode": 7}
+    assert_same_training_state(agent, optimizers, fresh, fresh_optimizers)
 
 
-def test_checkpoint_with_old_optimizer_state_is_a_one_line_error(tmp_path):
+def test_a_run_saved_by_either_update_path_resumes_with_the_other(tmp_path):
+    cfg = small_cfg(utd_ratio=2)
+    agent, optimizers = trained(cfg)                                            # the spine
+    hilserl.save_checkpoint(checkpoint_run(cfg, tmp_path, agent, optimizers))
+    resumed = make_agent(cfg, seed=1)
+    resumed_optimizers = hilserl.make_optimizers(resumed, cfg)
+    hilserl.load_checkpoint(tmp_path, resumed, resumed_optimizers)
+    learner = fast.Learner(resumed, resumed_optimizers, cfg, stacked(random_batch(), 2))   # fast.py from there
+    assert_same_training_state(agent, optimizers, resumed, resumed_optimizers)
+    learner(stacked(random_batch(seed=1), 2))
+    hilserl.save_checkpoint(checkpoint_run(cfg, tmp_path, resumed, resumed_optimizers))
+    back = make_agent(cfg, seed=2)
+    back_optimizers = hilserl.make_optimizers(back, cfg)
+    hilserl.load_checkpoint(tmp_path, back, back_optimizers)                    # and the spine again
+    assert_same_training_state(resumed, resumed_optimizers, back, back_optimizers)
+    assert [adam_steps(back_optimizers[k]) for k in ("critic", "actor", "temperature")] == [{4}, {2}, {2}]
+    hilserl.learn(back, back_optimizers, cfg, stacked(random_batch(seed=2), 2))
+    assert adam_steps(back_optimizers["critic"]) == {6}
+
+
+def test_a_checkpoint_of_the_written_out_adam_resumes_with_its_moments(tmp_path):
+    cfg = small_cfg()
+    agent, optimizers = trained(cfg)
+    states = {k: [o.state[p] for p in o.param_groups[0]["params"]] for k, o in optimizers.items()}
+    old = {k: {"m": [s["exp_avg"] for s in v], "v": [s["exp_avg_sq"] for s in v], "t": v[0]["step"]} for k, v in states.items()}
+    torch.save({"agent": agent.state_dict(), "opts": old, "progress": {"episode": 3}}, tmp_path / "checkpoint.pt")
+    fresh = make_agent(cfg, seed=1)
+    fresh_optimizers = hilserl.make_optimizers(fresh, cfg)
+    assert hilserl.load_checkpoint(tmp_path, fresh, fresh_optimizers) == {"episode": 3}
+    assert_same_training_state(agent, optimizers, fresh, fresh_optimizers)
+
+
+def test_a_checkpoint_whose_optimizer_does_not_fit_is_a_one_line_error(tmp_path):
     cfg = small_cfg()
     agent = make_agent(cfg)
-    old_opts = {"critic": torch.optim.Adam(agent.critic_params.values())}
-    torch.save({"agent": agent.state_dict(), "opts": {"critic": old_opts["critic"].state_dict()}, "progress": {}},
-               tmp_path / "checkpoint.pt")
-    with pytest.raises(SystemExit, match="older hilserl.py, which cannot resume"):
+    other = {"critic": torch.optim.Adam(list(agent.critic_params.values())[:3]).state_dict()}
+    torch.save({"agent": agent.state_dict(), "optimizers": other, "progress": {}}, tmp_path / "checkpoint.pt")
+    with pytest.raises(SystemExit, match="the critic optimizer's state does not fit this agent"):
         hilserl.load_checkpoint(tmp_path, make_agent(cfg), {"critic": hilserl.make_optimizers(agent, cfg)["critic"]})
     assert hilserl.load_checkpoint(tmp_path, make_agent(cfg)) == {}   # evaluating needs the agent only
 
@@ -581,8 +681,8 @@ def test_images_are_stored_once_per_frame():
 
 # --- config ------------------------------------------------------------------------------------
 def test_overrides_are_typed():
-    cfg, words = config.parse_overrides(["calibrate", "--utd_ratio", "10", "--discount=0.9", "--bench"])
-    assert (cfg.utd_ratio, cfg.discount, cfg.bench, words) == (10, 0.9, True, ["calibrate"])
+    cfg, words = config.parse_overrides(["calibrate", "--utd_ratio", "10", "--discount=0.9", "--compile"])
+    assert (cfg.utd_ratio, cfg.discount, cfg.compile, words) == (10, 0.9, True, ["calibrate"])
 
 
 @pytest.mark.parametrize("args, message", [
@@ -1107,7 +1207,7 @@ def test_status_only_reads(capsys):
 
 
 def test_bench_reports_driver_and_wire_time(capsys):
-    robot.bench(1_000_000, n=50)
+    bench.bench_bus(Config(), n=50)
     assert "wire time of the 88 bytes at 1000000 baud 0.880 ms" in capsys.readouterr().out
 
 
@@ -1695,14 +1795,13 @@ def test_random_shift_moves_each_image_by_at_most_4_pixels_with_edges_replicated
 def test_small_encoder_shifts_obs_and_next_obs_independently(monkeypatch):
     cfg = small_cfg(encoder="small", utd_ratio=1)
     agent = Agent(STATE_DIM, cfg, IMAGES)
-    seen = []
-    monkeypatch.setattr(hilserl, "random_shift", lambda x: seen.append(x) or networks.random_shift(x))
+    shifted = []
+    monkeypatch.setattr(hilserl, "random_shift", lambda x: shifted.append(networks.random_shift(x)) or shifted[-1])
     b = image_batch()
     b["next_obs"] = {k: v.clone() for k, v in b["obs"].items()}                  # the same frames in both
-    batches = {k: ({n: t[None] for n, t in v.items()} if isinstance(v, dict) else v[None]) for k, v in b.items()}
-    hilserl.learn(agent, hilserl.make_optimizers(agent, cfg), batches, cfg)
-    assert len(seen) == 4                                                         # 2 cameras x (obs, next_obs)
-    assert not torch.equal(batches["obs"]["front"], batches["next_obs"]["front"])
+    hilserl.learn(agent, hilserl.make_optimizers(agent, cfg), cfg, stacked(b, 1))
+    assert len(shifted) == 4                                                      # (obs, next_obs) x 2 cameras
+    assert not torch.equal(shifted[0], shifted[2])                                # obs's front, next_obs's front
 
 
 def test_actor_reads_image_features_without_training_the_shared_encoder():
@@ -1742,24 +1841,25 @@ def test_backbone_runs_once_per_stored_frame_and_never_in_an_update():
             buf.add(obs, np.zeros(4, np.float32), 0.0, next_obs, t % 6 == 5, False, False)
             obs = frame(t + 1) if t % 6 == 5 else next_obs
     demo_features = hilserl.FrameFeatures(demo, backbone, torch.device("cpu"))   # loaded buffer: all at once
-    online_features = hilserl.FrameFeatures(buffer.ReplayBuffer(40, example, 4), backbone, torch.device("cpu"))
+    online = buffer.ReplayBuffer(40, example, 4)
+    online_features = hilserl.FrameFeatures(online, backbone, torch.device("cpu"))
     calls.clear()
     obs = frame(0)
     for t in range(12):
         next_obs = frame(t + 1)
-        online_features.add(obs, np.zeros(4, np.float32), 0.0, next_obs, t % 6 == 5, False, False)
+        online_features.add(online.add(obs, np.zeros(4, np.float32), 0.0, next_obs, t % 6 == 5, False, False))
         obs = frame(t + 1) if t % 6 == 5 else next_obs
     assert sum(calls) == 14                                                       # 2 episodes x (6 steps + 1 frame)
     agent = Agent(STATE_DIM, cfg, {"front": IMAGES["front"]})
     agent.backbone = backbone
-    opts = hilserl.make_optimizers(agent, cfg)
-    for _ in range(3):
-        arrays = buffer.sample_batches(demo, online_features.buffer, cfg.utd_ratio, cfg.batch_size, rng, frames=False)
-        batches = hilserl.add_features(hilserl.to_device(arrays, torch.device("cpu")), demo_features, online_features)
-        hilserl.learn(agent, opts, batches, cfg)
+    optimizers = hilserl.make_optimizers(agent, cfg)
+    for seed in range(3):
+        batches = hilserl.control_step_batches(demo, online, cfg, np.random.default_rng(seed), torch.device("cpu"),
+                                               demo_features, online_features)
+        hilserl.learn(agent, optimizers, cfg, batches)
     assert sum(calls) == 14                                                       # updates read the cache only
-    slots = arrays["slot"][0]                                                     # the rows are the right frames
-    frames = np.concatenate([demo.arrays["front"][(slots[:4] + 1) % 40], online_features.buffer.arrays["front"][(slots[4:] + 1) % 40]])
+    slots = buffer.sample_batches(demo, online, cfg.utd_ratio, cfg.batch_size, np.random.default_rng(seed), False)["slot"][0]
+    frames = np.concatenate([demo.arrays["front"][(slots[:4] + 1) % 40], online.arrays["front"][(slots[4:] + 1) % 40]])
     assert torch.allclose(batches["next_obs"]["front"][0].float(), backbone(torch.from_numpy(frames)), atol=1e-2, rtol=1e-2)
 
 
@@ -1786,11 +1886,11 @@ def test_classifier_learns_to_tell_a_lifted_cube_from_one_on_the_table():
     labels = np.repeat([0.0, 1.0], 24).astype(np.float32)
     held_out = np.arange(48) % 4 == 3                                             # cube places never trained on
     torch.manual_seed(0)
-    classifier = networks.RewardClassifier(IMAGES, cfg)
-    features = {k: hilserl.backbone_features(classifier.backbone, f, torch.device("cpu")) for k, f in frames.items()}
+    model = networks.RewardClassifier(IMAGES, cfg)
+    features = {k: classifier.backbone_features(model.backbone, f, torch.device("cpu")) for k, f in frames.items()}
     rng = np.random.default_rng(0)
-    hilserl.fit_classifier(classifier, features, labels, np.flatnonzero(~held_out), 150, rng, batch_size=32)
-    assert hilserl.precision_recall(classifier, features, labels, np.flatnonzero(held_out)) == (1.0, 1.0)
+    classifier.fit_classifier(model, features, labels, np.flatnonzero(~held_out), 150, rng, batch_size=32)
+    assert classifier.precision_recall(model, features, labels, np.flatnonzero(held_out)) == (1.0, 1.0)
 
 
 def test_pixels_only_on_the_sim_train_eval_and_classifier(tmp_path, monkeypatch, capsys):
@@ -1809,16 +1909,15 @@ def test_pixels_only_on_the_sim_train_eval_and_classifier(tmp_path, monkeypatch,
     assert int(rows[-1]["env_steps"]) >= 60 and float(rows[-1]["loss/critic"]) >= 0
     monkeypatch.setattr("sys.argv", ["hilserl.py", "--eval", str(run), "--eval_episodes", "1"])
     hilserl.main()
-    monkeypatch.setattr("sys.argv", ["hilserl.py", "--train_classifier", str(demos), "--classifier", str(clf)])
     with pytest.raises(SystemExit, match="demos.npz holds no labelled frames; record them with python teleop.py label"):
-        hilserl.main()
+        classifier.train_classifier(Config(frames=str(demos), classifier=str(clf)))
     frames = str(tmp_path / "frames.npz")
     held = 0
     for _ in range(5):                                        # each call labels one more episode
         held = teleop.label_frames(label_cfg(privileged_state=False), frames, success_frames=held + 1)
-    monkeypatch.setattr("sys.argv", ["hilserl.py", "--train_classifier", frames, "--classifier", str(clf),
+    monkeypatch.setattr("sys.argv", ["classifier.py", "--frames", frames, "--classifier", str(clf),
                                      "--classifier_steps", "5", *pixels, *small])
-    hilserl.main()
+    runpy.run_path("classifier.py", run_name="__main__")
     out = capsys.readouterr().out
     assert re.search(rf"{held} success frames of 200; held out 40 frames \(\d+ successes\): precision \d+%, recall \d+%", out)
     cfg = Config(classifier=str(clf), image_latent_dim=16, hidden_dim=32, use_images=True, image_size=32,
@@ -1828,5 +1927,5 @@ def test_pixels_only_on_the_sim_train_eval_and_classifier(tmp_path, monkeypatch,
         env.classifier = lambda obs: True                                          # a classifier that always says yes
         env.reset(seed=3)
         assert env.step(np.zeros(4, np.float32))[2]                                # ends the episode as a success
-        env.classifier = hilserl.load_classifier(cfg, torch.device("cpu")).success
+        env.classifier = classifier.load_classifier(cfg, torch.device("cpu")).success
         assert isinstance(env.step(np.zeros(4, np.float32))[2], bool)

@@ -1,0 +1,324 @@
+"""Measurement, beside the spine: one control step's learning, and the robot's side of the loop.
+
+    python bench.py                  all four sections below
+    python bench.py update           state only: eager and compiled, against the floor and a plain reference
+    python bench.py images           two 128x128 cameras (the frozen ResNet-10 or --encoder small)
+    python bench.py bus              one bus round trip against the servo emulator, beside its wire time
+    python bench.py sim              the simulated SO-101's control steps per second
+Settings as everywhere (--device cuda, --utd_ratio 10, ...). Besides times, `update` prints two
+figures that hold on any device and predict a GPU's time from a CPU run: operator calls per
+control step (a GPU at this size waits on kernel launches, one or more per call) and the bytes
+Adam and the target update read and write (bound by memory bandwidth).
+This machine's speed can drift within seconds, so `update` runs 5 rounds, each measuring the
+matmul rate right before timing every learner, and reports the round with the median share.
+"""
+
+import math
+import sys
+import time
+
+import numpy as np
+import torch
+
+import fast
+import hilserl
+from buffer import ReplayBuffer, sample_batches
+from config import load_config
+from networks import Actor, Agent, Encoder, GraspCritic, mlp, pick_device
+from robot import ACT_DIM, EE_DIM, IDS, FeetechBus, ServoEmulator, SO101Env
+
+STATE_DIM = 12   # the sim's state: 5 joints, gripper, EE position, cube relative to the EE
+torch._inductor.config.cpp.enable_kernel_profile = True   # compiled CPU kernels name themselves to the profiler
+
+
+class ReferenceLearner:
+    """The same update written the straightforward way, as the benchmark's yardstick.
+
+    Separate critic modules in a Python loop, one optimizer per network stepped one at a time,
+    a fresh numpy batch copied to the device for every update, a per-tensor target update.
+    """
+
+    def __init__(self, state_dim, cfg, device):
+        self.cfg, self.device = cfg, device
+        self.actor = Actor(state_dim, EE_DIM, cfg).to(device)
+        self.encoder = Encoder(state_dim, cfg.state_latent_dim).to(device)
+        self.critics = [mlp(self.encoder.out_dim + EE_DIM, cfg.hidden_dim, 1).to(device) for _ in range(cfg.num_critics)]
+        self.grasp_critic = GraspCritic(self.encoder.out_dim, cfg.hidden_dim).to(device)
+        self.online = [self.encoder, *self.critics, self.grasp_critic]
+        self.targets = [Encoder(state_dim, cfg.state_latent_dim).to(device)] + \
+            [mlp(self.encoder.out_dim + EE_DIM, cfg.hidden_dim, 1).to(device) for _ in self.critics] + \
+            [GraspCritic(self.encoder.out_dim, cfg.hidden_dim).to(device)]
+        for target, online in zip(self.targets, self.online):
+            target.load_state_dict(online.state_dict())
+        self.log_alpha = torch.tensor(math.log(cfg.temperature_init), device=device, requires_grad=True)
+        self.opts = [torch.optim.Adam(m.parameters(), lr=cfg.lr) for m in self.online + [self.actor]]
+        self.temperature_opt = torch.optim.Adam([self.log_alpha], lr=cfg.lr)
+
+    def update(self, b, with_actor):
+        cfg, t_enc, *t_critics, t_grasp = self.cfg, *self.targets
+        with torch.no_grad():
+            next_act, _ = self.actor(b["next_obs"])
+            z_next = t_enc(b["next_obs"])
+            q_next = torch.min(torch.stack([c(torch.cat([z_next, next_act], -1)).squeeze(-1) for c in t_critics]), 0).values
+            y = b["rew"] + cfg.discount * (1 - b["terminated"]) * q_next
+            best = self.grasp_critic(self.encoder(b["next_obs"])).argmax(-1, keepdim=True)
+            y_grasp = b["rew"] + b["grasp_penalty"] + cfg.discount * (1 - b["terminated"]) * t_grasp(z_next).gather(-1, best).squeeze(-1)
+        z = self.encoder(b["obs"])
+        loss = sum(((c(torch.cat([z, b["act"][:, :EE_DIM]], -1)).squeeze(-1) - y) ** 2).mean() for c in self.critics) / len(self.critics)
+        cls = b["act"][:, EE_DIM].round().long() + 1
+        loss = loss + ((self.grasp_critic(z).gather(-1, cls[:, None]).squeeze(-1) - y_grasp) ** 2).mean()
+        for opt in self.opts:
+            opt.zero_grad()
+        loss.backward()
+        for opt in self.opts[:-1]:
+            opt.step()
+        with torch.no_grad():
+            for target, online in zip(self.targets, self.online):
+                for pt, p in zip(target.parameters(), online.parameters()):
+                    pt.mul_(1 - cfg.tau).add_(cfg.tau * p)
+        if with_actor:
+            act, log_prob = self.actor(b["obs"])
+            z = self.encoder(b["obs"]).detach()
+            q = torch.stack([c(torch.cat([z, act], -1)).squeeze(-1) for c in self.critics]).mean(0)
+            actor_loss = (self.log_alpha.exp().detach() * log_prob - q).mean()
+            self.opts[-1].zero_grad()
+            actor_loss.backward()
+            self.opts[-1].step()
+            temperature_loss = self.log_alpha.exp() * (-log_prob.detach().mean() - hilserl.target_entropy())
+            self.temperature_opt.zero_grad()
+            temperature_loss.backward()
+            self.temperature_opt.step()
+
+    def learn(self, demo, online, rng):
+        for i in range(self.cfg.utd_ratio):
+            b = hilserl.to_device({k: v[0] for k, v in sample_batches(demo, online, 1, self.cfg.batch_size, rng).items()},
+                                  self.device)
+            self.update(b, with_actor=i == self.cfg.utd_ratio - 1)
+
+
+def control_step_flops(state_dim, cfg):
+    """Matrix-multiply FLOPs of one control step's learning (2 per multiply-add; elementwise work ignored).
+
+    A linear layer on n rows costs 2 n in out forward, as much again for the gradient of its
+    input and for the gradient of its weights, when those are needed.
+    """
+    B, U, E, H, L, A = cfg.batch_size, cfg.utd_ratio, cfg.num_critics, cfg.hidden_dim, cfg.state_latent_dim, EE_DIM
+    def fwd(rows, dims):
+        return sum(2 * rows * i * o for i, o in zip(dims[:-1], dims[1:]))
+    encoder, critic = fwd(B, [state_dim, L]), E * fwd(B, [L + A, H, H, 1])
+    grasp, actor = fwd(B, [L, H, H, 3]), fwd(B, [state_dim, L, H, H, 2 * A])
+    per_critic_update = (
+        encoder + critic + encoder + grasp + grasp         # targets: target enc, critics; online enc, grasp; target grasp
+        + 2 * encoder + 3 * critic + 3 * grasp)            # online: encoder fwd + weight grads; critics, grasp fwd + 2 bwd
+    actor_update = (3 * actor - fwd(B, [state_dim, L])     # the state needs no gradient
+                    + encoder + 2 * critic)       # critics: fwd + input grads (for the action), no weight grads
+    return U * per_critic_update + U * actor + actor_update   # U*actor: next actions for every batch
+
+
+def state_bytes(agent, cfg):
+    """Bytes Adam and the target update read and write per control step, at least: per float32
+    parameter, Adam reads it, its gradient and two moments and writes three (28 B); the target
+    update reads target and parameter and writes the target (12 B). utd_ratio critic updates, one actor."""
+    critic = sum(p.numel() for p in agent.critic_params.values())
+    actor = sum(p.numel() for p in agent.actor.parameters()) + 1   # + log_alpha
+    return cfg.utd_ratio * critic * (28 + 12) + actor * 28
+
+
+NO_KERNEL = {"aten::empty", "aten::empty_strided", "aten::empty_like", "aten::to", "aten::resolve_conj",
+             "aten::resolve_neg", "aten::result_type", "aten::lift_fresh", "aten::set_"}
+
+
+def launches_kernel(name):
+    """A compiled kernel, or an ATen operator that computes: not a view of its input, not an allocation."""
+    if "cpp_fused" in name or "triton_" in name:
+        return True
+    op = getattr(torch.ops.aten, name.removeprefix("aten::"), None)
+    if not name.startswith("aten::") or name in NO_KERNEL or op is None:
+        return False
+    returns = getattr(op, op.overloads()[0])._schema.returns if op.overloads() else []
+    alias = returns[0].alias_info if returns else None   # _foreach_ ops in place return nothing
+    return alias is None or alias.is_write               # add_ writes its input; view and detach only alias it
+
+
+def operator_calls(fn):
+    """Outermost operator calls while fn() runs, by torch.profiler: every call is a kernel or more."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    def count(event):
+        return 1 if launches_kernel(event.name) else sum(count(child) for child in event.cpu_children)
+    return sum(count(e) for e in prof.events() if e.cpu_parent is None)
+
+
+def matmul_rate(device, n=256, seconds=0.5):
+    """Measured FLOP/s of float32 (n, n) x (n, n) matmuls, the shape that dominates the update."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        for _ in range(20):
+            a @ b
+        count += 20
+        if device.type == "cuda":
+            torch.cuda.synchronize()   # SYNC POINT: timing
+    return 2 * n ** 3 * count / (time.perf_counter() - start)
+
+
+def timed(fn, device, repeats=5):
+    """Mean seconds per call of fn."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()                 # SYNC POINT: timing
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()                 # SYNC POINT: timing
+    return (time.perf_counter() - start) / repeats
+
+
+def random_buffers(example, slots, rng):
+    """(demo, online) buffers, each half full of random transitions shaped like `example`.
+
+    Frames come from a pool of 16 random images: what the benchmarks time does not depend on
+    what the pictures show, and drawing 100 MB of random bytes would only slow the set-up.
+    """
+    buffers = ReplayBuffer(slots, example, ACT_DIM), ReplayBuffer(slots, example, ACT_DIM)
+    pool = {k: rng.integers(0, 256, (16, *v.shape), dtype=np.uint8) for k, v in example.items() if v.dtype == np.uint8}
+    for buf in buffers:
+        for t in range(slots // 2):
+            obs, next_obs = ({k: pool[k][(t + i) % 16] if k in pool else rng.standard_normal(v.shape).astype(np.float32)
+                              for k, v in example.items()} for i in (0, 1))
+            act = np.append(rng.uniform(-1, 1, EE_DIM), rng.integers(-1, 2)).astype(np.float32)
+            buf.add(obs, act, rng.normal(), next_obs, t % 100 == 99, False, False)
+    return buffers
+
+
+def device_name(device):
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+
+
+def learners(cfg, example, slots, rng, device):
+    """{name: one control step's learning} for the eager spine and fast.py's, on random buffers.
+
+    The spine is timed as hilserl.py runs it without --compile: before fast.Learner changes
+    the process (keep_freed_memory), which is why its rounds come first.
+    """
+    demo, online = random_buffers(example, slots, rng)
+    agent = Agent(STATE_DIM, cfg, hilserl.image_shapes(example)).to(device)
+    features = [hilserl.FrameFeatures(b, agent.backbone, device) for b in (demo, online)] if agent.backbone else [None] * 2
+    for table in (t for f in features if f for t in f.table.values()):   # random features stand in for the backbone's
+        table.normal_()
+    optimizers = hilserl.make_optimizers(agent, cfg)
+    batches = lambda: hilserl.control_step_batches(demo, online, cfg, rng, device, *features)
+    spine = lambda: hilserl.learn(agent, optimizers, cfg, batches())
+    compiled = lambda: fast.Learner(agent, optimizers, cfg, batches())   # built when first needed
+    return agent, demo, online, spine, compiled, batches
+
+
+def bench_update(cfg, device, rounds=5):
+    rng = np.random.default_rng(cfg.seed)
+    agent, demo, online, spine, make_compiled, batches = learners(
+        cfg, {"state": np.zeros(STATE_DIM, np.float32)}, 20_000, rng, device)
+    reference = ReferenceLearner(STATE_DIM, cfg, device)
+    flops = control_step_flops(STATE_DIM, cfg)
+    print(f"update: {device_name(device)}; torch {torch.__version__}; utd_ratio {cfg.utd_ratio}, batch {cfg.batch_size}, "
+          f"{cfg.num_critics} critics, hidden {cfg.hidden_dim}; one control step = {flops / 1e9:.2f} GFLOP of matmuls")
+    print(f"  optimizer and target state read and written per control step: {state_bytes(agent, cfg) / 1e6:.1f} MB")
+    ref = lambda: reference.learn(demo, online, rng)
+
+    def median_round(fn):   # (share of the floor, matmul rate, seconds, reference seconds, all shares)
+        rows = []
+        for _ in range(rounds):
+            rate = matmul_rate(device)
+            seconds = timed(fn, device)
+            rows.append((flops / rate / seconds, rate, seconds, timed(ref, device)))
+        return (*sorted(rows)[rounds // 2], [r[0] for r in rows])
+
+    spine(), ref()
+    calls, results = {"eager": operator_calls(spine)}, {"hilserl (eager)": median_round(spine)}
+    learner = make_compiled()
+    compiled = lambda: learner(batches())
+    compiled()
+    calls["compiled"] = operator_calls(compiled)
+    results["compiled (fast.py)"] = median_round(compiled)
+    print(f"  operator calls per control step: eager {calls['eager']}, compiled {calls['compiled']}")
+    for label, (share, rate, seconds, ref_seconds, shares) in results.items():
+        print(f"  {label:>18}: {seconds * 1e3:6.1f} ms per control step ({cfg.utd_ratio / seconds:4.0f} updates/s), "
+              f"{share:4.0%} of the floor ({flops / rate * 1e3:.1f} ms at {rate / 1e9:.0f} GFLOP/s; {rounds} rounds "
+              f"{min(shares):.0%} - {max(shares):.0%}); reference {ref_seconds * 1e3:.1f} ms, {ref_seconds / seconds:.2f}x")
+
+
+def bench_images(cfg, device, slots=4_000):
+    """Two cameras. resnet10: the update reads cached features, filled here with random numbers (the
+    backbone's own cost per frame is timed apart, and what running it in every update would cost is derived)."""
+    rng = np.random.default_rng(cfg.seed)
+    size = cfg.image_size
+    example = {"state": np.zeros(STATE_DIM, np.float32), "front": np.zeros((size, size, 3), np.uint8),
+               "wrist": np.zeros((size, size, 3), np.uint8)}
+    agent, demo, _, spine, make_compiled, batches = learners(cfg, example, slots, rng, device)
+    print(f"images: {device_name(device)}; two {size}x{size} cameras, encoder {cfg.encoder}; "
+          f"utd_ratio {cfg.utd_ratio}, batch {cfg.batch_size}")
+    spine()
+    print(f"  hilserl (eager): {timed(spine, device) * 1e3:7.1f} ms per control step")
+    learner = make_compiled()
+    print(f"  compiled (fast.py): {timed(lambda: learner(batches()), device) * 1e3:7.1f} ms per control step")
+    if agent.backbone is not None:
+        two = torch.from_numpy(demo.arrays["front"][:2]).to(device)
+        frame_s = timed(lambda: agent.backbone(two), device) / 2
+        per_step = cfg.utd_ratio * cfg.batch_size * 2 * 2   # updates x rows x (obs, next_obs) x cameras
+        print(f"  backbone: {frame_s * 1e3:.1f} ms per frame (batch of 2); run in every update instead of cached "
+              f"it would add ~{per_step * frame_s:.1f} s per control step ({per_step} frames)")
+
+
+def bench_bus(cfg, n=2000):
+    """One SYNC_READ of six positions plus one SYNC_WRITE against the emulator, beside their wire time."""
+    bus = FeetechBus(ServoEmulator(), cfg.baudrate)
+    start = time.perf_counter()
+    for _ in range(n):
+        bus.sync_write("Goal_Position", dict(zip(IDS, bus.sync_read("Present_Position", IDS))))
+    driver_ms = (time.perf_counter() - start) / n * 1e3
+    wire_bytes = (6 + 2 + 6) + 6 * (6 + 2) + (6 + 2 + 6 * 3)  # request, six replies, SYNC_WRITE
+    print(f"bus: SYNC_READ x6 + SYNC_WRITE: driver + emulator {driver_ms:.3f} ms; wire time of the "
+          f"{wire_bytes} bytes at {cfg.baudrate} baud {wire_bytes * 10 / cfg.baudrate * 1e3:.3f} ms")
+
+
+def bench_sim(cfg, steps=1000):
+    """Control steps per second: the physics tick alone, then SO101Env.step without and with cameras."""
+    from sim import ScriptedExpert, make_sim
+    arm, cameras, world = make_sim(cfg, cfg.seed)
+    start = time.perf_counter()
+    for _ in range(steps):
+        world.tick()
+    print(f"sim: physics only (SimWorld.tick, {world.substeps} x {world.model.opt.timestep * 1000:g} ms): "
+          f"{steps / (time.perf_counter() - start):6.0f} control steps/s")
+    expert = ScriptedExpert(cfg, world, cfg.seed)
+    with SO101Env(cfg, arm, cameras, world) as env:
+        for use_images in (False, True):
+            cfg.use_images = use_images
+            obs, elapsed_s = env.reset(cfg.seed), 0.0
+            for _ in range(steps):
+                act = expert.act(obs)
+                start = time.perf_counter()
+                obs, rew, terminated, truncated, info = env.step(act)
+                elapsed_s += time.perf_counter() - start
+                if terminated or truncated:  # resets are not timed
+                    obs = env.reset()
+                    expert.reset()
+            what = f"two {cfg.image_size}x{cfg.image_size} cameras" if use_images else "state only"
+            print(f"sim: SO101Env.step, bus + IK + physics, {what}: {steps / elapsed_s:6.0f} control steps/s")
+
+
+def main():
+    cfg, words = load_config()
+    sections = words or ["update", "images", "bus", "sim"]
+    if set(sections) - {"update", "images", "bus", "sim"}:
+        raise SystemExit("usage: python bench.py [update] [images] [bus] [sim]   [--field value ...]")
+    device = pick_device(cfg)
+    torch.manual_seed(cfg.seed)
+    for section in sections:
+        if section in ("update", "images"):
+            (bench_update if section == "update" else bench_images)(cfg, device)
+        else:
+            (bench_bus if section == "bus" else bench_sim)(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""hilserl.py's update made fast: the same functions, compiled, and on a GPU one CUDA graph a step.
+
+Place in the loop: with --compile, hilserl.py calls `Learner(batches)` where it would call
+`learn(agent, optimizers, cfg, batches)`. The Learner runs hilserl.learn itself, handing it two
+compiled functions, and is tested against it (same losses, same parameters after N steps).
+What makes it fast, each with its reason:
+  - one graph per critic update: the losses, their gradients, Adam and the target update, which
+    torch.compile (Inductor) fuses into a few kernels. `.backward()` would cut that graph in
+    two, so the gradients come from torch.func.grad, and Adam is written out below as ops the
+    compiler traces, on torch.optim.Adam's own state: a checkpoint is the same from either path;
+  - the actor's next-action draw for the whole control step, compiled;
+  - on a GPU, the whole control step (20 critic updates, one actor update) captured as one CUDA
+    graph: at this size a GPU waits on kernel launches, and a graph launches them all at once;
+  - on a CPU, glibc keeps freed memory (every activation at batch 256, width 256 is a block
+    that it would otherwise return to the OS and page-fault back in on the next update).
+Compiling happens in the set-up, before the first episode.
+"""
+
+import ctypes
+import os
+import shutil
+
+import torch
+
+import hilserl
+
+
+def keep_freed_memory():
+    """Let glibc keep freed memory for reuse instead of returning it to the OS (Linux with glibc only)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 32 << 20)   # M_MMAP_THRESHOLD: blocks up to 32 MB come from the reusable heap
+        libc.mallopt(-1, 1 << 30)    # M_TRIM_THRESHOLD: keep up to 1 GB of freed heap
+    except (OSError, AttributeError):
+        pass
+
+
+def check_compiler(device):
+    """torch.compile builds C++ kernels on a CPU: without a compiler, one line instead of Inductor's traceback."""
+    if device.type == "cpu" and not (os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++")):
+        raise SystemExit("error: --compile on a CPU needs a C++ compiler (g++ or clang++); install one or leave out --compile")
+
+
+class SigmoidTanh(torch.nn.Module):
+    """tanh(x) = 2 sigmoid(2x) - 1, the same function: on a CPU, torch's tanh kernel and the one
+    Inductor generates are each about twice as slow as a sigmoid and two multiplies."""
+
+    def forward(self, x):
+        return torch.sigmoid(2 * x) * 2 - 1
+
+
+def swap_tanh(agent):
+    """Every nn.Tanh of the agent's networks becomes a SigmoidTanh (no parameters: checkpoints are unchanged)."""
+    for module in list(agent.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, torch.nn.Tanh):
+                setattr(module, name, SigmoidTanh())
+
+
+class AdamState:
+    """torch.optim.Adam's state tensors, created as its first step would create them, in lists;
+    `named`: the optimizer's parameters by their names in the agent."""
+
+    def __init__(self, optimizer, agent):
+        group = optimizer.param_groups[0]
+        self.params, self.lr, self.betas, self.eps = group["params"], group["lr"], group["betas"], group["eps"]
+        for p in self.params:
+            if not optimizer.state[p]:
+                optimizer.state[p].update(step=torch.zeros((), device=p.device), exp_avg=torch.zeros_like(p),
+                                          exp_avg_sq=torch.zeros_like(p))
+        states = [optimizer.state[p] for p in self.params]
+        self.m, self.v, self.steps = ([s[k] for s in states] for k in ("exp_avg", "exp_avg_sq", "step"))
+        names = {p: name for name, p in agent.named_parameters()}
+        self.named = {names[p]: p for p in self.params}
+
+    def step(self, grads):
+        # PAPER: Kingma & Ba 2015, Algorithm 1: m <- b1 m + (1 - b1) g, v <- b2 v + (1 - b2) g^2,
+        # theta <- theta - lr m_hat / (sqrt(v_hat) + eps), m_hat = m / (1 - b1^t), v_hat = v / (1 - b2^t)
+        (beta1, beta2), t = self.betas, self.steps[0] + 1
+        torch._foreach_add_(self.steps, 1)
+        torch._foreach_lerp_(self.m, grads, 1 - beta1)
+        torch._foreach_mul_(self.v, beta2)
+        torch._foreach_addcmul_(self.v, grads, grads, value=1 - beta2)
+        m_hat = torch._foreach_div(self.m, 1 - beta1 ** t)
+        v_hat = torch._foreach_div(self.v, 1 - beta2 ** t)
+        torch._foreach_addcdiv_(self.params, m_hat, torch._foreach_add(torch._foreach_sqrt(v_hat), self.eps),
+                                value=-self.lr)
+
+
+class Losses(torch.nn.Module):
+    """One of hilserl's loss functions as a module's forward: torch.func.functional_call runs a module
+    on parameters it is given, which is how torch.func.grad differentiates with respect to them."""
+
+    def __init__(self, agent, loss):
+        super().__init__()
+        self.agent, self.loss = agent, loss
+
+    def forward(self, *args):
+        return self.loss(self.agent, *args)
+
+
+def gradients(losses, params, *args):
+    """({name: gradient} of the sum of the first two losses with respect to params, all the outputs)."""
+    def total(params):
+        outputs = torch.func.functional_call(losses, params, args)
+        return outputs[0] + outputs[1], outputs
+    grads, outputs = torch.func.grad(total, has_aux=True)({"agent." + k: p for k, p in params.items()})
+    return {k.removeprefix("agent."): g for k, g in grads.items()}, outputs
+
+
+def critic_step(losses, adam, batch, next_act, discount, tau):
+    """hilserl.critic_step, traceable as one graph."""
+    grads, (critic_loss, grasp_loss, q_mean) = gradients(losses, adam.named, batch, next_act, discount)
+    adam.step(list(grads.values()))
+    # PAPER: soft target update thetabar <- (1 - tau) thetabar + tau theta (SAC; hil-serl averages all)
+    torch._foreach_lerp_(losses.agent.target_params, adam.params, tau)
+    return {"loss/critic": critic_loss, "loss/grasp_critic": grasp_loss, "q/mean": q_mean}
+
+
+def actor_step(losses, actor_adam, temperature_adam, obs, entropy_target):
+    """hilserl.actor_step, traceable as one graph: the actor loss trains the actor only, the
+    temperature loss alpha only, so one gradient of their sum serves both."""
+    grads, (actor_loss, temperature_loss, stats) = gradients(
+        losses, {**actor_adam.named, **temperature_adam.named}, obs, entropy_target)
+    actor_adam.step([grads[name] for name in actor_adam.named])
+    temperature_adam.step([grads[name] for name in temperature_adam.named])
+    return {"loss/actor": actor_loss, "loss/temperature": temperature_loss, **stats}
+
+
+# no_grad around each update: torch.func.grad makes its own gradients, the rest needs no autograd
+compiled_critic_step = torch.compile(torch.no_grad()(critic_step))
+compiled_actor_step = torch.compile(torch.no_grad()(actor_step))
+compiled_next_actions = torch.compile(hilserl.next_actions)
+
+
+def leaves(tree):
+    """The tensors of a nested dict, in order."""
+    return [t for v in tree.values() for t in (leaves(v) if isinstance(v, dict) else [v])]
+
+
+class Learner:
+    """hilserl.learn(agent, optimizers, cfg, batches) as `Learner(...)(batches)`, compiled, and on a
+    GPU replayed as one CUDA graph. `batches`: one control step's batches, to compile on."""
+
+    def __init__(self, agent, optimizers, cfg, batches):
+        check_compiler(batches["act"].device)
+        if batches["act"].device.type == "cpu":
+            keep_freed_memory()
+            swap_tanh(agent)
+        self.agent, self.optimizers, self.cfg = agent, optimizers, cfg
+        self.adams = {name: AdamState(o, agent) for name, o in optimizers.items()}
+        self.critic_losses = Losses(agent, hilserl.critic_losses)
+        self.actor_losses = Losses(agent, hilserl.actor_losses)
+        self.graph = None
+        state = [*agent.state_dict().values(), *(t for a in self.adams.values() for t in (*a.m, *a.v, *a.steps))]
+        before = [t.clone() for t in state]   # compiling runs real updates; the agent starts untouched
+        print("compiling the update (about 30 s)...")
+        if batches["act"].is_cuda:
+            self.capture(batches)
+        else:
+            self.learn(batches)
+        torch._foreach_copy_(state, before)
+
+    def critic_update(self, agent, optimizer, batch, next_act, discount, tau):
+        """hilserl.critic_step for this Learner's agent and optimizer, as one compiled graph."""
+        return compiled_critic_step(self.critic_losses, self.adams["critic"], batch, next_act, discount, tau)
+
+    def actor_update(self, agent, actor_optimizer, temperature_optimizer, obs, entropy_target):
+        """hilserl.actor_step for this Learner's agent and optimizers, as one compiled graph."""
+        return compiled_actor_step(self.actor_losses, self.adams["actor"], self.adams["temperature"], obs, entropy_target)
+
+    def learn(self, batches):
+        return hilserl.learn(self.agent, self.optimizers, self.cfg, batches, self.critic_update, self.actor_update,
+                             compiled_next_actions)
+
+    def capture(self, batches):
+        """Record one control step's kernels as a CUDA graph, after warm-up runs on a side stream
+        (compiling, and the allocations the graph must not make). Its inputs: these batch tensors."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                self.learn(batches)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph, self.inputs = torch.cuda.CUDAGraph(), batches
+        with torch.cuda.graph(self.graph):
+            self.stats = self.learn(batches)
+
+    def __call__(self, batches):
+        if self.graph is None:   # after the warm-up, every call brings tensors of the same shapes and types:
+            with torch.compiler.set_stance(skip_guard_eval_unsafe=True):   # skip re-checking them each time
+                return self.learn(batches)
+        torch._foreach_copy_(leaves(self.inputs), leaves(batches))
+        self.graph.replay()
+        return {k: v.clone() for k, v in self.stats.items()}   # the next replay overwrites them
