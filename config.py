@@ -170,6 +170,19 @@ def warnings_for(cfg, num_demo_episodes=None):
     return lines
 
 
+def diagnose(rows, cfg):
+    """The lessons file: if interventions do not fall, a hyperparameter is usually wrong."""
+    if rows[-1]["env_steps"] < cfg.diagnose_after_steps or len(rows) < 40:
+        return None
+    rate = lambda part: sum(r["intervention_rate"] for r in part) / len(part)
+    if rate(rows[-20:]) < 0.1 or rate(rows[-20:]) < rate(rows[-40:-20]):
+        return None
+    return (f"the intervention rate is not falling ({rate(rows[-40:-20]):.0%} -> {rate(rows[-20:]):.0%}); usual "
+            f"causes: temperature_init above 0.01 (now {cfg.temperature_init}), utd_ratio below 10 (now "
+            f"{cfg.utd_ratio}), no step penalty (reward_step {cfg.reward_step}), too few demos, or a human who "
+            "holds the intervention button too long - let the policy act and correct it only when it goes astray")
+
+
 def load_config(args=None, cfg=None):
     """Parse sys.argv (or `args`) onto cfg; on a bad option print one line and exit with status 2."""
     try:

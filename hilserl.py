@@ -28,7 +28,7 @@ import torch
 
 from buffer import ReplayBuffer, sample_batches
 from classifier import load_classifier
-from config import Config, load_config, warnings_for
+from config import Config, diagnose, load_config, warnings_for
 from networks import Agent, load_resnet10, pick_device, random_shift, resnet10_weights
 from robot import ACT_DIM, EE_DIM, BusError, ServoError
 from teleop import EmergencyStop, OperatorWindow, make_env, make_teleop, record_demos, wait_for_start
@@ -40,10 +40,8 @@ def target_entropy():
 
 
 def make_optimizers(agent, cfg):
-    """Adam everywhere (hil-serl). One optimizer for everything the critic losses train.
-
-    fused: one kernel updates every parameter of the list, where the default makes several passes.
-    """
+    """Adam everywhere (hil-serl), one for everything the critic losses train. fused: one kernel
+    updates every parameter of the list, where the default makes several passes over them."""
     return {"critic": torch.optim.Adam(agent.critic_params.values(), lr=cfg.lr, fused=True),
             "actor": torch.optim.Adam(agent.actor.parameters(), lr=cfg.lr, fused=True),
             "temperature": torch.optim.Adam([agent.log_alpha], lr=cfg.lr, fused=True)}
@@ -76,10 +74,8 @@ def critic_losses(agent, batch, next_act, discount):
 
 
 def critic_step(agent, optimizer, batch, next_act, discount, tau):
-    """One critic and grasp-critic update: Adam on the summed losses, then the target networks.
-
-    One gradient for both losses: their parameters are disjoint except the shared encoder.
-    """
+    """One critic and grasp-critic update: Adam on the summed losses (their parameters are disjoint
+    but for the shared encoder, so one gradient serves both), then the target networks."""
     critic_loss, grasp_loss, q_mean = critic_losses(agent, batch, next_act, discount)
     optimizer.zero_grad(set_to_none=True)
     (critic_loss + grasp_loss).backward()
@@ -149,29 +145,23 @@ def index_batch(batches, i):
 
 
 def to_device(arrays, device):
-    """numpy batches from `sample_batches` -> nested dict of tensors, in one copy per array."""
+    """numpy batches from `sample_batches` -> nested dict of tensors ("obs/state" -> ["obs"]["state"]), one copy each."""
     out = {"obs": {}, "next_obs": {}}
     for key, value in arrays.items():
         t = torch.from_numpy(value)
         if device.type == "cuda":
             t = t.pin_memory().to(device, non_blocking=True)   # pinned: the copy overlaps the updates
-        t = t.float() if t.dtype == torch.bool else t
-        if "/" in key:
-            group, name = key.split("/")
-            out[group][name] = t
-        else:
-            out[key] = t
+        group, _, name = key.rpartition("/")
+        (out[group] if group else out)[name] = t.float() if t.dtype == torch.bool else t
     return out
 
 
 class FrameFeatures:
-    """The frozen ResNet-10's features of every frame in a replay buffer, kept on the device.
+    """The frozen ResNet-10's features of every frame in a replay buffer, kept on the device in float16.
 
-    Row i of `table[camera]` holds the features of the frame in the buffer's slot i. After each
-    `buffer.add`, `add(slot)` computes the features of the frames it wrote, so the backbone runs
-    once per frame, and the updates only index these rows (running the backbone in every update
-    would cost ~12 TFLOP per control step at 20 updates of batch 256 and two cameras). float16
-    halves memory and copies. The price: no random-shift augmentation on this path.
+    Row i of `table[camera]` holds the features of the frame in the buffer's slot i: the backbone
+    runs once per stored frame, never in an update (where it would cost ~12 TFLOP per control step
+    at 20 updates of batch 256 and two cameras). The price: no random-shift augmentation here.
     """
 
     def __init__(self, buffer, backbone, device):
@@ -191,8 +181,8 @@ class FrameFeatures:
                 table[torch.as_tensor(s, device=table.device)] = self.backbone(frames).half()
 
     def add(self, slot):
-        """The features of the frames that buffer.add wrote at `slot`: next_obs's, and obs's when an
-        episode starts. Returns next_obs's {camera: (1, 512, h, w)}, for the policy's next action."""
+        """Features of the frames buffer.add wrote at `slot` (next_obs's; obs's too when an episode
+        starts). Returns next_obs's {camera: (1, 512, h, w)}, for the policy's next action."""
         j = (slot + 1) % self.buffer.capacity
         self.compute(np.array([j] if slot == self.next_slot else [slot, j]))
         self.next_slot = j
@@ -243,9 +233,9 @@ class Run:
     rng: np.random.Generator
     warned_slow: bool = False
 
-    def batches(self, demo_only=False):
-        online, online_features = (self.demo, self.demo_features) if demo_only else (self.online, self.online_features)
-        return control_step_batches(self.demo, online, self.cfg, self.rng, self.device, self.demo_features, online_features)
+    def batches(self):
+        return control_step_batches(self.demo, self.online, self.cfg, self.rng, self.device, self.demo_features,
+                                    self.online_features)
 
 
 def start_run(cfg, obs, folder):
@@ -281,7 +271,8 @@ def start_run(cfg, obs, folder):
               demo, online, *features, progress, rows, np.random.default_rng(cfg.seed))
     if cfg.compile:   # fast.py imports this file: only a run that asks for it reads it
         import fast
-        run.learn_step = fast.Learner(agent, optimizers, cfg, run.batches(demo_only=True))
+        demo_batches = control_step_batches(demo, demo, cfg, run.rng, device, features[0], features[0])   # to compile on
+        run.learn_step = fast.Learner(agent, optimizers, cfg, demo_batches)
     return run
 
 
@@ -386,19 +377,6 @@ def evaluate(cfg, env, folder):
     print(f"eval {folder}: success {np.mean(successes):.0%} over {cfg.eval_episodes} episodes, "
           f"mean length {np.mean(lengths):.1f} steps")
     return float(np.mean(successes)), float(np.mean(lengths))
-
-
-def diagnose(rows, cfg):
-    """The lessons file: if interventions do not fall, a hyperparameter is usually wrong."""
-    if rows[-1]["env_steps"] < cfg.diagnose_after_steps or len(rows) < 40:
-        return None
-    rate = lambda part: np.mean([r["intervention_rate"] for r in part])
-    if rate(rows[-20:]) < 0.1 or rate(rows[-20:]) < rate(rows[-40:-20]):
-        return None
-    return (f"the intervention rate is not falling ({rate(rows[-40:-20]):.0%} -> {rate(rows[-20:]):.0%}); usual "
-            f"causes: temperature_init above 0.01 (now {cfg.temperature_init}), utd_ratio below 10 (now "
-            f"{cfg.utd_ratio}), no step penalty (reward_step {cfg.reward_step}), too few demos, or a human who "
-            "holds the intervention button too long - let the policy act and correct it only when it goes astray")
 
 
 # --- the run folder: config.json, checkpoint.pt with both buffers, log.csv, curves.png ------------

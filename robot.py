@@ -12,7 +12,7 @@ frames and returns the next observation. Everything below it is plain Python on 
   SO101          connect, configure, calibration, ticks <-> radians, safe goals, torque off on exit
   Camera         OpenCV capture in a thread (newest frame, no buffered latency), crop, resize, RGB
   SO101Env       reset/step as hilserl.py and teleop.py use it, on the real arm or on sim.py
-Run `python robot.py --port /dev/ttyACM0 status` first, then `calibrate`; `bench` times the bus.
+Run `python robot.py --port /dev/ttyACM0 status` first, then `calibrate`; bench.py times the bus.
 """
 
 import dataclasses
@@ -810,7 +810,7 @@ class SO101Env:
 
 
 # ------------------------------------------------------------------------------------------------
-# Command line: status (read-only), calibrate, bench.
+# Command line: status (read-only), calibrate.
 def calibrate(arm, ask=input):
     """Guided calibration: centre the arm, then sweep every joint; returns the calibration.
 
@@ -860,19 +860,6 @@ def print_status(bus):
               f"{error_names(status) if status else '-'}")
 
 
-def bench(baudrate, n=2000):
-    """Time one SYNC_READ of six positions plus one SYNC_WRITE against the emulator, beside their wire time."""
-    emulator = ServoEmulator()
-    bus = FeetechBus(emulator, baudrate)
-    start = time.perf_counter()
-    for _ in range(n):
-        bus.sync_write("Goal_Position", dict(zip(IDS, bus.sync_read("Present_Position", IDS))))
-    driver_ms = (time.perf_counter() - start) / n * 1e3
-    wire_bytes = (6 + 2 + 6) + 6 * (6 + 2) + (6 + 2 + 6 * 3)  # request, six replies, SYNC_WRITE
-    print(f"SYNC_READ x6 + SYNC_WRITE: driver + emulator {driver_ms:.3f} ms; wire time of the "
-          f"{wire_bytes} bytes at {baudrate} baud {wire_bytes * 10 / baudrate * 1e3:.3f} ms")
-
-
 def open_bus(port, cfg):
     """A FeetechBus on a serial port; a port that does not open is a one-line error."""
     import serial
@@ -887,10 +874,8 @@ def open_bus(port, cfg):
 def main():
     cfg, words = load_config()
     command = words[0] if words else "status"
-    if command == "bench":
-        return bench(cfg.baudrate)
     if command not in ("status", "calibrate") or not cfg.port:
-        raise SystemExit("usage: python robot.py --port /dev/ttyACM0 status|calibrate   (or: python robot.py bench)")
+        raise SystemExit("usage: python robot.py --port /dev/ttyACM0 status|calibrate")
     bus = open_bus(cfg.port, cfg)
     if command == "status":
         return print_status(bus)

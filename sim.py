@@ -13,7 +13,7 @@ cameras are simulated. One control step in the sim:
 
 Simulated time advances one control period per tick, independent of the wall clock, so training
 runs as fast as the machine allows. A ScriptedExpert stands in for the human: it records demos and
-takes over when the policy goes astray. Run `python sim.py bench`, `python sim.py snapshot
+takes over when the policy goes astray. Run `python sim.py snapshot
 docs/sim_cameras.png`, or `python sim.py view` (needs a display).
 """
 
@@ -360,7 +360,7 @@ class ScriptedExpert:
 
 
 # ------------------------------------------------------------------------------------------------
-# Command line: bench (control steps per second), snapshot PATH (front + wrist frames side by side),
+# Command line: snapshot PATH (front + wrist frames side by side),
 # view (the scripted expert in MuJoCo's viewer window; needs a display).
 def run_expert(cfg, seed, on_step=None, episodes=1):
     """Scripted-expert episodes on the full stack (SO101Env over the emulated bus); returns successes."""
@@ -376,33 +376,6 @@ def run_expert(cfg, seed, on_step=None, episodes=1):
                 done = terminated or truncated or (on_step is not None and on_step(env, world) is False)
             successes += info["success"]
     return successes
-
-
-def bench(cfg, steps=1000):
-    """Control steps per second: the physics tick alone, then SO101Env.step without and with cameras."""
-    import time  # noqa: PLC0415
-
-    arm, cameras, world = make_sim(cfg, cfg.seed)
-    start = time.perf_counter()
-    for _ in range(steps):
-        world.tick()
-    print(f"physics only (SimWorld.tick, {world.substeps} x {world.model.opt.timestep * 1000:g} ms): "
-          f"{steps / (time.perf_counter() - start):6.0f} control steps/s")
-    expert = ScriptedExpert(cfg, world, cfg.seed)
-    with SO101Env(cfg, arm, cameras, world) as env:
-        for use_images in (False, True):
-            cfg.use_images = use_images
-            obs, elapsed_s = env.reset(cfg.seed), 0.0
-            for _ in range(steps):
-                act = expert.act(obs)
-                start = time.perf_counter()
-                obs, rew, terminated, truncated, info = env.step(act)
-                elapsed_s += time.perf_counter() - start
-                if terminated or truncated:  # resets are not timed
-                    obs = env.reset()
-                    expert.reset()
-            what = f"two {cfg.image_size}x{cfg.image_size} cameras" if use_images else "state only"
-            print(f"SO101Env.step, bus + IK + physics, {what}: {steps / elapsed_s:6.0f} control steps/s")
 
 
 def snapshot(cfg, path):
@@ -444,14 +417,12 @@ def view(cfg):
 
 def main():
     cfg, words = load_config()
-    if words[:1] == ["bench"]:
-        bench(cfg)
-    elif words[:1] == ["snapshot"] and len(words) == 2:
+    if words[:1] == ["snapshot"] and len(words) == 2:
         snapshot(cfg, words[1])
     elif words[:1] == ["view"]:
         view(cfg)
     else:
-        raise SystemExit("usage: python sim.py bench | snapshot PATH.png | view   [--field value ...]")
+        raise SystemExit("usage: python sim.py snapshot PATH.png | view   [--field value ...]")
 
 
 if __name__ == "__main__":

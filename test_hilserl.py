@@ -5,7 +5,9 @@ The learning tests compare each loss, target and update with a reference written
 float64 with explicit loops (a Python loop over the critics, LayerNorm from its definition): the
 references share parameters with the code under test but none of its code.
 Headless: SDL's dummy drivers and MuJoCo's EGL renderer (sim.py falls back to OSMesa).
-Run: `python -m pytest -q test_hilserl.py`.
+Sections, one class each, in the spine's order and then the other files': TestUpdate, TestBuffer,
+TestLoop, TestRunFolder, TestConfig, TestRobot, TestSim, TestTeleop, TestImages.
+Run: `python -m pytest -q test_hilserl.py`; just the update's math: `python -m pytest -q test_hilserl.py -k update`.
 """
 
 import os
@@ -118,48 +120,13 @@ def make_agent(cfg, seed=0, perturb_targets=True):
     return agent
 
 
-# --- the actor ---------------------------------------------------------------------------------
-def test_tanh_log_prob_matches_change_of_variables():
-    cfg = small_cfg()
-    agent = make_agent(cfg)
-    obs = {"state": torch.randn(64, STATE_DIM) * 3}
-    with torch.no_grad():
-        agent.actor.net[-1].bias.copy_(torch.tensor([2.0, -1.0, 0.5, 0.3, -0.5, 1.2]))  # large means too
-        torch.manual_seed(7)
-        act, log_prob = agent.actor(obs)
-        mean, log_std = agent.actor.net(agent.actor.encoder(obs)).double().chunk(2, -1)
-        torch.manual_seed(7)
-        noise = torch.randn_like(mean.float()).double()
-    std = log_std.clamp(math.log(cfg.actor_std_min), math.log(cfg.actor_std_max)).exp()
-    u = mean + std * noise
-    # log pi(a) = log N(u; mean, std) - sum log(1 - tanh(u)^2), in float64 from the definition
-    expected = (torch.distributions.Normal(mean, std).log_prob(u) - torch.log(1 - torch.tanh(u) ** 2)).sum(-1)
-    assert torch.allclose(act.double(), torch.tanh(u), atol=1e-6)
-    assert torch.allclose(log_prob.double(), expected, atol=1e-4)
 
 
-def test_log_prob_stays_finite_when_the_action_saturates():
-    cfg = small_cfg()
-    agent = make_agent(cfg)
-    with torch.no_grad():
-        agent.actor.net[-1].bias.copy_(torch.tensor([30.0, -30.0, 30.0, -3.0, -3.0, -3.0]))
-        _, log_prob = agent.actor({"state": torch.zeros(4, STATE_DIM)})
-    assert torch.isfinite(log_prob).all()
+# =================================================================================================
+# TestUpdate: hilserl.py's update and fast.py's: every loss, target and step against float64 or by hand.
+# =================================================================================================
 
 
-def test_actor_std_is_clipped_to_the_configured_bounds():
-    cfg = small_cfg(actor_std_max=0.5)
-    agent = make_agent(cfg)
-    with torch.no_grad():
-        agent.actor.net[-1].bias[EE_DIM:] = 20.0      # log_std far above log(0.5)
-        torch.manual_seed(1)
-        act, _ = agent.actor({"state": torch.zeros(4000, STATE_DIM)})
-        mean, _ = agent.actor.net(agent.actor.encoder({"state": torch.zeros(1, STATE_DIM)})).chunk(2, -1)
-    u = torch.atanh(act.double().clamp(-1 + 1e-12, 1 - 1e-12))
-    assert abs(u.std(0).mean().item() - 0.5) < 0.05
-
-
-# --- the critic update -------------------------------------------------------------------------
 def reference_critic_losses(agent, b, next_act, cfg):
     """float64: clipped double-Q target without entropy, Double-DQN grasp target with the penalty."""
     a, b = copy.deepcopy(agent).double(), double(b)
@@ -184,29 +151,6 @@ def run_critic_step(agent, b, next_act, cfg):
     return hilserl.critic_step(agent, hilserl.make_optimizers(agent, cfg)["critic"], b, next_act, cfg.discount, cfg.tau)
 
 
-def test_critic_and_grasp_losses_match_float64_reference():
-    cfg = small_cfg()
-    agent, b = make_agent(cfg), random_batch()
-    next_act = torch.rand(8, EE_DIM) * 2 - 1
-    ref, critic_loss, grasp_loss = reference_critic_losses(agent, b, next_act, cfg)
-    info = run_critic_step(agent, b, next_act, cfg)
-    assert math.isclose(info["loss/critic"].item(), critic_loss.item(), rel_tol=1e-5)
-    assert math.isclose(info["loss/grasp_critic"].item(), grasp_loss.item(), rel_tol=1e-5)
-
-
-def test_critic_gradients_match_float64_reference():
-    cfg = small_cfg()
-    agent, b = make_agent(cfg), random_batch()
-    next_act = torch.rand(8, EE_DIM) * 2 - 1
-    ref, critic_loss, grasp_loss = reference_critic_losses(agent, b, next_act, cfg)
-    (critic_loss + grasp_loss).backward()
-    losses = hilserl.critic_losses(agent, b, next_act, cfg.discount)
-    (losses[0] + losses[1]).backward()                  # what critic_step differentiates
-    assert list(agent.critic_params) == list(ref.critic_params)
-    for mine, theirs in zip(agent.critic_params.values(), ref.critic_params.values()):
-        assert torch.allclose(mine.grad.double(), theirs.grad, rtol=1e-4, atol=1e-6)
-
-
 class FixedQ(torch.nn.Module):
     """A target critic whose values are given by hand."""
 
@@ -218,21 +162,6 @@ class FixedQ(torch.nn.Module):
         return self.values
 
 
-def test_target_is_clipped_min_and_stops_only_at_termination():
-    cfg = small_cfg(discount=0.9)
-    agent, b = make_agent(cfg), random_batch(4)
-    b["rew"] = torch.tensor([1.0, 2.0, 3.0, 4.0])
-    b["terminated"] = torch.tensor([0.0, 1.0, 0.0, 0.0])
-    b["truncated"] = torch.tensor([0.0, 0.0, 1.0, 0.0])
-    agent.target["critic"] = FixedQ(torch.tensor([[5.0, 5.0, 7.0, -1.0], [3.0, 6.0, 8.0, 2.0]]))
-    # by hand: min over critics = [3, 5, 7, -1]; row 1 terminated -> no bootstrap; row 2 truncated -> bootstraps
-    y = torch.tensor([1 + 0.9 * 3, 2.0, 3 + 0.9 * 7, 4 + 0.9 * -1])
-    with torch.no_grad():
-        q = agent.critic(agent.encoder(b["obs"]), b["act"][:, :EE_DIM])
-    critic_loss, _, _ = hilserl.critic_losses(agent, b, torch.zeros(4, EE_DIM), cfg.discount)
-    assert math.isclose(critic_loss.item(), ((q - y) ** 2).mean().item(), rel_tol=1e-6)
-
-
 class FixedGrasp(torch.nn.Module):
     def __init__(self, values):
         super().__init__()
@@ -240,169 +169,6 @@ class FixedGrasp(torch.nn.Module):
 
     def forward(self, z):
         return self.values + 0 * self.dummy
-
-
-def test_grasp_target_is_double_dqn_with_the_penalty():
-    cfg = small_cfg(discount=0.5)
-    agent, b = make_agent(cfg), random_batch(2)
-    b["rew"], b["terminated"] = torch.tensor([1.0, 1.0]), torch.tensor([0.0, 1.0])
-    b["grasp_penalty"] = torch.tensor([-0.02, -0.02])
-    b["act"][:, EE_DIM] = torch.tensor([1.0, -1.0])            # classes 2 and 0
-    online = FixedGrasp(torch.tensor([[0.0, 9.0, 1.0], [4.0, 0.0, 0.0]]))
-    agent.grasp_critic = online                                # online argmax on s': class 1 (row 0)
-    agent.target["grasp_critic"] = FixedQ(None)
-    agent.target["grasp_critic"].forward = lambda z: torch.tensor([[50.0, 2.0, 70.0], [1.0, 1.0, 1.0]])
-    # by hand: row 0: 1 - 0.02 + 0.5 * Qtarget(s', argmax_online = 1) = 0.98 + 1.0 (not 0.5 * max 70)
-    #          row 1: terminated -> 1 - 0.02
-    y = torch.tensor([1.98, 0.98])
-    q_taken = torch.tensor([1.0, 4.0])                         # online values of the taken classes
-    _, grasp_loss, _ = hilserl.critic_losses(agent, b, torch.zeros(2, EE_DIM), cfg.discount)
-    assert math.isclose(grasp_loss.item(), ((q_taken - y) ** 2).mean().item(), rel_tol=1e-6)
-
-
-def test_soft_target_update_moves_targets_by_tau():
-    cfg = small_cfg(tau=0.1)
-    agent, b = make_agent(cfg), random_batch()
-    before = [p.detach().double().clone() for p in agent.target_params]
-    run_critic_step(agent, b, torch.zeros(8, EE_DIM), cfg)
-    for old, new, online in zip(before, agent.target_params, agent.critic_params.values()):
-        expected = (1 - 0.1) * old + 0.1 * online.detach().double()   # online after its update
-        assert torch.allclose(new.double(), expected, atol=1e-6)
-
-
-def test_target_update_leaves_no_autograd_history():
-    cfg = small_cfg()
-    agent = make_agent(cfg)
-    for _ in range(2):
-        run_critic_step(agent, random_batch(), torch.zeros(8, EE_DIM), cfg)
-    for p in agent.target_params:
-        assert p.is_leaf and not p.requires_grad and p.grad_fn is None
-
-
-def test_fast_critic_gradients_match_float64_reference():
-    cfg = small_cfg()
-    agent, b = make_agent(cfg), random_batch()
-    next_act = torch.rand(8, EE_DIM) * 2 - 1
-    ref, critic_loss, grasp_loss = reference_critic_losses(agent, b, next_act, cfg)
-    (critic_loss + grasp_loss).backward()
-    compiled = torch.compile(torch.no_grad()(fast.gradients))                      # torch.func.grad, compiled
-    grads, losses = compiled(fast.Losses(agent, hilserl.critic_losses), agent.critic_params, b, next_act, cfg.discount)
-    assert math.isclose(losses[0].item(), critic_loss.item(), rel_tol=1e-5)
-    assert list(grads) == list(ref.critic_params)
-    for mine, theirs in zip(grads.values(), ref.critic_params.values()):
-        assert torch.allclose(mine.double(), theirs.grad, rtol=1e-4, atol=1e-6)
-
-
-def test_compiled_critic_step_matches_the_spine():
-    cfg = small_cfg()
-    agent = make_agent(cfg)
-    twin = copy.deepcopy(agent)
-    optimizer, twin_optimizer = hilserl.make_optimizers(agent, cfg)["critic"], hilserl.make_optimizers(twin, cfg)["critic"]
-    adam = fast.AdamState(twin_optimizer, twin)
-    for seed in range(3):
-        b, next_act = random_batch(seed=seed), torch.rand(8, EE_DIM) * 2 - 1
-        eager = hilserl.critic_step(agent, optimizer, b, next_act, cfg.discount, cfg.tau)
-        compiled = fast.compiled_critic_step(fast.Losses(twin, hilserl.critic_losses), adam, b, next_act, cfg.discount, cfg.tau)
-        for key in eager:
-            assert torch.allclose(eager[key], compiled[key], rtol=1e-5, atol=1e-6)
-    for (name, e), c in zip(agent.state_dict().items(), twin.state_dict().values()):
-        assert torch.allclose(e, c, rtol=1e-4, atol=1e-6), name
-    for p, q in zip(agent.critic_params.values(), twin.critic_params.values()):   # torch.optim's own state, stepped
-        mine, theirs = optimizer.state[p], twin_optimizer.state[q]
-        assert mine["step"].item() == theirs["step"].item() == 3
-        assert torch.allclose(mine["exp_avg_sq"], theirs["exp_avg_sq"], rtol=1e-4, atol=1e-12)
-
-
-def test_compiled_actor_step_matches_the_spine():
-    cfg = small_cfg()
-    agent = make_agent(cfg)
-    twin = copy.deepcopy(agent)
-    optimizers, twin_optimizers = hilserl.make_optimizers(agent, cfg), hilserl.make_optimizers(twin, cfg)
-    adams = [fast.AdamState(twin_optimizers[k], twin) for k in ("actor", "temperature")]
-    with torch._inductor.config.patch(fallback_random=True):                       # eager's random numbers
-        step = torch.compile(lambda *args: fast.actor_step(*args))                 # compiled afresh, with them
-        for seed in range(3):
-            obs = random_batch(seed=seed)["obs"]
-            torch.manual_seed(seed)
-            eager = hilserl.actor_step(agent, optimizers["actor"], optimizers["temperature"], obs, -2.0)
-            torch.manual_seed(seed)
-            with torch.no_grad():
-                compiled = step(fast.Losses(twin, hilserl.actor_losses), *adams, obs, -2.0)
-            for key in eager:
-                assert torch.allclose(eager[key], compiled[key], rtol=1e-5, atol=1e-6), key
-    for (name, e), c in zip(agent.state_dict().items(), twin.state_dict().values()):
-        assert torch.allclose(e, c, rtol=1e-4, atol=1e-6), name
-
-
-def test_compiled_next_actions_match_eager():
-    cfg = small_cfg()
-    actor, next_obs = make_agent(cfg).actor, random_batch()["next_obs"]
-    with torch._inductor.config.patch(fallback_random=True):                       # eager's random numbers
-        compiled = torch.compile(lambda actor, obs: hilserl.next_actions(actor, obs))   # as fast.py does
-        torch.manual_seed(1)
-        eager = hilserl.next_actions(actor, next_obs)
-        torch.manual_seed(1)
-        assert torch.allclose(eager, compiled(actor, next_obs), atol=1e-5)
-
-
-# --- the actor and temperature update ----------------------------------------------------------
-def test_actor_loss_and_gradient_match_float64_reference():
-    cfg = small_cfg()
-    agent, b = make_agent(cfg), random_batch()
-    ref = copy.deepcopy(agent).double()
-    torch.manual_seed(3)
-    actor_loss, _, _ = hilserl.actor_losses(agent, b["obs"], hilserl.target_entropy())
-    grads = torch.autograd.grad(actor_loss, list(agent.actor.parameters()))
-    obs = double(b["obs"])
-    h = ref_encoder(ref.actor.encoder, obs)
-    mean, log_std = ref_mlp(ref.actor.net, h).chunk(2, -1)
-    std = log_std.clamp(math.log(cfg.actor_std_min), math.log(cfg.actor_std_max)).exp()
-    torch.manual_seed(3)
-    u = mean + std * torch.randn(mean.shape).double()
-    act = torch.tanh(u)
-    log_prob = (torch.distributions.Normal(mean, std).log_prob(u) - torch.log(1 - act ** 2)).sum(-1)
-    q_mean = ref_critics(ref.critic, ref_encoder(ref.encoder, obs).detach(), act).mean(0)   # mean, not min
-    loss = (cfg.temperature_init * log_prob - q_mean).mean()
-    loss.backward()
-    assert math.isclose(actor_loss.item(), loss.item(), rel_tol=1e-4)
-    for mine, theirs in zip(grads, ref.actor.parameters()):
-        assert torch.allclose(mine.double(), theirs.grad, rtol=1e-3, atol=1e-6)
-
-
-def test_actor_step_trains_the_actor_and_alpha_only():
-    cfg = small_cfg()
-    agent = make_agent(cfg)
-    opts = hilserl.make_optimizers(agent, cfg)
-    before = copy.deepcopy(agent.state_dict())
-    hilserl.actor_step(agent, opts["actor"], opts["temperature"], random_batch()["obs"], hilserl.target_entropy())
-    changed = {k.split(".")[0] for k, v in agent.state_dict().items() if not torch.equal(before[k], v)}
-    assert changed == {"actor", "log_alpha"}
-
-
-@pytest.mark.parametrize("log_std_bias, alpha_should", [(-0.5, "fall"), (-6.0, "rise")])
-def test_temperature_gradient_sign(log_std_bias, alpha_should):
-    cfg = small_cfg()
-    agent = make_agent(cfg)
-    with torch.no_grad():
-        agent.actor.net[-1].weight.zero_()
-        agent.actor.net[-1].bias.copy_(torch.tensor([0.0, 0, 0, log_std_bias, log_std_bias, log_std_bias]))
-    opts = hilserl.make_optimizers(agent, cfg)
-    alpha_before = agent.log_alpha.exp().item()
-    obs = {"state": torch.randn(256, STATE_DIM)}
-    torch.manual_seed(5)
-    _, temperature_loss, info = hilserl.actor_losses(agent, obs, -2.0)
-    (grad,) = torch.autograd.grad(temperature_loss, [agent.log_alpha])
-    # d/dlog_alpha [alpha (H - Htarget)] = alpha (H - Htarget): positive when the policy is too random
-    expected_grad = alpha_before * (info["entropy"].item() + 2.0)
-    assert math.isclose(grad.item(), expected_grad, rel_tol=1e-5)
-    torch.manual_seed(5)
-    hilserl.actor_step(agent, opts["actor"], opts["temperature"], obs, -2.0)
-    alpha_after = agent.log_alpha.exp().item()
-    assert (alpha_after < alpha_before) if alpha_should == "fall" else (alpha_after > alpha_before)
-
-
-def test_target_entropy_is_minus_half_the_action_dimension():
-    assert hilserl.target_entropy() == -2.0    # 3 EE dims + 1 gripper
 
 
 def stacked(batch, times):
@@ -414,78 +180,482 @@ def adam_steps(optimizer):
     return {optimizer.state[p]["step"].item() for p in optimizer.param_groups[0]["params"]}
 
 
-def test_learn_does_utd_critic_updates_then_one_actor_update():
-    cfg = small_cfg(utd_ratio=5)
-    agent = make_agent(cfg)
-    optimizers = hilserl.make_optimizers(agent, cfg)
-    hilserl.learn(agent, optimizers, cfg, stacked(random_batch(), 5))
-    assert [adam_steps(optimizers[k]) for k in ("critic", "actor", "temperature")] == [{5}, {1}, {1}]
 
+class TestUpdate:
+    """hilserl.py's update and fast.py's: every loss, target and step against float64 or by hand."""
 
-def test_benchmark_floor_counts_the_matmuls_learn_runs():
-    cfg = small_cfg(utd_ratio=3)
-    agent = make_agent(cfg)
-    with torch.utils.flop_counter.FlopCounterMode(display=False) as counter:
-        hilserl.learn(agent, hilserl.make_optimizers(agent, cfg), cfg, stacked(random_batch(), 3))
-    assert bench.control_step_flops(STATE_DIM, cfg) == counter.get_total_flops()
-
-
-def test_compile_without_a_cpp_compiler_is_a_one_line_error(monkeypatch):
-    monkeypatch.delenv("CXX", raising=False)
-    monkeypatch.setattr(fast.shutil, "which", lambda name: None)
-    with pytest.raises(SystemExit, match="needs a C.. compiler"):
-        fast.check_compiler(torch.device("cpu"))
-
-
-def test_fast_learner_matches_the_spine_and_leaves_the_agent_as_it_found_it():
-    """Same losses and parameters after a few control steps; compiling (real updates) is undone."""
-    cfg = small_cfg(utd_ratio=3)
-    agent = make_agent(cfg)
-    twin = copy.deepcopy(agent)
-    optimizers, twin_optimizers = hilserl.make_optimizers(agent, cfg), hilserl.make_optimizers(twin, cfg)
-    batches = [stacked(random_batch(seed=seed), 3) for seed in range(4)]
-    torch._dynamo.reset()                                       # compiled afresh, with eager's random numbers:
-    with torch._inductor.config.patch(fallback_random=True):    # the same a' and actions in both
-        learner = fast.Learner(twin, twin_optimizers, cfg, batches[0])
-    for name, p in agent.state_dict().items():
-        assert torch.equal(p, twin.state_dict()[name]), name                      # untouched by the warm-up
-    assert all(adam_steps(o) == {0} for o in twin_optimizers.values())
-    for seed, b in enumerate(batches[1:]):
-        torch.manual_seed(seed)
-        eager = hilserl.learn(agent, optimizers, cfg, b)
-        torch.manual_seed(seed)
-        compiled = learner(b)
-        for key in eager:
-            assert torch.allclose(eager[key], compiled[key], rtol=1e-4, atol=1e-5), key
-    for name, p in agent.state_dict().items():
-        assert torch.allclose(p, twin.state_dict()[name], rtol=1e-4, atol=1e-5), name
-    assert [adam_steps(twin_optimizers[k]) for k in ("critic", "actor", "temperature")] == [{9}, {3}, {3}]
-
-
-# --- Adam and the checkpoint ---------------------------------------------------------------------
-def test_fast_adam_matches_torch_optim_adam():
-    torch.manual_seed(0)
-    ours, theirs = torch.nn.ParameterList([torch.randn(5, 3), torch.randn(4)]), None
-    theirs = copy.deepcopy(ours)
-    adam = fast.AdamState(torch.optim.Adam(ours, lr=0.01), ours)
-    reference = torch.optim.Adam(theirs, lr=0.01)
-    for step in range(6):
-        grads = [torch.randn_like(p) * 10.0 ** (step - 3) for p in ours]   # changing scales: bias correction shows
+    # --- the actor ---------------------------------------------------------------------------------
+    def test_tanh_log_prob_matches_change_of_variables(self):
+        cfg = small_cfg()
+        agent = make_agent(cfg)
+        obs = {"state": torch.randn(64, STATE_DIM) * 3}
         with torch.no_grad():
-            adam.step(grads)
-        for p, g in zip(theirs, grads):
-            p.grad = g.clone()
-        reference.step()
-    for mine, expected in zip(ours, theirs):
-        assert torch.allclose(mine, expected, rtol=1e-6, atol=1e-7)
+            agent.actor.net[-1].bias.copy_(torch.tensor([2.0, -1.0, 0.5, 0.3, -0.5, 1.2]))  # large means too
+            torch.manual_seed(7)
+            act, log_prob = agent.actor(obs)
+            mean, log_std = agent.actor.net(agent.actor.encoder(obs)).double().chunk(2, -1)
+            torch.manual_seed(7)
+            noise = torch.randn_like(mean.float()).double()
+        std = log_std.clamp(math.log(cfg.actor_std_min), math.log(cfg.actor_std_max)).exp()
+        u = mean + std * noise
+        # log pi(a) = log N(u; mean, std) - sum log(1 - tanh(u)^2), in float64 from the definition
+        expected = (torch.distributions.Normal(mean, std).log_prob(u) - torch.log(1 - torch.tanh(u) ** 2)).sum(-1)
+        assert torch.allclose(act.double(), torch.tanh(u), atol=1e-6)
+        assert torch.allclose(log_prob.double(), expected, atol=1e-4)
+
+    def test_log_prob_stays_finite_when_the_action_saturates(self):
+        cfg = small_cfg()
+        agent = make_agent(cfg)
+        with torch.no_grad():
+            agent.actor.net[-1].bias.copy_(torch.tensor([30.0, -30.0, 30.0, -3.0, -3.0, -3.0]))
+            _, log_prob = agent.actor({"state": torch.zeros(4, STATE_DIM)})
+        assert torch.isfinite(log_prob).all()
+
+    def test_actor_std_is_clipped_to_the_configured_bounds(self):
+        cfg = small_cfg(actor_std_max=0.5)
+        agent = make_agent(cfg)
+        with torch.no_grad():
+            agent.actor.net[-1].bias[EE_DIM:] = 20.0      # log_std far above log(0.5)
+            torch.manual_seed(1)
+            act, _ = agent.actor({"state": torch.zeros(4000, STATE_DIM)})
+            mean, _ = agent.actor.net(agent.actor.encoder({"state": torch.zeros(1, STATE_DIM)})).chunk(2, -1)
+        u = torch.atanh(act.double().clamp(-1 + 1e-12, 1 - 1e-12))
+        assert abs(u.std(0).mean().item() - 0.5) < 0.05
+
+    # --- the critic update -------------------------------------------------------------------------
+    def test_critic_and_grasp_losses_match_float64_reference(self):
+        cfg = small_cfg()
+        agent, b = make_agent(cfg), random_batch()
+        next_act = torch.rand(8, EE_DIM) * 2 - 1
+        ref, critic_loss, grasp_loss = reference_critic_losses(agent, b, next_act, cfg)
+        info = run_critic_step(agent, b, next_act, cfg)
+        assert math.isclose(info["loss/critic"].item(), critic_loss.item(), rel_tol=1e-5)
+        assert math.isclose(info["loss/grasp_critic"].item(), grasp_loss.item(), rel_tol=1e-5)
+
+    def test_critic_gradients_match_float64_reference(self):
+        cfg = small_cfg()
+        agent, b = make_agent(cfg), random_batch()
+        next_act = torch.rand(8, EE_DIM) * 2 - 1
+        ref, critic_loss, grasp_loss = reference_critic_losses(agent, b, next_act, cfg)
+        (critic_loss + grasp_loss).backward()
+        losses = hilserl.critic_losses(agent, b, next_act, cfg.discount)
+        (losses[0] + losses[1]).backward()                  # what critic_step differentiates
+        assert list(agent.critic_params) == list(ref.critic_params)
+        for mine, theirs in zip(agent.critic_params.values(), ref.critic_params.values()):
+            assert torch.allclose(mine.grad.double(), theirs.grad, rtol=1e-4, atol=1e-6)
+
+    def test_target_is_clipped_min_and_stops_only_at_termination(self):
+        cfg = small_cfg(discount=0.9)
+        agent, b = make_agent(cfg), random_batch(4)
+        b["rew"] = torch.tensor([1.0, 2.0, 3.0, 4.0])
+        b["terminated"] = torch.tensor([0.0, 1.0, 0.0, 0.0])
+        b["truncated"] = torch.tensor([0.0, 0.0, 1.0, 0.0])
+        agent.target["critic"] = FixedQ(torch.tensor([[5.0, 5.0, 7.0, -1.0], [3.0, 6.0, 8.0, 2.0]]))
+        # by hand: min over critics = [3, 5, 7, -1]; row 1 terminated -> no bootstrap; row 2 truncated -> bootstraps
+        y = torch.tensor([1 + 0.9 * 3, 2.0, 3 + 0.9 * 7, 4 + 0.9 * -1])
+        with torch.no_grad():
+            q = agent.critic(agent.encoder(b["obs"]), b["act"][:, :EE_DIM])
+        critic_loss, _, _ = hilserl.critic_losses(agent, b, torch.zeros(4, EE_DIM), cfg.discount)
+        assert math.isclose(critic_loss.item(), ((q - y) ** 2).mean().item(), rel_tol=1e-6)
+
+    def test_grasp_target_is_double_dqn_with_the_penalty(self):
+        cfg = small_cfg(discount=0.5)
+        agent, b = make_agent(cfg), random_batch(2)
+        b["rew"], b["terminated"] = torch.tensor([1.0, 1.0]), torch.tensor([0.0, 1.0])
+        b["grasp_penalty"] = torch.tensor([-0.02, -0.02])
+        b["act"][:, EE_DIM] = torch.tensor([1.0, -1.0])            # classes 2 and 0
+        online = FixedGrasp(torch.tensor([[0.0, 9.0, 1.0], [4.0, 0.0, 0.0]]))
+        agent.grasp_critic = online                                # online argmax on s': class 1 (row 0)
+        agent.target["grasp_critic"] = FixedQ(None)
+        agent.target["grasp_critic"].forward = lambda z: torch.tensor([[50.0, 2.0, 70.0], [1.0, 1.0, 1.0]])
+        # by hand: row 0: 1 - 0.02 + 0.5 * Qtarget(s', argmax_online = 1) = 0.98 + 1.0 (not 0.5 * max 70)
+        #          row 1: terminated -> 1 - 0.02
+        y = torch.tensor([1.98, 0.98])
+        q_taken = torch.tensor([1.0, 4.0])                         # online values of the taken classes
+        _, grasp_loss, _ = hilserl.critic_losses(agent, b, torch.zeros(2, EE_DIM), cfg.discount)
+        assert math.isclose(grasp_loss.item(), ((q_taken - y) ** 2).mean().item(), rel_tol=1e-6)
+
+    def test_soft_target_update_moves_targets_by_tau(self):
+        cfg = small_cfg(tau=0.1)
+        agent, b = make_agent(cfg), random_batch()
+        before = [p.detach().double().clone() for p in agent.target_params]
+        run_critic_step(agent, b, torch.zeros(8, EE_DIM), cfg)
+        for old, new, online in zip(before, agent.target_params, agent.critic_params.values()):
+            expected = (1 - 0.1) * old + 0.1 * online.detach().double()   # online after its update
+            assert torch.allclose(new.double(), expected, atol=1e-6)
+
+    def test_target_update_leaves_no_autograd_history(self):
+        cfg = small_cfg()
+        agent = make_agent(cfg)
+        for _ in range(2):
+            run_critic_step(agent, random_batch(), torch.zeros(8, EE_DIM), cfg)
+        for p in agent.target_params:
+            assert p.is_leaf and not p.requires_grad and p.grad_fn is None
+
+    def test_fast_critic_gradients_match_float64_reference(self):
+        cfg = small_cfg()
+        agent, b = make_agent(cfg), random_batch()
+        next_act = torch.rand(8, EE_DIM) * 2 - 1
+        ref, critic_loss, grasp_loss = reference_critic_losses(agent, b, next_act, cfg)
+        (critic_loss + grasp_loss).backward()
+        compiled = torch.compile(torch.no_grad()(fast.gradients))                      # torch.func.grad, compiled
+        grads, losses = compiled(fast.Losses(agent, hilserl.critic_losses), agent.critic_params, b, next_act, cfg.discount)
+        assert math.isclose(losses[0].item(), critic_loss.item(), rel_tol=1e-5)
+        assert list(grads) == list(ref.critic_params)
+        for mine, theirs in zip(grads.values(), ref.critic_params.values()):
+            assert torch.allclose(mine.double(), theirs.grad, rtol=1e-4, atol=1e-6)
+
+    def test_compiled_critic_step_matches_the_spine(self):
+        cfg = small_cfg()
+        agent = make_agent(cfg)
+        twin = copy.deepcopy(agent)
+        optimizer, twin_optimizer = hilserl.make_optimizers(agent, cfg)["critic"], hilserl.make_optimizers(twin, cfg)["critic"]
+        adam = fast.AdamState(twin_optimizer, twin)
+        for seed in range(3):
+            b, next_act = random_batch(seed=seed), torch.rand(8, EE_DIM) * 2 - 1
+            eager = hilserl.critic_step(agent, optimizer, b, next_act, cfg.discount, cfg.tau)
+            compiled = fast.compiled_critic_step(fast.Losses(twin, hilserl.critic_losses), adam, b, next_act, cfg.discount, cfg.tau)
+            for key in eager:
+                assert torch.allclose(eager[key], compiled[key], rtol=1e-5, atol=1e-6)
+        for (name, e), c in zip(agent.state_dict().items(), twin.state_dict().values()):
+            assert torch.allclose(e, c, rtol=1e-4, atol=1e-6), name
+        for p, q in zip(agent.critic_params.values(), twin.critic_params.values()):   # torch.optim's own state, stepped
+            mine, theirs = optimizer.state[p], twin_optimizer.state[q]
+            assert mine["step"].item() == theirs["step"].item() == 3
+            assert torch.allclose(mine["exp_avg_sq"], theirs["exp_avg_sq"], rtol=1e-4, atol=1e-12)
+
+    def test_compiled_actor_step_matches_the_spine(self):
+        cfg = small_cfg()
+        agent = make_agent(cfg)
+        twin = copy.deepcopy(agent)
+        optimizers, twin_optimizers = hilserl.make_optimizers(agent, cfg), hilserl.make_optimizers(twin, cfg)
+        adams = [fast.AdamState(twin_optimizers[k], twin) for k in ("actor", "temperature")]
+        with torch._inductor.config.patch(fallback_random=True):                       # eager's random numbers
+            step = torch.compile(lambda *args: fast.actor_step(*args))                 # compiled afresh, with them
+            for seed in range(3):
+                obs = random_batch(seed=seed)["obs"]
+                torch.manual_seed(seed)
+                eager = hilserl.actor_step(agent, optimizers["actor"], optimizers["temperature"], obs, -2.0)
+                torch.manual_seed(seed)
+                with torch.no_grad():
+                    compiled = step(fast.Losses(twin, hilserl.actor_losses), *adams, obs, -2.0)
+                for key in eager:
+                    assert torch.allclose(eager[key], compiled[key], rtol=1e-5, atol=1e-6), key
+        for (name, e), c in zip(agent.state_dict().items(), twin.state_dict().values()):
+            assert torch.allclose(e, c, rtol=1e-4, atol=1e-6), name
+
+    def test_compiled_next_actions_match_eager(self):
+        cfg = small_cfg()
+        actor, next_obs = make_agent(cfg).actor, random_batch()["next_obs"]
+        with torch._inductor.config.patch(fallback_random=True):                       # eager's random numbers
+            compiled = torch.compile(lambda actor, obs: hilserl.next_actions(actor, obs))   # as fast.py does
+            torch.manual_seed(1)
+            eager = hilserl.next_actions(actor, next_obs)
+            torch.manual_seed(1)
+            assert torch.allclose(eager, compiled(actor, next_obs), atol=1e-5)
+
+    # --- the actor and temperature update ----------------------------------------------------------
+    def test_actor_loss_and_gradient_match_float64_reference(self):
+        cfg = small_cfg()
+        agent, b = make_agent(cfg), random_batch()
+        ref = copy.deepcopy(agent).double()
+        torch.manual_seed(3)
+        actor_loss, _, _ = hilserl.actor_losses(agent, b["obs"], hilserl.target_entropy())
+        grads = torch.autograd.grad(actor_loss, list(agent.actor.parameters()))
+        obs = double(b["obs"])
+        h = ref_encoder(ref.actor.encoder, obs)
+        mean, log_std = ref_mlp(ref.actor.net, h).chunk(2, -1)
+        std = log_std.clamp(math.log(cfg.actor_std_min), math.log(cfg.actor_std_max)).exp()
+        torch.manual_seed(3)
+        u = mean + std * torch.randn(mean.shape).double()
+        act = torch.tanh(u)
+        log_prob = (torch.distributions.Normal(mean, std).log_prob(u) - torch.log(1 - act ** 2)).sum(-1)
+        q_mean = ref_critics(ref.critic, ref_encoder(ref.encoder, obs).detach(), act).mean(0)   # mean, not min
+        loss = (cfg.temperature_init * log_prob - q_mean).mean()
+        loss.backward()
+        assert math.isclose(actor_loss.item(), loss.item(), rel_tol=1e-4)
+        for mine, theirs in zip(grads, ref.actor.parameters()):
+            assert torch.allclose(mine.double(), theirs.grad, rtol=1e-3, atol=1e-6)
+
+    def test_actor_step_trains_the_actor_and_alpha_only(self):
+        cfg = small_cfg()
+        agent = make_agent(cfg)
+        opts = hilserl.make_optimizers(agent, cfg)
+        before = copy.deepcopy(agent.state_dict())
+        hilserl.actor_step(agent, opts["actor"], opts["temperature"], random_batch()["obs"], hilserl.target_entropy())
+        changed = {k.split(".")[0] for k, v in agent.state_dict().items() if not torch.equal(before[k], v)}
+        assert changed == {"actor", "log_alpha"}
+
+    @pytest.mark.parametrize("log_std_bias, alpha_should", [(-0.5, "fall"), (-6.0, "rise")])
+    def test_temperature_gradient_sign(self, log_std_bias, alpha_should):
+        cfg = small_cfg()
+        agent = make_agent(cfg)
+        with torch.no_grad():
+            agent.actor.net[-1].weight.zero_()
+            agent.actor.net[-1].bias.copy_(torch.tensor([0.0, 0, 0, log_std_bias, log_std_bias, log_std_bias]))
+        opts = hilserl.make_optimizers(agent, cfg)
+        alpha_before = agent.log_alpha.exp().item()
+        obs = {"state": torch.randn(256, STATE_DIM)}
+        torch.manual_seed(5)
+        _, temperature_loss, info = hilserl.actor_losses(agent, obs, -2.0)
+        (grad,) = torch.autograd.grad(temperature_loss, [agent.log_alpha])
+        # d/dlog_alpha [alpha (H - Htarget)] = alpha (H - Htarget): positive when the policy is too random
+        expected_grad = alpha_before * (info["entropy"].item() + 2.0)
+        assert math.isclose(grad.item(), expected_grad, rel_tol=1e-5)
+        torch.manual_seed(5)
+        hilserl.actor_step(agent, opts["actor"], opts["temperature"], obs, -2.0)
+        alpha_after = agent.log_alpha.exp().item()
+        assert (alpha_after < alpha_before) if alpha_should == "fall" else (alpha_after > alpha_before)
+
+    def test_target_entropy_is_minus_half_the_action_dimension(self):
+        assert hilserl.target_entropy() == -2.0    # 3 EE dims + 1 gripper
+
+    def test_learn_does_utd_critic_updates_then_one_actor_update(self):
+        cfg = small_cfg(utd_ratio=5)
+        agent = make_agent(cfg)
+        optimizers = hilserl.make_optimizers(agent, cfg)
+        hilserl.learn(agent, optimizers, cfg, stacked(random_batch(), 5))
+        assert [adam_steps(optimizers[k]) for k in ("critic", "actor", "temperature")] == [{5}, {1}, {1}]
+
+    def test_benchmark_floor_counts_the_matmuls_learn_runs(self):
+        cfg = small_cfg(utd_ratio=3)
+        agent = make_agent(cfg)
+        with torch.utils.flop_counter.FlopCounterMode(display=False) as counter:
+            hilserl.learn(agent, hilserl.make_optimizers(agent, cfg), cfg, stacked(random_batch(), 3))
+        assert bench.control_step_flops(STATE_DIM, cfg) == counter.get_total_flops()
+
+    def test_compile_without_a_cpp_compiler_is_a_one_line_error(self, monkeypatch):
+        monkeypatch.delenv("CXX", raising=False)
+        monkeypatch.setattr(fast.shutil, "which", lambda name: None)
+        with pytest.raises(SystemExit, match="needs a C.. compiler"):
+            fast.check_compiler(torch.device("cpu"))
+
+    def test_fast_learner_matches_the_spine_and_leaves_the_agent_as_it_found_it(self):
+        """Same losses and parameters after a few control steps; compiling (real updates) is undone."""
+        cfg = small_cfg(utd_ratio=3)
+        agent = make_agent(cfg)
+        twin = copy.deepcopy(agent)
+        optimizers, twin_optimizers = hilserl.make_optimizers(agent, cfg), hilserl.make_optimizers(twin, cfg)
+        batches = [stacked(random_batch(seed=seed), 3) for seed in range(4)]
+        torch._dynamo.reset()                                       # compiled afresh, with eager's random numbers:
+        with torch._inductor.config.patch(fallback_random=True):    # the same a' and actions in both
+            learner = fast.Learner(twin, twin_optimizers, cfg, batches[0])
+        for name, p in agent.state_dict().items():
+            assert torch.equal(p, twin.state_dict()[name]), name                      # untouched by the warm-up
+        assert all(adam_steps(o) == {0} for o in twin_optimizers.values())
+        for seed, b in enumerate(batches[1:]):
+            torch.manual_seed(seed)
+            eager = hilserl.learn(agent, optimizers, cfg, b)
+            torch.manual_seed(seed)
+            compiled = learner(b)
+            for key in eager:
+                assert torch.allclose(eager[key], compiled[key], rtol=1e-4, atol=1e-5), key
+        for name, p in agent.state_dict().items():
+            assert torch.allclose(p, twin.state_dict()[name], rtol=1e-4, atol=1e-5), name
+        assert [adam_steps(twin_optimizers[k]) for k in ("critic", "actor", "temperature")] == [{9}, {3}, {3}]
+
+    # --- fast.py's Adam, on torch.optim's state -------------------------------------------------------
+    def test_fast_adam_matches_torch_optim_adam(self):
+        torch.manual_seed(0)
+        ours, theirs = torch.nn.ParameterList([torch.randn(5, 3), torch.randn(4)]), None
+        theirs = copy.deepcopy(ours)
+        adam = fast.AdamState(torch.optim.Adam(ours, lr=0.01), ours)
+        reference = torch.optim.Adam(theirs, lr=0.01)
+        for step in range(6):
+            grads = [torch.randn_like(p) * 10.0 ** (step - 3) for p in ours]   # changing scales: bias correction shows
+            with torch.no_grad():
+                adam.step(grads)
+            for p, g in zip(theirs, grads):
+                p.grad = g.clone()
+            reference.step()
+        for mine, expected in zip(ours, theirs):
+            assert torch.allclose(mine, expected, rtol=1e-6, atol=1e-7)
+
+    def test_fast_adam_first_step_by_hand(self):
+        # after bias correction m_hat = g and v_hat = g^2: the first step is -lr g / (|g| + eps)
+        params = torch.nn.ParameterList([torch.tensor([1.0, -2.0, 0.5])])
+        with torch.no_grad():
+            fast.AdamState(torch.optim.Adam(params, lr=0.1), params).step([torch.tensor([0.3, -4.0, 0.0])])
+        assert torch.allclose(params[0], torch.tensor([1.0 - 0.1, -2.0 + 0.1, 0.5]), atol=1e-6)
 
 
-def test_fast_adam_first_step_by_hand():
-    # after bias correction m_hat = g and v_hat = g^2: the first step is -lr g / (|g| + eps)
-    params = torch.nn.ParameterList([torch.tensor([1.0, -2.0, 0.5])])
-    with torch.no_grad():
-        fast.AdamState(torch.optim.Adam(params, lr=0.1), params).step([torch.tensor([0.3, -4.0, 0.0])])
-    assert torch.allclose(params[0], torch.tensor([1.0 - 0.1, -2.0 + 0.1, 0.5]), atol=1e-6)
+# =================================================================================================
+# TestBuffer: buffer.py: the ring, frames stored once, the half-demo batch, files.
+# =================================================================================================
+
+
+def frame_obs(t, image=True):
+    obs = {"state": np.full(3, t, np.float32)}
+    if image:
+        obs["front"] = np.full((4, 4, 3), t % 256, np.uint8)
+    return obs
+
+
+def fill(buf, steps, episode_len, start=0):
+    for t in range(start, start + steps):
+        end = (t + 1) % episode_len == 0
+        buf.add(frame_obs(t), np.array([t, 0, 0, 1], np.float32), float(t), frame_obs(t + 1),
+                terminated=end, truncated=False, intervened=t % 2 == 0, grasp_penalty=-0.02 * (t % 3 == 0))
+
+
+class TestBuffer:
+    """buffer.py: the ring, frames stored once, the half-demo batch, files."""
+
+    def test_batch_is_half_demo_half_online(self):
+        demo, online = buffer.ReplayBuffer(50, frame_obs(0), 4), buffer.ReplayBuffer(50, frame_obs(0), 4)
+        fill(demo, 20, 5)
+        fill(online, 20, 5, start=1000)
+        batches = buffer.sample_batches(demo, online, 3, 8, np.random.default_rng(0))
+        assert batches["act"].shape == (3, 8, 4)
+        assert (batches["act"][:, :4, 0] < 1000).all() and (batches["act"][:, 4:, 0] >= 1000).all()
+
+    def test_ring_buffer_wraps_around_and_keeps_next_frames_right(self):
+        buf = buffer.ReplayBuffer(10, frame_obs(0), 4)
+        fill(buf, 37, episode_len=4)
+        idx = buf.sample_indices(500, np.random.default_rng(0))
+        b = buf.gather(idx)
+        t = b["act"][:, 0]
+        assert t.min() >= 37 - 10                                 # only the newest transitions survive
+        assert (b["obs/front"][:, 0, 0, 0] == t % 256).all()
+        assert (b["next_obs/front"][:, 0, 0, 0] == (t + 1) % 256).all()
+        assert (b["next_obs/state"][:, 0] == t + 1).all()
+        assert (b["rew"] == t).all()
+
+    def test_last_step_of_an_episode_keeps_its_own_next_frame(self):
+        buf = buffer.ReplayBuffer(20, frame_obs(0), 4)
+        buf.add(frame_obs(0), np.zeros(4), 0.0, frame_obs(1), True, False, False)     # episode ends at frame 1
+        buf.add(frame_obs(50), np.zeros(4), 0.0, frame_obs(51), False, False, False)  # next episode starts at 50
+        b = buf.gather(np.array([0, 2]))
+        assert list(b["next_obs/front"][:, 0, 0, 0]) == [1, 51]
+        assert len(buf) == 2 and buf.num_episodes == 1
+
+    def test_transitions_with_gaps_keep_their_next_frames(self):
+        demo = buffer.ReplayBuffer(20, frame_obs(0), 4)     # the human acted at steps 5, 6 and 9 of one episode
+        for t in (5, 6, 9):
+            demo.add(frame_obs(t), np.array([t, 0, 0, 0], np.float32), 0.0, frame_obs(t + 1), False, False, True)
+        b = demo.gather(demo.sample_indices(100, np.random.default_rng(0)))
+        assert (b["next_obs/front"][:, 0, 0, 0] == b["act"][:, 0] + 1).all() and len(demo) == 3
+
+    def test_save_load_round_trip(self, tmp_path):
+        buf = buffer.ReplayBuffer(12, frame_obs(0), 4)
+        fill(buf, 30, episode_len=6)
+        buf.add(frame_obs(90), np.zeros(4), 0.0, frame_obs(91), False, False, True)     # an unfinished episode
+        path = tmp_path / "demos.npz"
+        buf.save(path)
+        loaded = buffer.ReplayBuffer(40, frame_obs(0), 4)
+        loaded.load(path)
+        rng = np.random.default_rng(0)
+        original = buf.gather(buf.sample_indices(300, rng))
+        again = loaded.gather(loaded.sample_indices(300, rng))
+        key = lambda b: sorted(zip(b["act"][:, 0], b["next_obs/front"][:, 0, 0, 0], b["intervened"], b["grasp_penalty"]))
+        assert set(key(original)) == set(key(again))
+        assert not list(tmp_path.glob("*.tmp*"))                  # the temporary file was renamed
+
+    def test_save_is_atomic_when_writing_fails(self, tmp_path, monkeypatch):
+        buf = buffer.ReplayBuffer(8, frame_obs(0), 4)
+        fill(buf, 4, 4)
+        path = tmp_path / "demos.npz"
+        buf.save(path)
+        before = path.read_bytes()
+        monkeypatch.setattr(np, "savez", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+        with pytest.raises(KeyboardInterrupt):
+            buf.save(path)
+        assert path.read_bytes() == before and not list(tmp_path.glob("*.tmp*"))
+
+    @pytest.mark.parametrize("break_it, message", [
+        (lambda d: d.pop("act"), "missing key 'act'"),
+        (lambda d: d.update(front=d["front"][:, :2]), "key 'front' is uint8[2, 2, 4, 3], expected uint8[2, 4, 4, 3]"),
+        (lambda d: d.update(state=d["state"].astype(np.float64)), "key 'state' is float64"),
+    ])
+    def test_bad_files_name_the_key_and_what_was_expected(self, tmp_path, break_it, message):
+        buf = buffer.ReplayBuffer(8, frame_obs(0), 4)
+        buf.add(frame_obs(0), np.zeros(4), 0.0, frame_obs(1), True, False, False)
+        buf.save(tmp_path / "good.npz")
+        with np.load(tmp_path / "good.npz") as f:
+            data = dict(f)
+        break_it(data)
+        np.savez(tmp_path / "bad.npz", **data)
+        with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+            buffer.ReplayBuffer(8, frame_obs(0), 4).load(tmp_path / "bad.npz")
+
+    def test_unreadable_or_too_big_files_are_clear_errors(self, tmp_path):
+        (tmp_path / "junk.npz").write_text("not a zip")
+        with pytest.raises(ValueError, match="junk.npz: not a readable .npz"):
+            buffer.ReplayBuffer(8, frame_obs(0), 4).load(tmp_path / "junk.npz")
+        big = buffer.ReplayBuffer(30, frame_obs(0), 4)
+        fill(big, 20, 5)
+        big.save(tmp_path / "big.npz")
+        with pytest.raises(ValueError, match="raise --replay_capacity"):
+            buffer.ReplayBuffer(8, frame_obs(0), 4).load(tmp_path / "big.npz")
+
+    def test_images_are_stored_once_per_frame(self):
+        obs = {"state": np.zeros(12, np.float32), "front": np.zeros((128, 128, 3), np.uint8),
+               "wrist": np.zeros((128, 128, 3), np.uint8)}
+        buf = buffer.ReplayBuffer(100_000, obs, 4)      # numpy allocates lazily: no memory is touched
+        assert sum(a.nbytes for a in buf.arrays.values()) < 10e9
+        assert "next_front" not in buf.arrays
+
+
+# =================================================================================================
+# TestLoop: hilserl.py's loop on the sim: train, resume, evaluate, compile before the first episode.
+# =================================================================================================
+
+
+class TestLoop:
+    """hilserl.py's loop on the sim: train, resume, evaluate, compile before the first episode."""
+
+    # --- the whole loop on the sim -----------------------------------------------------------------
+    def test_end_to_end_training_then_resume_then_eval(self, tmp_path, monkeypatch, capsys):
+        demos, run = tmp_path / "demos.npz", tmp_path / "run"
+        small = ["--hidden_dim", "32", "--state_latent_dim", "16", "--batch_size", "32", "--utd_ratio", "2",
+                 "--training_starts", "60", "--checkpoint_every", "2", "--demo_episodes", "3", "--episode_steps", "50",
+                 "--replay_capacity", "2000", "--demo_capacity", "2000"]
+        monkeypatch.setattr("sys.argv", ["hilserl.py", "--demos", str(demos), "--run_dir", str(run),
+                                         "--max_env_steps", "200", *small])
+        hilserl.main()
+        recorded = buffer.ReplayBuffer(2000, {"state": np.zeros(12, np.float32)}, 4)
+        recorded.load(demos)
+        assert recorded.num_episodes == 3 and recorded.arrays["intervened"][recorded.arrays["valid"]].all()
+        rows = list(csv.DictReader(open(run / "log.csv")))
+        steps = int(rows[-1]["env_steps"])
+        assert steps >= 200 and {"loss/critic", "q/mean", "alpha", "intervention_rate"} <= set(rows[-1])
+        assert (run / "curves.png").stat().st_size > 10_000 and (run / "checkpoint.pt").exists()
+        online, demo = (buffer.ReplayBuffer(2000, {"state": np.zeros(12, np.float32)}, 4) for _ in range(2))
+        online.load(run / "online.npz")
+        demo.load(run / "demo.npz")
+        human = int(online.arrays["intervened"][online.arrays["valid"]].sum())
+        assert len(online) == steps and 0 < human < steps           # the expert corrected some steps, not all
+        assert len(demo) == len(recorded) + human                   # every corrected step is also a demo
+        logged = sum(float(r["intervention_rate"]) * int(r["length"]) for r in rows)
+        assert round(logged) == human
+
+        monkeypatch.setattr("sys.argv", ["hilserl.py", "--resume", str(run), "--max_env_steps", "300"])
+        hilserl.main()
+        rows_after = list(csv.DictReader(open(run / "log.csv")))
+        assert rows_after[:len(rows)] == rows and int(rows_after[-1]["env_steps"]) >= 300
+        assert int(rows_after[len(rows)]["episode"]) == len(rows) + 1
+        capsys.readouterr()
+        monkeypatch.setattr("sys.argv", ["hilserl.py", "--eval", str(run), "--eval_episodes", "2"])
+        hilserl.main()
+        assert re.search(r"success \d+% over 2 episodes, mean length [\d.]+ steps", capsys.readouterr().out)
+
+    def test_compile_happens_before_the_first_episode_and_never_again(self, tmp_path, monkeypatch):
+        torch._dynamo.reset()                                         # forget graphs other tests compiled
+        graphs = lambda: torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        before_loop, window = [], hilserl.OperatorWindow              # the window opens as the loop starts
+        monkeypatch.setattr(hilserl, "OperatorWindow", lambda cfg: before_loop.append(graphs()) or window(cfg))
+        small = ["--hidden_dim", "32", "--state_latent_dim", "16", "--batch_size", "16", "--utd_ratio", "2",
+                 "--training_starts", "20", "--demo_episodes", "2", "--episode_steps", "30", "--compile", "true"]
+        monkeypatch.setattr("sys.argv", ["hilserl.py", "--demos", str(tmp_path / "demos.npz"), "--run_dir",
+                                         str(tmp_path / "run"), "--max_env_steps", "90", *small])
+        hilserl.main()
+        assert len(list(csv.DictReader(open(tmp_path / "run" / "log.csv")))) == 3
+        assert before_loop == [graphs()] and graphs() >= 2            # the critic step and the next-action draw
+
+
+# =================================================================================================
+# TestRunFolder: hilserl.py's run folder: checkpoints that resume with either update path.
+# =================================================================================================
 
 
 def trained(cfg, seed=0):
@@ -509,266 +679,102 @@ def assert_same_training_state(agent, optimizers, other, other_optimizers):
             assert all(torch.equal(optimizer.state[p][k], other_optimizers[key].state[q][k]) for k in optimizer.state[p])
 
 
-def test_checkpoint_restores_the_agent_and_the_optimizers(tmp_path):
-    cfg = small_cfg()
-    agent, optimizers = trained(cfg)
-    hilserl.save_checkpoint(checkpoint_run(cfg, tmp_path, agent, optimizers))
-    fresh = make_agent(cfg, seed=1)
-    fresh_optimizers = hilserl.make_optimizers(fresh, cfg)
-    assert hilserl.load_checkpoint(tmp_path, fresh, fresh_optimizers) == {"episode": 7}
-    assert_same_training_state(agent, optimizers, fresh, fresh_optimizers)
+class TestRunFolder:
+    """hilserl.py's run folder: checkpoints that resume with either update path."""
 
+    def test_checkpoint_restores_the_agent_and_the_optimizers(self, tmp_path):
+        cfg = small_cfg()
+        agent, optimizers = trained(cfg)
+        hilserl.save_checkpoint(checkpoint_run(cfg, tmp_path, agent, optimizers))
+        fresh = make_agent(cfg, seed=1)
+        fresh_optimizers = hilserl.make_optimizers(fresh, cfg)
+        assert hilserl.load_checkpoint(tmp_path, fresh, fresh_optimizers) == {"episode": 7}
+        assert_same_training_state(agent, optimizers, fresh, fresh_optimizers)
 
-def test_a_run_saved_by_either_update_path_resumes_with_the_other(tmp_path):
-    cfg = small_cfg(utd_ratio=2)
-    agent, optimizers = trained(cfg)                                            # the spine
-    hilserl.save_checkpoint(checkpoint_run(cfg, tmp_path, agent, optimizers))
-    resumed = make_agent(cfg, seed=1)
-    resumed_optimizers = hilserl.make_optimizers(resumed, cfg)
-    hilserl.load_checkpoint(tmp_path, resumed, resumed_optimizers)
-    learner = fast.Learner(resumed, resumed_optimizers, cfg, stacked(random_batch(), 2))   # fast.py from there
-    assert_same_training_state(agent, optimizers, resumed, resumed_optimizers)
-    learner(stacked(random_batch(seed=1), 2))
-    hilserl.save_checkpoint(checkpoint_run(cfg, tmp_path, resumed, resumed_optimizers))
-    back = make_agent(cfg, seed=2)
-    back_optimizers = hilserl.make_optimizers(back, cfg)
-    hilserl.load_checkpoint(tmp_path, back, back_optimizers)                    # and the spine again
-    assert_same_training_state(resumed, resumed_optimizers, back, back_optimizers)
-    assert [adam_steps(back_optimizers[k]) for k in ("critic", "actor", "temperature")] == [{4}, {2}, {2}]
-    hilserl.learn(back, back_optimizers, cfg, stacked(random_batch(seed=2), 2))
-    assert adam_steps(back_optimizers["critic"]) == {6}
+    def test_a_run_saved_by_either_path_resumes_with_the_other(self, tmp_path):
+        cfg = small_cfg(utd_ratio=2)
+        agent, optimizers = trained(cfg)                                            # the spine
+        hilserl.save_checkpoint(checkpoint_run(cfg, tmp_path, agent, optimizers))
+        resumed = make_agent(cfg, seed=1)
+        resumed_optimizers = hilserl.make_optimizers(resumed, cfg)
+        hilserl.load_checkpoint(tmp_path, resumed, resumed_optimizers)
+        learner = fast.Learner(resumed, resumed_optimizers, cfg, stacked(random_batch(), 2))   # fast.py from there
+        assert_same_training_state(agent, optimizers, resumed, resumed_optimizers)
+        learner(stacked(random_batch(seed=1), 2))
+        hilserl.save_checkpoint(checkpoint_run(cfg, tmp_path, resumed, resumed_optimizers))
+        back = make_agent(cfg, seed=2)
+        back_optimizers = hilserl.make_optimizers(back, cfg)
+        hilserl.load_checkpoint(tmp_path, back, back_optimizers)                    # and the spine again
+        assert_same_training_state(resumed, resumed_optimizers, back, back_optimizers)
+        assert [adam_steps(back_optimizers[k]) for k in ("critic", "actor", "temperature")] == [{4}, {2}, {2}]
+        hilserl.learn(back, back_optimizers, cfg, stacked(random_batch(seed=2), 2))
+        assert adam_steps(back_optimizers["critic"]) == {6}
 
+    def test_a_checkpoint_of_the_written_out_adam_resumes_with_its_moments(self, tmp_path):
+        cfg = small_cfg()
+        agent, optimizers = trained(cfg)
+        states = {k: [o.state[p] for p in o.param_groups[0]["params"]] for k, o in optimizers.items()}
+        old = {k: {"m": [s["exp_avg"] for s in v], "v": [s["exp_avg_sq"] for s in v], "t": v[0]["step"]} for k, v in states.items()}
+        torch.save({"agent": agent.state_dict(), "opts": old, "progress": {"episode": 3}}, tmp_path / "checkpoint.pt")
+        fresh = make_agent(cfg, seed=1)
+        fresh_optimizers = hilserl.make_optimizers(fresh, cfg)
+        assert hilserl.load_checkpoint(tmp_path, fresh, fresh_optimizers) == {"episode": 3}
+        assert_same_training_state(agent, optimizers, fresh, fresh_optimizers)
 
-def test_a_checkpoint_of_the_written_out_adam_resumes_with_its_moments(tmp_path):
-    cfg = small_cfg()
-    agent, optimizers = trained(cfg)
-    states = {k: [o.state[p] for p in o.param_groups[0]["params"]] for k, o in optimizers.items()}
-    old = {k: {"m": [s["exp_avg"] for s in v], "v": [s["exp_avg_sq"] for s in v], "t": v[0]["step"]} for k, v in states.items()}
-    torch.save({"agent": agent.state_dict(), "opts": old, "progress": {"episode": 3}}, tmp_path / "checkpoint.pt")
-    fresh = make_agent(cfg, seed=1)
-    fresh_optimizers = hilserl.make_optimizers(fresh, cfg)
-    assert hilserl.load_checkpoint(tmp_path, fresh, fresh_optimizers) == {"episode": 3}
-    assert_same_training_state(agent, optimizers, fresh, fresh_optimizers)
-
-
-def test_a_checkpoint_whose_optimizer_does_not_fit_is_a_one_line_error(tmp_path):
-    cfg = small_cfg()
-    agent = make_agent(cfg)
-    other = {"critic": torch.optim.Adam(list(agent.critic_params.values())[:3]).state_dict()}
-    torch.save({"agent": agent.state_dict(), "optimizers": other, "progress": {}}, tmp_path / "checkpoint.pt")
-    with pytest.raises(SystemExit, match="the critic optimizer's state does not fit this agent"):
-        hilserl.load_checkpoint(tmp_path, make_agent(cfg), {"critic": hilserl.make_optimizers(agent, cfg)["critic"]})
-    assert hilserl.load_checkpoint(tmp_path, make_agent(cfg)) == {}   # evaluating needs the agent only
-
-
-# --- buffers -----------------------------------------------------------------------------------
-def frame_obs(t, image=True):
-    obs = {"state": np.full(3, t, np.float32)}
-    if image:
-        obs["front"] = np.full((4, 4, 3), t % 256, np.uint8)
-    return obs
-
-
-def fill(buf, steps, episode_len, start=0):
-    for t in range(start, start + steps):
-        end = (t + 1) % episode_len == 0
-        buf.add(frame_obs(t), np.array([t, 0, 0, 1], np.float32), float(t), frame_obs(t + 1),
-                terminated=end, truncated=False, intervened=t % 2 == 0, grasp_penalty=-0.02 * (t % 3 == 0))
-
-
-def test_batch_is_half_demo_half_online():
-    demo, online = buffer.ReplayBuffer(50, frame_obs(0), 4), buffer.ReplayBuffer(50, frame_obs(0), 4)
-    fill(demo, 20, 5)
-    fill(online, 20, 5, start=1000)
-    batches = buffer.sample_batches(demo, online, 3, 8, np.random.default_rng(0))
-    assert batches["act"].shape == (3, 8, 4)
-    assert (batches["act"][:, :4, 0] < 1000).all() and (batches["act"][:, 4:, 0] >= 1000).all()
-
-
-def test_ring_buffer_wraps_around_and_keeps_next_frames_right():
-    buf = buffer.ReplayBuffer(10, frame_obs(0), 4)
-    fill(buf, 37, episode_len=4)
-    idx = buf.sample_indices(500, np.random.default_rng(0))
-    b = buf.gather(idx)
-    t = b["act"][:, 0]
-    assert t.min() >= 37 - 10                                 # only the newest transitions survive
-    assert (b["obs/front"][:, 0, 0, 0] == t % 256).all()
-    assert (b["next_obs/front"][:, 0, 0, 0] == (t + 1) % 256).all()
-    assert (b["next_obs/state"][:, 0] == t + 1).all()
-    assert (b["rew"] == t).all()
-
-
-def test_last_step_of_an_episode_keeps_its_own_next_frame():
-    buf = buffer.ReplayBuffer(20, frame_obs(0), 4)
-    buf.add(frame_obs(0), np.zeros(4), 0.0, frame_obs(1), True, False, False)     # episode ends at frame 1
-    buf.add(frame_obs(50), np.zeros(4), 0.0, frame_obs(51), False, False, False)  # next episode starts at 50
-    b = buf.gather(np.array([0, 2]))
-    assert list(b["next_obs/front"][:, 0, 0, 0]) == [1, 51]
-    assert len(buf) == 2 and buf.num_episodes == 1
-
-
-def test_transitions_with_gaps_keep_their_next_frames():
-    demo = buffer.ReplayBuffer(20, frame_obs(0), 4)     # the human acted at steps 5, 6 and 9 of one episode
-    for t in (5, 6, 9):
-        demo.add(frame_obs(t), np.array([t, 0, 0, 0], np.float32), 0.0, frame_obs(t + 1), False, False, True)
-    b = demo.gather(demo.sample_indices(100, np.random.default_rng(0)))
-    assert (b["next_obs/front"][:, 0, 0, 0] == b["act"][:, 0] + 1).all() and len(demo) == 3
-
-
-def test_save_load_round_trip(tmp_path):
-    buf = buffer.ReplayBuffer(12, frame_obs(0), 4)
-    fill(buf, 30, episode_len=6)
-    buf.add(frame_obs(90), np.zeros(4), 0.0, frame_obs(91), False, False, True)     # an unfinished episode
-    path = tmp_path / "demos.npz"
-    buf.save(path)
-    loaded = buffer.ReplayBuffer(40, frame_obs(0), 4)
-    loaded.load(path)
-    rng = np.random.default_rng(0)
-    original = buf.gather(buf.sample_indices(300, rng))
-    again = loaded.gather(loaded.sample_indices(300, rng))
-    key = lambda b: sorted(zip(b["act"][:, 0], b["next_obs/front"][:, 0, 0, 0], b["intervened"], b["grasp_penalty"]))
-    assert set(key(original)) == set(key(again))
-    assert not list(tmp_path.glob("*.tmp*"))                  # the temporary file was renamed
-
-
-def test_save_is_atomic_when_writing_fails(tmp_path, monkeypatch):
-    buf = buffer.ReplayBuffer(8, frame_obs(0), 4)
-    fill(buf, 4, 4)
-    path = tmp_path / "demos.npz"
-    buf.save(path)
-    before = path.read_bytes()
-    monkeypatch.setattr(np, "savez", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
-    with pytest.raises(KeyboardInterrupt):
-        buf.save(path)
-    assert path.read_bytes() == before and not list(tmp_path.glob("*.tmp*"))
-
-
-@pytest.mark.parametrize("break_it, message", [
-    (lambda d: d.pop("act"), "missing key 'act'"),
-    (lambda d: d.update(front=d["front"][:, :2]), "key 'front' is uint8[2, 2, 4, 3], expected uint8[2, 4, 4, 3]"),
-    (lambda d: d.update(state=d["state"].astype(np.float64)), "key 'state' is float64"),
-])
-def test_bad_files_name_the_key_and_what_was_expected(tmp_path, break_it, message):
-    buf = buffer.ReplayBuffer(8, frame_obs(0), 4)
-    buf.add(frame_obs(0), np.zeros(4), 0.0, frame_obs(1), True, False, False)
-    buf.save(tmp_path / "good.npz")
-    with np.load(tmp_path / "good.npz") as f:
-        data = dict(f)
-    break_it(data)
-    np.savez(tmp_path / "bad.npz", **data)
-    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
-        buffer.ReplayBuffer(8, frame_obs(0), 4).load(tmp_path / "bad.npz")
-
-
-def test_unreadable_or_too_big_files_are_clear_errors(tmp_path):
-    (tmp_path / "junk.npz").write_text("not a zip")
-    with pytest.raises(ValueError, match="junk.npz: not a readable .npz"):
-        buffer.ReplayBuffer(8, frame_obs(0), 4).load(tmp_path / "junk.npz")
-    big = buffer.ReplayBuffer(30, frame_obs(0), 4)
-    fill(big, 20, 5)
-    big.save(tmp_path / "big.npz")
-    with pytest.raises(ValueError, match="raise --replay_capacity"):
-        buffer.ReplayBuffer(8, frame_obs(0), 4).load(tmp_path / "big.npz")
-
-
-def test_images_are_stored_once_per_frame():
-    obs = {"state": np.zeros(12, np.float32), "front": np.zeros((128, 128, 3), np.uint8),
-           "wrist": np.zeros((128, 128, 3), np.uint8)}
-    buf = buffer.ReplayBuffer(100_000, obs, 4)      # numpy allocates lazily: no memory is touched
-    assert sum(a.nbytes for a in buf.arrays.values()) < 10e9
-    assert "next_front" not in buf.arrays
-
-
-# --- config ------------------------------------------------------------------------------------
-def test_overrides_are_typed():
-    cfg, words = config.parse_overrides(["calibrate", "--utd_ratio", "10", "--discount=0.9", "--compile"])
-    assert (cfg.utd_ratio, cfg.discount, cfg.compile, words) == (10, 0.9, True, ["calibrate"])
-
-
-@pytest.mark.parametrize("args, message", [
-    (["--utd_ratoi", "3"], "unknown option --utd_ratoi"),
-    (["--utd_ratio", "ten"], "--utd_ratio expects int, got 'ten'"),
-    (["--discount"], "--discount needs a value"),
-])
-def test_bad_options_are_one_line_errors(args, message, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        config.load_config(args)
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and message in err and err.count("\n") == 1
-
-
-def test_lessons_warnings():
-    assert config.warnings_for(config.Config(), num_demo_episodes=20) == []
-    bad = config.Config(temperature_init=0.2, utd_ratio=2, reward_step=0.0, reward_success=1.0)
-    lines = config.warnings_for(bad, num_demo_episodes=15)
-    assert len(lines) == 5 and all("\n" not in line for line in lines)
-
-
-def test_diagnosis_speaks_only_when_interventions_stop_falling():
-    cfg = config.Config(diagnose_after_steps=1000, temperature_init=0.2)
-    rows = lambda rates: [{"env_steps": 100 * (i + 1), "intervention_rate": r} for i, r in enumerate(rates)]
-    flat = hilserl.diagnose(rows([0.5] * 40), cfg)
-    assert "not falling (50% -> 50%)" in flat and "temperature_init above 0.01 (now 0.2)" in flat
-    assert hilserl.diagnose(rows([0.5] * 20 + [0.3] * 20), cfg) is None       # falling
-    assert hilserl.diagnose(rows([0.05] * 40), cfg) is None                   # already low
-    assert hilserl.diagnose(rows([0.5] * 39), cfg) is None                    # too early to tell
-
-
-# --- the whole loop on the sim -----------------------------------------------------------------
-def test_end_to_end_training_then_resume_then_eval(tmp_path, monkeypatch, capsys):
-    demos, run = tmp_path / "demos.npz", tmp_path / "run"
-    small = ["--hidden_dim", "32", "--state_latent_dim", "16", "--batch_size", "32", "--utd_ratio", "2",
-             "--training_starts", "60", "--checkpoint_every", "2", "--demo_episodes", "3", "--episode_steps", "50",
-             "--replay_capacity", "2000", "--demo_capacity", "2000"]
-    monkeypatch.setattr("sys.argv", ["hilserl.py", "--demos", str(demos), "--run_dir", str(run),
-                                     "--max_env_steps", "200", *small])
-    hilserl.main()
-    recorded = buffer.ReplayBuffer(2000, {"state": np.zeros(12, np.float32)}, 4)
-    recorded.load(demos)
-    assert recorded.num_episodes == 3 and recorded.arrays["intervened"][recorded.arrays["valid"]].all()
-    rows = list(csv.DictReader(open(run / "log.csv")))
-    steps = int(rows[-1]["env_steps"])
-    assert steps >= 200 and {"loss/critic", "q/mean", "alpha", "intervention_rate"} <= set(rows[-1])
-    assert (run / "curves.png").stat().st_size > 10_000 and (run / "checkpoint.pt").exists()
-    online, demo = (buffer.ReplayBuffer(2000, {"state": np.zeros(12, np.float32)}, 4) for _ in range(2))
-    online.load(run / "online.npz")
-    demo.load(run / "demo.npz")
-    human = int(online.arrays["intervened"][online.arrays["valid"]].sum())
-    assert len(online) == steps and 0 < human < steps           # the expert corrected some steps, not all
-    assert len(demo) == len(recorded) + human                   # every corrected step is also a demo
-    logged = sum(float(r["intervention_rate"]) * int(r["length"]) for r in rows)
-    assert round(logged) == human
-
-    monkeypatch.setattr("sys.argv", ["hilserl.py", "--resume", str(run), "--max_env_steps", "300"])
-    hilserl.main()
-    rows_after = list(csv.DictReader(open(run / "log.csv")))
-    assert rows_after[:len(rows)] == rows and int(rows_after[-1]["env_steps"]) >= 300
-    assert int(rows_after[len(rows)]["episode"]) == len(rows) + 1
-    capsys.readouterr()
-    monkeypatch.setattr("sys.argv", ["hilserl.py", "--eval", str(run), "--eval_episodes", "2"])
-    hilserl.main()
-    assert re.search(r"success \d+% over 2 episodes, mean length [\d.]+ steps", capsys.readouterr().out)
-
-
-
-
-def test_compile_happens_before_the_first_episode_and_never_again(tmp_path, monkeypatch):
-    torch._dynamo.reset()                                         # forget graphs other tests compiled
-    graphs = lambda: torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    before_loop, window = [], hilserl.OperatorWindow              # the window opens as the loop starts
-    monkeypatch.setattr(hilserl, "OperatorWindow", lambda cfg: before_loop.append(graphs()) or window(cfg))
-    small = ["--hidden_dim", "32", "--state_latent_dim", "16", "--batch_size", "16", "--utd_ratio", "2",
-             "--training_starts", "20", "--demo_episodes", "2", "--episode_steps", "30", "--compile", "true"]
-    monkeypatch.setattr("sys.argv", ["hilserl.py", "--demos", str(tmp_path / "demos.npz"), "--run_dir",
-                                     str(tmp_path / "run"), "--max_env_steps", "90", *small])
-    hilserl.main()
-    assert len(list(csv.DictReader(open(tmp_path / "run" / "log.csv")))) == 3
-    assert before_loop == [graphs()] and graphs() >= 2            # the critic step and the next-action draw
+    def test_a_checkpoint_whose_optimizer_does_not_fit_is_a_one_line_error(self, tmp_path):
+        cfg = small_cfg()
+        agent = make_agent(cfg)
+        other = {"critic": torch.optim.Adam(list(agent.critic_params.values())[:3]).state_dict()}
+        torch.save({"agent": agent.state_dict(), "optimizers": other, "progress": {}}, tmp_path / "checkpoint.pt")
+        with pytest.raises(SystemExit, match="the critic optimizer's state does not fit this agent"):
+            hilserl.load_checkpoint(tmp_path, make_agent(cfg), {"critic": hilserl.make_optimizers(agent, cfg)["critic"]})
+        assert hilserl.load_checkpoint(tmp_path, make_agent(cfg)) == {}   # evaluating needs the agent only
 
 
 # =================================================================================================
-# robot.py: packets, the bus against the emulator, calibration, safety, FK/IK, cameras, env
+# TestConfig: config.py: typed overrides, one-line errors, the lessons' warnings and diagnosis.
 # =================================================================================================
+
+
+class TestConfig:
+    """config.py: typed overrides, one-line errors, the lessons' warnings and diagnosis."""
+
+    def test_overrides_are_typed(self):
+        cfg, words = config.parse_overrides(["calibrate", "--utd_ratio", "10", "--discount=0.9", "--compile"])
+        assert (cfg.utd_ratio, cfg.discount, cfg.compile, words) == (10, 0.9, True, ["calibrate"])
+
+    @pytest.mark.parametrize("args, message", [
+        (["--utd_ratoi", "3"], "unknown option --utd_ratoi"),
+        (["--utd_ratio", "ten"], "--utd_ratio expects int, got 'ten'"),
+        (["--discount"], "--discount needs a value"),
+    ])
+    def test_bad_options_are_one_line_errors(self, args, message, capsys):
+        with pytest.raises(SystemExit) as exit_info:
+            config.load_config(args)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and message in err and err.count("\n") == 1
+
+    def test_lessons_warnings(self):
+        assert config.warnings_for(config.Config(), num_demo_episodes=20) == []
+        bad = config.Config(temperature_init=0.2, utd_ratio=2, reward_step=0.0, reward_success=1.0)
+        lines = config.warnings_for(bad, num_demo_episodes=15)
+        assert len(lines) == 5 and all("\n" not in line for line in lines)
+
+    def test_diagnosis_speaks_only_when_interventions_stop_falling(self):
+        cfg = config.Config(diagnose_after_steps=1000, temperature_init=0.2)
+        rows = lambda rates: [{"env_steps": 100 * (i + 1), "intervention_rate": r} for i, r in enumerate(rates)]
+        flat = config.diagnose(rows([0.5] * 40), cfg)
+        assert "not falling (50% -> 50%)" in flat and "temperature_init above 0.01 (now 0.2)" in flat
+        assert config.diagnose(rows([0.5] * 20 + [0.3] * 20), cfg) is None       # falling
+        assert config.diagnose(rows([0.05] * 40), cfg) is None                   # already low
+        assert config.diagnose(rows([0.5] * 39), cfg) is None                    # too early to tell
+
+
+# =================================================================================================
+# TestRobot: robot.py: packets, the bus against the emulator, calibration, safety, FK/IK, cameras, env.
+# =================================================================================================
+
+
 def make_bus(emulator=None, retries=2):
     emulator = emulator or ServoEmulator()
     return emulator, FeetechBus(emulator, 1_000_000, retries=retries, latency_s=0.0)
@@ -786,158 +792,6 @@ def instructions(emulator, code):
     return [p for p in emulator.received if p[4] == code]
 
 
-# --- packets and sign encodings -------------------------------------------------------------------
-def test_instruction_packet_matches_feetech_example():
-    # READ 2 bytes at 0x38 from servo 3: the example in Feetech's documentation.
-    assert robot.packet(3, robot.READ, [0x38, 2]) == bytes.fromhex("ffff0304023802bc")
-
-
-@pytest.mark.parametrize("value, sign_bit, encoded", [
-    (-100, 11, 0x0864), (-2047, 11, 0x0FFF), (-300, 15, 0x812C), (-1, 15, 0x8001), (-50, 10, 0x0432),
-    (1234, 15, 1234), (0, 11, 0)])
-def test_sign_magnitude_encoding(value, sign_bit, encoded):
-    assert robot.encode_sign(value, sign_bit) == encoded
-    assert robot.decode_sign(encoded, sign_bit) == value
-
-
-def test_homing_offset_beyond_eleven_bits_is_refused():
-    with pytest.raises(AssertionError):
-        robot.encode_sign(-2048, 11)
-
-
-@pytest.mark.parametrize("name, value, wire", [
-    ("Homing_Offset", -100, "6408"), ("Goal_Position", -300, "2c81"), ("Present_Velocity", -1, "0180"),
-    ("Present_Load", -50, "3204"), ("Present_Current", -7, "0780"), ("Model_Number", 777, "0903")])
-def test_every_signed_register_round_trips_through_the_emulator(name, value, wire):
-    emulator, bus = make_bus()
-    bus.write(2, name, value)
-    address, size, _ = robot.REGISTERS[name]
-    assert emulator.tables[2][address:address + size].hex() == wire  # little-endian, sign bit set
-    assert bus.read(2, name) == value
-    assert emulator.get(2, name) == value
-
-
-# --- every instruction, byte for byte -------------------------------------------------------------
-def test_ping_reply_is_byte_exact():
-    emulator = ServoEmulator()
-    emulator.write(robot.packet(1, robot.PING))
-    assert emulator.read(100) == bytes.fromhex("ffff010200fc")  # ~(1 + 2 + 0) = 0xfc
-    _, bus = make_bus(emulator)
-    bus.ping(1)
-
-
-def test_read_model_number_is_777():
-    emulator = ServoEmulator()
-    emulator.write(robot.packet(4, robot.READ, [3, 2]))
-    assert emulator.read(100) == bytes([0xFF, 0xFF, 4, 4, 0, 0x09, 0x03, ~(4 + 4 + 9 + 3) & 0xFF])
-    assert make_bus(emulator)[1].read(4, "Model_Number") == 777
-
-
-def test_write_gets_an_empty_status_and_changes_the_table():
-    emulator = ServoEmulator()
-    emulator.write(robot.packet(5, robot.WRITE, [21, 16]))
-    assert emulator.read(100) == bytes([0xFF, 0xFF, 5, 2, 0, ~(5 + 2) & 0xFF])
-    assert emulator.get(5, "P_Coefficient") == 16
-
-
-def test_sync_read_replies_come_back_to_back_in_list_order():
-    emulator = ServoEmulator()
-    for servo_id in IDS:
-        emulator.set(servo_id, "Present_Position", 1000 + servo_id)
-    emulator.write(robot.packet(0xFE, robot.SYNC_READ, [56, 2, 3, 1, 2]))
-    expected = b"".join(robot.packet(i, 0, (1000 + i).to_bytes(2, "little")) for i in (3, 1, 2))
-    assert emulator.read(1000) == expected
-    assert make_bus(emulator)[1].sync_read("Present_Position", [6, 5, 4]) == [1006, 1005, 1004]
-
-
-def test_sync_write_sets_every_servo_and_gets_no_reply():
-    emulator, bus = make_bus()
-    bus.sync_write("Goal_Position", {1: 100, 2: -200, 6: 3000})
-    [sent] = instructions(emulator, robot.SYNC_WRITE)
-    assert sent[3] == 3 * (1 + 2) + 4  # LEN = N (1 + size) + 4
-    assert [emulator.get(i, "Goal_Position") for i in (1, 2, 6)] == [100, -200, 3000]
-    assert emulator.in_waiting == 0
-
-
-def test_timeout_scales_with_the_bytes_expected_at_the_baud_rate():
-    emulator = ServoEmulator()
-    FeetechBus(emulator, 57_600, latency_s=0.0).read(1, "Present_Position")
-    wire_s = (8 + 8) * 10 / 57_600  # READ request and its 2-byte reply, 10 bits a byte
-    assert 0.8 * wire_s < emulator.timeout <= wire_s
-
-
-# --- faults: retries, then an error that names the servo ------------------------------------------
-@pytest.mark.parametrize("fault", ["drop", "bad_checksum", "truncate"])
-def test_one_bad_reply_is_retried_once(fault):
-    emulator, bus = make_bus()
-    emulator.set(3, "Present_Position", 1234)
-    emulator.inject(3, fault)
-    assert bus.read(3, "Present_Position") == 1234
-    assert len(emulator.received) == 2
-
-
-def test_garbage_byte_before_the_header_is_skipped_without_a_retry():
-    emulator, bus = make_bus()
-    emulator.set(3, "Present_Position", 1234)
-    emulator.inject(3, "garbage")
-    assert bus.read(3, "Present_Position") == 1234
-    assert len(emulator.received) == 1
-
-
-@pytest.mark.parametrize("fault, problem", [
-    ("drop", "did not answer"), ("bad_checksum", "bad checksum"), ("truncate", "truncated reply")])
-def test_persistent_fault_raises_after_the_retries_naming_servo_and_joint(fault, problem):
-    emulator, bus = make_bus(retries=2)
-    emulator.inject(3, fault, times=3)
-    with pytest.raises(robot.BusError) as error:
-        bus.read(3, "Present_Position")
-    assert len(emulator.received) == 3
-    message = str(error.value)
-    for part in ("servo 3 (elbow_flex)", problem, "READ Present_Position", "after 3 tries", "power", "cable",
-                 "id is 3", "1000000 baud"):
-        assert part in message
-
-
-def test_sync_read_retries_when_one_servo_drops_its_reply():
-    emulator, bus = make_bus()
-    emulator.inject(5, "drop")
-    assert bus.sync_read("Present_Position", IDS) == [2048] * 6
-    assert len(instructions(emulator, robot.SYNC_READ)) == 2
-
-
-def test_error_bit_raises_by_name_without_retrying():
-    emulator, bus = make_bus()
-    emulator.set(6, "Status", 0x20 | 0x01)  # latched overload and input voltage
-    with pytest.raises(robot.ServoError, match=r"servo 6 \(gripper\) reports input voltage, overload"):
-        bus.read(6, "Present_Position")
-    assert len(emulator.received) == 1
-
-
-def test_servo_that_never_answers_fails_connect_naming_it():
-    emulator, bus = make_bus(ServoEmulator(ids=(1, 2, 3, 4, 5)))
-    with pytest.raises(robot.BusError, match=r"gripper \(id 6\) does not answer"):
-        robot.SO101(bus, None).connect()
-
-
-def test_wrong_model_fails_connect():
-    emulator, bus = make_bus()
-    emulator.set(2, "Model_Number", 2825)
-    with pytest.raises(robot.BusError, match="shoulder_lift .* model 2825"):
-        robot.SO101(bus, None).connect()
-
-
-# --- configuration, calibration -------------------------------------------------------------------
-def test_configure_writes_the_follower_settings():
-    emulator, bus = make_bus()
-    emulator.set(1, "Phase", 12 | 0x10)
-    robot.SO101(bus, robot.chain_calibration()).configure()
-    assert emulator.get(1, "Phase") == 12  # multi-turn bit cleared
-    assert all(emulator.get(i, "P_Coefficient") == 16 for i in IDS)
-    assert [emulator.get(6, r) for r in ("Max_Torque_Limit", "Protection_Current", "Overload_Torque")] == [500, 250, 25]
-    assert emulator.get(1, "Max_Torque_Limit") == 1000
-    assert emulator.get(3, "Max_Position_Limit") == robot.chain_calibration()["elbow_flex"].range_max
-
-
 LEROBOT_JSON = {  # a follower calibration file as LeRobot writes it
     "shoulder_pan": {"id": 1, "drive_mode": 0, "homing_offset": -1470, "range_min": 758, "range_max": 3292},
     "shoulder_lift": {"id": 2, "drive_mode": 0, "homing_offset": 157, "range_min": 815, "range_max": 3238},
@@ -946,80 +800,6 @@ LEROBOT_JSON = {  # a follower calibration file as LeRobot writes it
     "wrist_roll": {"id": 5, "drive_mode": 0, "homing_offset": -1997, "range_min": 0, "range_max": 4095},
     "gripper": {"id": 6, "drive_mode": 0, "homing_offset": 1232, "range_min": 2039, "range_max": 3475},
 }
-
-
-def test_lerobot_calibration_loads_and_round_trips(tmp_path):
-    path = tmp_path / "lerobot.json"
-    path.write_text(json.dumps(LEROBOT_JSON))
-    calibration = robot.load_calibration(path)
-    assert calibration["shoulder_pan"] == robot.JointCalibration(1, 0, -1470, 758, 3292)
-    robot.save_calibration(tmp_path / "ours.json", calibration)
-    assert json.loads((tmp_path / "ours.json").read_text()) == LEROBOT_JSON
-    assert robot.load_calibration(tmp_path / "ours.json") == calibration
-
-
-def test_bad_calibration_names_the_joint_and_the_fix(tmp_path):
-    data = json.loads(json.dumps(LEROBOT_JSON))
-    data["gripper"]["range_min"] = 3600
-    (tmp_path / "bad.json").write_text(json.dumps(data))
-    with pytest.raises(ValueError, match="joint 'gripper' .* min 3600, max 3475.* recalibrate with python robot.py"):
-        robot.load_calibration(tmp_path / "bad.json")
-
-
-def test_guided_calibration_records_offsets_and_ranges(tmp_path):
-    emulator, bus = make_bus()
-    arm = robot.SO101(bus, None)
-    centre = [2100, 1900, 2047, 2300, 1000, 2500]  # encoder ticks where the owner centres each joint
-    sweeps = {1: (1500, 2600), 2: (1000, 2900), 3: (900, 3100), 4: (1200, 2800), 5: (500, 3500), 6: (2400, 3600)}
-
-    def owner(prompt):
-        if "middle" in prompt:
-            for servo_id, ticks in zip(IDS, centre):
-                emulator.set(servo_id, "Present_Position", ticks)
-            return
-        for end in (0, 1):
-            for servo_id, ticks in sweeps.items():  # present readings already include the new offset
-                emulator.set(servo_id, "Present_Position", ticks[end] - (centre[servo_id - 1] - 2047))
-            time.sleep(0.1)
-
-    calibration = robot.calibrate(arm, ask=owner)
-    assert calibration["shoulder_pan"] == robot.JointCalibration(1, 0, 53, 1500 - 53, 2600 - 53)
-    assert (calibration["wrist_roll"].range_min, calibration["wrist_roll"].range_max) == (0, 4095)
-    assert emulator.get(1, "Homing_Offset") == 53
-    robot.save_calibration(tmp_path / "c.json", calibration)
-    assert robot.load_calibration(tmp_path / "c.json") == calibration
-
-
-def test_ticks_and_radians_convert_both_ways():
-    calibration = robot.chain_calibration()
-    joints = np.array([0.3, -0.5, 1.0, -1.2, 2.0, 0.25])
-    ticks = robot.joints_to_ticks(joints, calibration)
-    assert ticks[0] == round(2048 + 0.3 * 4096 / (2 * math.pi))
-    assert np.allclose(robot.ticks_to_joints(ticks, calibration), joints, atol=2 * math.pi / 4096)
-
-
-# --- safety ----------------------------------------------------------------------------------------
-def test_goal_beyond_a_joint_limit_is_clipped_on_the_wire():
-    emulator, arm = make_arm()
-    high = arm.calibration["elbow_flex"].range_max
-    emulator.set(3, "Present_Position", high - 10)
-    arm.read_ticks()
-    joints = arm.read_joints()
-    joints[2] = 3.0  # rad, far beyond elbow_flex's 1.69
-    arm.write_joints(joints)
-    sent = instructions(emulator, robot.SYNC_WRITE)[-1]
-    params = sent[5:-1]  # address, size, then id, lo, hi per servo
-    assert params[:2] == bytes([42, 2])
-    elbow = params[2 + 2 * 3: 2 + 3 * 3]
-    assert elbow[0] == 3 and int.from_bytes(elbow[1:], "little") == high
-
-
-def test_goal_jump_is_limited_per_step():
-    emulator, arm = make_arm(max_step_rad=0.1)
-    joints = arm.read_joints()
-    joints[0] += 1.0
-    arm.write_joints(joints)
-    assert emulator.get(1, "Goal_Position") == 2048 + int(0.1 * 4096 / (2 * math.pi))
 
 
 class FakeWorld:
@@ -1046,218 +826,407 @@ def make_env(**overrides):
     return emulator, robot.SO101Env(cfg, arm, {}, FakeWorld())
 
 
-def test_exception_inside_the_loop_turns_torque_off():
-    emulator, env = make_env()
-    with pytest.raises(ZeroDivisionError):
-        with env:
-            env.reset()
-            assert all(emulator.get(i, "Torque_Enable") == 1 for i in IDS)
-            env.step(np.zeros(4))
-            1 / 0
-    assert all(emulator.get(i, "Torque_Enable") == 0 for i in IDS)
-    last = emulator.received[-1]
-    assert last[4] == robot.SYNC_WRITE and last[5] == 40  # the last packet sent was torque off
+class TestRobot:
+    """robot.py: packets, the bus against the emulator, calibration, safety, FK/IK, cameras, env."""
 
+    # --- packets and sign encodings -------------------------------------------------------------------
+    def test_instruction_packet_matches_feetech_example(self):
+        # READ 2 bytes at 0x38 from servo 3: the example in Feetech's documentation.
+        assert robot.packet(3, robot.READ, [0x38, 2]) == bytes.fromhex("ffff0304023802bc")
 
-def test_sigterm_inside_the_loop_turns_torque_off():
-    emulator, arm = make_arm()
-    arm.torque(True)
-    with pytest.raises(SystemExit):
-        with arm:
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(1)
-    assert all(emulator.get(i, "Torque_Enable") == 0 for i in IDS)
-    assert signal.getsignal(signal.SIGTERM) is not robot._exit_on_sigterm
+    @pytest.mark.parametrize("value, sign_bit, encoded", [
+        (-100, 11, 0x0864), (-2047, 11, 0x0FFF), (-300, 15, 0x812C), (-1, 15, 0x8001), (-50, 10, 0x0432),
+        (1234, 15, 1234), (0, 11, 0)])
+    def test_sign_magnitude_encoding(self, value, sign_bit, encoded):
+        assert robot.encode_sign(value, sign_bit) == encoded
+        assert robot.decode_sign(encoded, sign_bit) == value
 
+    def test_homing_offset_beyond_eleven_bits_is_refused(self):
+        with pytest.raises(AssertionError):
+            robot.encode_sign(-2048, 11)
 
-# --- kinematics -------------------------------------------------------------------------------------
-def test_forward_kinematics_at_zero_matches_the_model():
-    pos, rot = robot.forward_kinematics(np.zeros(5))
-    assert np.allclose(pos, [0.3914, 0.0, 0.2265], atol=5e-4)
-    assert np.allclose(rot @ rot.T, np.eye(3))
+    @pytest.mark.parametrize("name, value, wire", [
+        ("Homing_Offset", -100, "6408"), ("Goal_Position", -300, "2c81"), ("Present_Velocity", -1, "0180"),
+        ("Present_Load", -50, "3204"), ("Present_Current", -7, "0780"), ("Model_Number", 777, "0903")])
+    def test_every_signed_register_round_trips_through_the_emulator(self, name, value, wire):
+        emulator, bus = make_bus()
+        bus.write(2, name, value)
+        address, size, _ = robot.REGISTERS[name]
+        assert emulator.tables[2][address:address + size].hex() == wire  # little-endian, sign bit set
+        assert bus.read(2, name) == value
+        assert emulator.get(2, name) == value
 
+    # --- every instruction, byte for byte -------------------------------------------------------------
+    def test_ping_reply_is_byte_exact(self):
+        emulator = ServoEmulator()
+        emulator.write(robot.packet(1, robot.PING))
+        assert emulator.read(100) == bytes.fromhex("ffff010200fc")  # ~(1 + 2 + 0) = 0xfc
+        _, bus = make_bus(emulator)
+        bus.ping(1)
 
-def test_home_pose_points_down_in_the_workspace():
-    pos, rot = robot.forward_kinematics(robot.HOME_RAD)
-    low, high = robot.parse_workspace(Config().workspace_m)
-    assert np.all(low <= pos) and np.all(pos <= high)
-    assert rot[:, 0] @ [0, 0, -1] > 0.999
+    def test_read_model_number_is_777(self):
+        emulator = ServoEmulator()
+        emulator.write(robot.packet(4, robot.READ, [3, 2]))
+        assert emulator.read(100) == bytes([0xFF, 0xFF, 4, 4, 0, 0x09, 0x03, ~(4 + 4 + 9 + 3) & 0xFF])
+        assert make_bus(emulator)[1].read(4, "Model_Number") == 777
 
+    def test_write_gets_an_empty_status_and_changes_the_table(self):
+        emulator = ServoEmulator()
+        emulator.write(robot.packet(5, robot.WRITE, [21, 16]))
+        assert emulator.read(100) == bytes([0xFF, 0xFF, 5, 2, 0, ~(5 + 2) & 0xFF])
+        assert emulator.get(5, "P_Coefficient") == 16
 
-def test_ik_of_fk_reaches_random_reachable_targets_within_1mm():
-    rng = np.random.default_rng(0)
-    errors = []
-    while len(errors) < 150:
-        q = rng.uniform(robot.ARM_LOW_RAD, robot.ARM_HIGH_RAD)
-        target, _ = robot.forward_kinematics(q)
-        if not (0.1 < target[0] < 0.35 and abs(target[1]) < 0.2 and 0.0 < target[2] < 0.25):
-            continue  # the region in front of the arm, above the table
-        q_ik = robot.inverse_kinematics(robot.HOME_RAD, target)
-        assert np.all(q_ik >= robot.ARM_LOW_RAD) and np.all(q_ik <= robot.ARM_HIGH_RAD)
-        errors.append(np.linalg.norm(robot.forward_kinematics(q_ik)[0] - target))
-    assert max(errors) < 1e-3
+    def test_sync_read_replies_come_back_to_back_in_list_order(self):
+        emulator = ServoEmulator()
+        for servo_id in IDS:
+            emulator.set(servo_id, "Present_Position", 1000 + servo_id)
+        emulator.write(robot.packet(0xFE, robot.SYNC_READ, [56, 2, 3, 1, 2]))
+        expected = b"".join(robot.packet(i, 0, (1000 + i).to_bytes(2, "little")) for i in (3, 1, 2))
+        assert emulator.read(1000) == expected
+        assert make_bus(emulator)[1].sync_read("Present_Position", [6, 5, 4]) == [1006, 1005, 1004]
 
+    def test_sync_write_sets_every_servo_and_gets_no_reply(self):
+        emulator, bus = make_bus()
+        bus.sync_write("Goal_Position", {1: 100, 2: -200, 6: 3000})
+        [sent] = instructions(emulator, robot.SYNC_WRITE)
+        assert sent[3] == 3 * (1 + 2) + 4  # LEN = N (1 + size) + 4
+        assert [emulator.get(i, "Goal_Position") for i in (1, 2, 6)] == [100, -200, 3000]
+        assert emulator.in_waiting == 0
 
-def test_ik_keeps_the_gripper_pointing_down_inside_the_workspace():
-    low, high = robot.parse_workspace(Config().workspace_m)
-    for target in np.random.default_rng(1).uniform(low, high, size=(20, 3)):
-        q = robot.inverse_kinematics(robot.HOME_RAD, target)
-        pos, rot = robot.forward_kinematics(q)
-        assert np.linalg.norm(pos - target) < 1e-3
-        assert rot[:, 0] @ [0, 0, -1] > math.cos(math.radians(25))
+    def test_timeout_scales_with_the_bytes_expected_at_the_baud_rate(self):
+        emulator = ServoEmulator()
+        FeetechBus(emulator, 57_600, latency_s=0.0).read(1, "Present_Position")
+        wire_s = (8 + 8) * 10 / 57_600  # READ request and its 2-byte reply, 10 bits a byte
+        assert 0.8 * wire_s < emulator.timeout <= wire_s
 
+    # --- faults: retries, then an error that names the servo ------------------------------------------
+    @pytest.mark.parametrize("fault", ["drop", "bad_checksum", "truncate"])
+    def test_one_bad_reply_is_retried_once(self, fault):
+        emulator, bus = make_bus()
+        emulator.set(3, "Present_Position", 1234)
+        emulator.inject(3, fault)
+        assert bus.read(3, "Present_Position") == 1234
+        assert len(emulator.received) == 2
 
-def test_unreachable_target_ends_within_limits_and_stays_put():
-    target = np.array([0.8, 0.3, 0.6])  # twice the arm's reach
-    q1 = robot.inverse_kinematics(robot.HOME_RAD, target)
-    q2 = robot.inverse_kinematics(q1, target)
-    assert np.all(np.isfinite(q1)) and np.all(q1 >= robot.ARM_LOW_RAD) and np.all(q1 <= robot.ARM_HIGH_RAD)
-    assert np.abs(q2 - q1).max() < 1e-2  # stable: asking again does not move it
-    start_distance = np.linalg.norm(robot.forward_kinematics(robot.HOME_RAD)[0] - target)
-    assert np.linalg.norm(robot.forward_kinematics(q1)[0] - target) < start_distance - 0.1
+    def test_garbage_byte_before_the_header_is_skipped_without_a_retry(self):
+        emulator, bus = make_bus()
+        emulator.set(3, "Present_Position", 1234)
+        emulator.inject(3, "garbage")
+        assert bus.read(3, "Present_Position") == 1234
+        assert len(emulator.received) == 1
 
+    @pytest.mark.parametrize("fault, problem", [
+        ("drop", "did not answer"), ("bad_checksum", "bad checksum"), ("truncate", "truncated reply")])
+    def test_persistent_fault_raises_after_the_retries_naming_servo_and_joint(self, fault, problem):
+        emulator, bus = make_bus(retries=2)
+        emulator.inject(3, fault, times=3)
+        with pytest.raises(robot.BusError) as error:
+            bus.read(3, "Present_Position")
+        assert len(emulator.received) == 3
+        message = str(error.value)
+        for part in ("servo 3 (elbow_flex)", problem, "READ Present_Position", "after 3 tries", "power", "cable",
+                     "id is 3", "1000000 baud"):
+            assert part in message
 
-# --- the env ----------------------------------------------------------------------------------------
-def test_reset_moves_home_in_small_steps_and_returns_the_first_obs():
-    emulator, env = make_env()
-    obs = env.reset()
-    goals = [p for p in instructions(emulator, robot.SYNC_WRITE) if p[5] == 42]
-    assert len(goals) > 10  # from the straight arm to home, 0.1 rad per step at most
-    assert np.allclose(obs["state"][:5], robot.HOME_RAD, atol=2e-3)
-    assert obs["state"][5] == pytest.approx(1.0)  # gripper open
-    assert np.allclose(obs["state"][6:9], 0.0)  # EE relative to the episode start
-    assert obs["state"].dtype == np.float32 and obs["state"].shape == (9,)
+    def test_sync_read_retries_when_one_servo_drops_its_reply(self):
+        emulator, bus = make_bus()
+        emulator.inject(5, "drop")
+        assert bus.sync_read("Present_Position", IDS) == [2048] * 6
+        assert len(instructions(emulator, robot.SYNC_READ)) == 2
 
+    def test_error_bit_raises_by_name_without_retrying(self):
+        emulator, bus = make_bus()
+        emulator.set(6, "Status", 0x20 | 0x01)  # latched overload and input voltage
+        with pytest.raises(robot.ServoError, match=r"servo 6 \(gripper\) reports input voltage, overload"):
+            bus.read(6, "Present_Position")
+        assert len(emulator.received) == 1
 
-def test_step_moves_the_ee_by_the_scaled_delta_and_clips_to_the_workspace():
-    emulator, env = make_env()
-    env.reset()
-    obs, *_ = env.step(np.array([1.0, 0.0, 0.0, 0.0], np.float32))
-    assert np.allclose(obs["state"][6:9], [0.01, 0.0, 0.0], atol=1.5e-3)
-    for _ in range(30):
-        obs, *_ = env.step(np.array([0.0, 0.0, -1.0, 0.0], np.float32))
-    ee_z = robot.forward_kinematics(obs["state"][:5])[0][2]
-    assert ee_z == pytest.approx(robot.parse_workspace(env.cfg.workspace_m)[0][2], abs=2e-3)
+    def test_servo_that_never_answers_fails_connect_naming_it(self):
+        emulator, bus = make_bus(ServoEmulator(ids=(1, 2, 3, 4, 5)))
+        with pytest.raises(robot.BusError, match=r"gripper \(id 6\) does not answer"):
+            robot.SO101(bus, None).connect()
 
+    def test_wrong_model_fails_connect(self):
+        emulator, bus = make_bus()
+        emulator.set(2, "Model_Number", 2825)
+        with pytest.raises(robot.BusError, match="shoulder_lift .* model 2825"):
+            robot.SO101(bus, None).connect()
 
-def test_reward_truncation_and_grasp_penalty():
-    emulator, env = make_env(episode_steps=3)
-    env.reset()
-    close = np.array([0, 0, 0, -1], np.float32)
-    _, rew, terminated, truncated, info = env.step(close)
-    assert (rew, terminated, truncated, info["grasp_penalty"]) == (env.cfg.reward_step, False, False, env.cfg.grasp_penalty)
-    _, _, _, truncated, info = env.step(close)  # already closed: no flip, no penalty
-    assert info["grasp_penalty"] == 0.0 and not truncated
-    env.world.succeeded = True
-    _, rew, terminated, truncated, info = env.step(close)
-    assert (rew, terminated, truncated, info["success"]) == (env.cfg.reward_success, True, False, True)
+    # --- configuration, calibration -------------------------------------------------------------------
+    def test_configure_writes_the_follower_settings(self):
+        emulator, bus = make_bus()
+        emulator.set(1, "Phase", 12 | 0x10)
+        robot.SO101(bus, robot.chain_calibration()).configure()
+        assert emulator.get(1, "Phase") == 12  # multi-turn bit cleared
+        assert all(emulator.get(i, "P_Coefficient") == 16 for i in IDS)
+        assert [emulator.get(6, r) for r in ("Max_Torque_Limit", "Protection_Current", "Overload_Torque")] == [500, 250, 25]
+        assert emulator.get(1, "Max_Torque_Limit") == 1000
+        assert emulator.get(3, "Max_Position_Limit") == robot.chain_calibration()["elbow_flex"].range_max
 
+    def test_lerobot_calibration_loads_and_round_trips(self, tmp_path):
+        path = tmp_path / "lerobot.json"
+        path.write_text(json.dumps(LEROBOT_JSON))
+        calibration = robot.load_calibration(path)
+        assert calibration["shoulder_pan"] == robot.JointCalibration(1, 0, -1470, 758, 3292)
+        robot.save_calibration(tmp_path / "ours.json", calibration)
+        assert json.loads((tmp_path / "ours.json").read_text()) == LEROBOT_JSON
+        assert robot.load_calibration(tmp_path / "ours.json") == calibration
 
-def test_real_world_tick_keeps_the_rate_and_reports_overruns():
-    world = robot.RealWorld(Config(control_hz=50.0))
-    start = time.perf_counter()
-    assert world.tick() == 0.0
-    assert world.tick() == 0.0
-    assert time.perf_counter() - start == pytest.approx(0.04, abs=0.015)
-    time.sleep(0.05)
-    assert world.tick() == pytest.approx(0.03, abs=0.015)
+    def test_bad_calibration_names_the_joint_and_the_fix(self, tmp_path):
+        data = json.loads(json.dumps(LEROBOT_JSON))
+        data["gripper"]["range_min"] = 3600
+        (tmp_path / "bad.json").write_text(json.dumps(data))
+        with pytest.raises(ValueError, match="joint 'gripper' .* min 3600, max 3475.* recalibrate with python robot.py"):
+            robot.load_calibration(tmp_path / "bad.json")
 
+    def test_guided_calibration_records_offsets_and_ranges(self, tmp_path):
+        emulator, bus = make_bus()
+        arm = robot.SO101(bus, None)
+        centre = [2100, 1900, 2047, 2300, 1000, 2500]  # encoder ticks where the owner centres each joint
+        sweeps = {1: (1500, 2600), 2: (1000, 2900), 3: (900, 3100), 4: (1200, 2800), 5: (500, 3500), 6: (2400, 3600)}
 
-# --- cameras -----------------------------------------------------------------------------------------
-def test_frames_are_cropped_resized_and_rgb():
-    bgr = np.zeros((48, 64, 3), np.uint8)
-    bgr[:, 32:] = (255, 0, 0)  # right half blue in OpenCV's BGR
-    rgb = robot.process_frame(bgr, (32, 0, 32, 48), 16)
-    assert rgb.shape == (16, 16, 3) and rgb.dtype == np.uint8
-    assert (rgb == (0, 0, 255)).all()
-
-
-def test_camera_config_parses_indices_paths_and_rois():
-    assert robot.parse_cameras("front=0,wrist=/dev/video2", "wrist=10:20:300:200") == {
-        "front": (0, None), "wrist": ("/dev/video2", (10, 20, 300, 200))}
-
-
-def test_camera_that_cannot_open_names_itself():
-    with pytest.raises(RuntimeError, match="camera 'front' .*cannot be opened"):
-        robot.Camera("front", "/nonexistent/video0", 32)
-
-
-def test_camera_that_stops_delivering_names_itself(tmp_path):
-    import cv2
-    path = str(tmp_path / "clip.avi")
-    writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"MJPG"), 10, (64, 48))
-    for _ in range(3):
-        writer.write(np.full((48, 64, 3), (0, 0, 255), np.uint8))  # red in BGR
-    writer.release()
-    camera = robot.Camera("wrist", path, 16, timeout_s=0.2)  # opening waits for the first frame
-    camera._thread.join(timeout=2.0)  # the file ends: no more frames
-    with pytest.raises(RuntimeError, match="camera 'wrist' .*stopped delivering frames"):
-        camera.read()
-    camera.close()
-
-
-# --- command line ------------------------------------------------------------------------------------
-def test_status_only_reads(capsys):
-    emulator, bus = make_bus()
-    emulator.set(4, "Present_Load", -50)
-    robot.print_status(bus)
-    out = capsys.readouterr().out
-    assert "wrist_flex" in out and "-5.0" in out and "7.4" in out
-    assert {p[4] for p in emulator.received} == {robot.READ}
-
-
-def test_bench_reports_driver_and_wire_time(capsys):
-    bench.bench_bus(Config(), n=50)
-    assert "wire time of the 88 bytes at 1000000 baud 0.880 ms" in capsys.readouterr().out
-
-
-def test_bus_over_a_real_serial_port():
-    """pyserial on a pseudo-terminal, the emulator answering on the other end: real blocking reads."""
-    import threading
-    import tty
-
-    import serial
-    controller, device = os.openpty()
-    tty.setraw(controller)
-    tty.setraw(device)
-    emulator = ServoEmulator()
-    emulator.inject(2, "drop")
-
-    def servos():
-        while True:
-            try:
-                emulator.write(os.read(controller, 256))
-            except OSError:
+        def owner(prompt):
+            if "middle" in prompt:
+                for servo_id, ticks in zip(IDS, centre):
+                    emulator.set(servo_id, "Present_Position", ticks)
                 return
-            os.write(controller, emulator.read(1000))
+            for end in (0, 1):
+                for servo_id, ticks in sweeps.items():  # present readings already include the new offset
+                    emulator.set(servo_id, "Present_Position", ticks[end] - (centre[servo_id - 1] - 2047))
+                time.sleep(0.1)
 
-    threading.Thread(target=servos, daemon=True).start()
-    port = serial.Serial(os.ttyname(device), 1_000_000)
-    bus = FeetechBus(port, 1_000_000, retries=2, latency_s=0.05)
-    try:
-        assert bus.read(1, "Model_Number") == 777
-        start = time.perf_counter()
-        assert bus.sync_read("Present_Position", IDS) == [2048] * 6  # servo 2 drops once: one retry
-        assert 0.05 < time.perf_counter() - start < 0.5  # the retry waited for the timeout first
-    finally:
-        port.close()
-        os.close(controller)
+        calibration = robot.calibrate(arm, ask=owner)
+        assert calibration["shoulder_pan"] == robot.JointCalibration(1, 0, 53, 1500 - 53, 2600 - 53)
+        assert (calibration["wrist_roll"].range_min, calibration["wrist_roll"].range_max) == (0, 4095)
+        assert emulator.get(1, "Homing_Offset") == 53
+        robot.save_calibration(tmp_path / "c.json", calibration)
+        assert robot.load_calibration(tmp_path / "c.json") == calibration
 
+    def test_ticks_and_radians_convert_both_ways(self):
+        calibration = robot.chain_calibration()
+        joints = np.array([0.3, -0.5, 1.0, -1.2, 2.0, 0.25])
+        ticks = robot.joints_to_ticks(joints, calibration)
+        assert ticks[0] == round(2048 + 0.3 * 4096 / (2 * math.pi))
+        assert np.allclose(robot.ticks_to_joints(ticks, calibration), joints, atol=2 * math.pi / 4096)
 
-def test_blocked_arm_is_not_pushed_ever_harder():
-    emulator, env = make_env()
-    env.reset()
-    for servo_id in IDS:
-        emulator.set(servo_id, "Torque_Enable", 0)  # the servos stop following: as if blocked
-    for _ in range(10):
+    # --- safety ---------------------------------------------------------------------------------------
+    def test_goal_beyond_a_joint_limit_is_clipped_on_the_wire(self):
+        emulator, arm = make_arm()
+        high = arm.calibration["elbow_flex"].range_max
+        emulator.set(3, "Present_Position", high - 10)
+        arm.read_ticks()
+        joints = arm.read_joints()
+        joints[2] = 3.0  # rad, far beyond elbow_flex's 1.69
+        arm.write_joints(joints)
+        sent = instructions(emulator, robot.SYNC_WRITE)[-1]
+        params = sent[5:-1]  # address, size, then id, lo, hi per servo
+        assert params[:2] == bytes([42, 2])
+        elbow = params[2 + 2 * 3: 2 + 3 * 3]
+        assert elbow[0] == 3 and int.from_bytes(elbow[1:], "little") == high
+
+    def test_goal_jump_is_limited_per_step(self):
+        emulator, arm = make_arm(max_step_rad=0.1)
+        joints = arm.read_joints()
+        joints[0] += 1.0
+        arm.write_joints(joints)
+        assert emulator.get(1, "Goal_Position") == 2048 + int(0.1 * 4096 / (2 * math.pi))
+
+    def test_exception_inside_the_loop_turns_torque_off(self):
+        emulator, env = make_env()
+        with pytest.raises(ZeroDivisionError):
+            with env:
+                env.reset()
+                assert all(emulator.get(i, "Torque_Enable") == 1 for i in IDS)
+                env.step(np.zeros(4))
+                1 / 0
+        assert all(emulator.get(i, "Torque_Enable") == 0 for i in IDS)
+        last = emulator.received[-1]
+        assert last[4] == robot.SYNC_WRITE and last[5] == 40  # the last packet sent was torque off
+
+    def test_sigterm_inside_the_loop_turns_torque_off(self):
+        emulator, arm = make_arm()
+        arm.torque(True)
+        with pytest.raises(SystemExit):
+            with arm:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(1)
+        assert all(emulator.get(i, "Torque_Enable") == 0 for i in IDS)
+        assert signal.getsignal(signal.SIGTERM) is not robot._exit_on_sigterm
+
+    # --- kinematics -----------------------------------------------------------------------------------
+    def test_forward_kinematics_at_zero_matches_the_model(self):
+        pos, rot = robot.forward_kinematics(np.zeros(5))
+        assert np.allclose(pos, [0.3914, 0.0, 0.2265], atol=5e-4)
+        assert np.allclose(rot @ rot.T, np.eye(3))
+
+    def test_home_pose_points_down_in_the_workspace(self):
+        pos, rot = robot.forward_kinematics(robot.HOME_RAD)
+        low, high = robot.parse_workspace(Config().workspace_m)
+        assert np.all(low <= pos) and np.all(pos <= high)
+        assert rot[:, 0] @ [0, 0, -1] > 0.999
+
+    def test_ik_of_fk_reaches_random_reachable_targets_within_1mm(self):
+        rng = np.random.default_rng(0)
+        errors = []
+        while len(errors) < 150:
+            q = rng.uniform(robot.ARM_LOW_RAD, robot.ARM_HIGH_RAD)
+            target, _ = robot.forward_kinematics(q)
+            if not (0.1 < target[0] < 0.35 and abs(target[1]) < 0.2 and 0.0 < target[2] < 0.25):
+                continue  # the region in front of the arm, above the table
+            q_ik = robot.inverse_kinematics(robot.HOME_RAD, target)
+            assert np.all(q_ik >= robot.ARM_LOW_RAD) and np.all(q_ik <= robot.ARM_HIGH_RAD)
+            errors.append(np.linalg.norm(robot.forward_kinematics(q_ik)[0] - target))
+        assert max(errors) < 1e-3
+
+    def test_ik_keeps_the_gripper_pointing_down_inside_the_workspace(self):
+        low, high = robot.parse_workspace(Config().workspace_m)
+        for target in np.random.default_rng(1).uniform(low, high, size=(20, 3)):
+            q = robot.inverse_kinematics(robot.HOME_RAD, target)
+            pos, rot = robot.forward_kinematics(q)
+            assert np.linalg.norm(pos - target) < 1e-3
+            assert rot[:, 0] @ [0, 0, -1] > math.cos(math.radians(25))
+
+    def test_unreachable_target_ends_within_limits_and_stays_put(self):
+        target = np.array([0.8, 0.3, 0.6])  # twice the arm's reach
+        q1 = robot.inverse_kinematics(robot.HOME_RAD, target)
+        q2 = robot.inverse_kinematics(q1, target)
+        assert np.all(np.isfinite(q1)) and np.all(q1 >= robot.ARM_LOW_RAD) and np.all(q1 <= robot.ARM_HIGH_RAD)
+        assert np.abs(q2 - q1).max() < 1e-2  # stable: asking again does not move it
+        start_distance = np.linalg.norm(robot.forward_kinematics(robot.HOME_RAD)[0] - target)
+        assert np.linalg.norm(robot.forward_kinematics(q1)[0] - target) < start_distance - 0.1
+
+    # --- the env --------------------------------------------------------------------------------------
+    def test_reset_moves_home_in_small_steps_and_returns_the_first_obs(self):
+        emulator, env = make_env()
+        obs = env.reset()
+        goals = [p for p in instructions(emulator, robot.SYNC_WRITE) if p[5] == 42]
+        assert len(goals) > 10  # from the straight arm to home, 0.1 rad per step at most
+        assert np.allclose(obs["state"][:5], robot.HOME_RAD, atol=2e-3)
+        assert obs["state"][5] == pytest.approx(1.0)  # gripper open
+        assert np.allclose(obs["state"][6:9], 0.0)  # EE relative to the episode start
+        assert obs["state"].dtype == np.float32 and obs["state"].shape == (9,)
+
+    def test_step_moves_the_ee_by_the_scaled_delta_and_clips_to_the_workspace(self):
+        emulator, env = make_env()
+        env.reset()
         obs, *_ = env.step(np.array([1.0, 0.0, 0.0, 0.0], np.float32))
-    ee = robot.forward_kinematics(obs["state"][:5])[0]
-    assert env.ee_target[0] - ee[0] == pytest.approx(3 * env.cfg.ee_step_m)  # three steps ahead, no more
+        assert np.allclose(obs["state"][6:9], [0.01, 0.0, 0.0], atol=1.5e-3)
+        for _ in range(30):
+            obs, *_ = env.step(np.array([0.0, 0.0, -1.0, 0.0], np.float32))
+        ee_z = robot.forward_kinematics(obs["state"][:5])[0][2]
+        assert ee_z == pytest.approx(robot.parse_workspace(env.cfg.workspace_m)[0][2], abs=2e-3)
+
+    def test_reward_truncation_and_grasp_penalty(self):
+        emulator, env = make_env(episode_steps=3)
+        env.reset()
+        close = np.array([0, 0, 0, -1], np.float32)
+        _, rew, terminated, truncated, info = env.step(close)
+        assert (rew, terminated, truncated, info["grasp_penalty"]) == (env.cfg.reward_step, False, False, env.cfg.grasp_penalty)
+        _, _, _, truncated, info = env.step(close)  # already closed: no flip, no penalty
+        assert info["grasp_penalty"] == 0.0 and not truncated
+        env.world.succeeded = True
+        _, rew, terminated, truncated, info = env.step(close)
+        assert (rew, terminated, truncated, info["success"]) == (env.cfg.reward_success, True, False, True)
+
+    def test_real_world_tick_keeps_the_rate_and_reports_overruns(self):
+        world = robot.RealWorld(Config(control_hz=50.0))
+        start = time.perf_counter()
+        assert world.tick() == 0.0
+        assert world.tick() == 0.0
+        assert time.perf_counter() - start == pytest.approx(0.04, abs=0.015)
+        time.sleep(0.05)
+        assert world.tick() == pytest.approx(0.03, abs=0.015)
+
+    # --- cameras --------------------------------------------------------------------------------------
+    def test_frames_are_cropped_resized_and_rgb(self):
+        bgr = np.zeros((48, 64, 3), np.uint8)
+        bgr[:, 32:] = (255, 0, 0)  # right half blue in OpenCV's BGR
+        rgb = robot.process_frame(bgr, (32, 0, 32, 48), 16)
+        assert rgb.shape == (16, 16, 3) and rgb.dtype == np.uint8
+        assert (rgb == (0, 0, 255)).all()
+
+    def test_camera_config_parses_indices_paths_and_rois(self):
+        assert robot.parse_cameras("front=0,wrist=/dev/video2", "wrist=10:20:300:200") == {
+            "front": (0, None), "wrist": ("/dev/video2", (10, 20, 300, 200))}
+
+    def test_camera_that_cannot_open_names_itself(self):
+        with pytest.raises(RuntimeError, match="camera 'front' .*cannot be opened"):
+            robot.Camera("front", "/nonexistent/video0", 32)
+
+    def test_camera_that_stops_delivering_names_itself(self, tmp_path):
+        import cv2
+        path = str(tmp_path / "clip.avi")
+        writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"MJPG"), 10, (64, 48))
+        for _ in range(3):
+            writer.write(np.full((48, 64, 3), (0, 0, 255), np.uint8))  # red in BGR
+        writer.release()
+        camera = robot.Camera("wrist", path, 16, timeout_s=0.2)  # opening waits for the first frame
+        camera._thread.join(timeout=2.0)  # the file ends: no more frames
+        with pytest.raises(RuntimeError, match="camera 'wrist' .*stopped delivering frames"):
+            camera.read()
+        camera.close()
+
+    # --- command line ---------------------------------------------------------------------------------
+    def test_status_only_reads(self, capsys):
+        emulator, bus = make_bus()
+        emulator.set(4, "Present_Load", -50)
+        robot.print_status(bus)
+        out = capsys.readouterr().out
+        assert "wrist_flex" in out and "-5.0" in out and "7.4" in out
+        assert {p[4] for p in emulator.received} == {robot.READ}
+
+    def test_bench_reports_driver_and_wire_time(self, capsys):
+        bench.bench_bus(Config(), n=50)
+        assert "wire time of the 88 bytes at 1000000 baud 0.880 ms" in capsys.readouterr().out
+
+    def test_bus_over_a_real_serial_port(self):
+        """pyserial on a pseudo-terminal, the emulator answering on the other end: real blocking reads."""
+        import threading
+        import tty
+
+        import serial
+        controller, device = os.openpty()
+        tty.setraw(controller)
+        tty.setraw(device)
+        emulator = ServoEmulator()
+        emulator.inject(2, "drop")
+
+        def servos():
+            while True:
+                try:
+                    emulator.write(os.read(controller, 256))
+                except OSError:
+                    return
+                os.write(controller, emulator.read(1000))
+
+        threading.Thread(target=servos, daemon=True).start()
+        port = serial.Serial(os.ttyname(device), 1_000_000)
+        bus = FeetechBus(port, 1_000_000, retries=2, latency_s=0.05)
+        try:
+            assert bus.read(1, "Model_Number") == 777
+            start = time.perf_counter()
+            assert bus.sync_read("Present_Position", IDS) == [2048] * 6  # servo 2 drops once: one retry
+            assert 0.05 < time.perf_counter() - start < 0.5  # the retry waited for the timeout first
+        finally:
+            port.close()
+            os.close(controller)
+
+    def test_blocked_arm_is_not_pushed_ever_harder(self):
+        emulator, env = make_env()
+        env.reset()
+        for servo_id in IDS:
+            emulator.set(servo_id, "Torque_Enable", 0)  # the servos stop following: as if blocked
+        for _ in range(10):
+            obs, *_ = env.step(np.array([1.0, 0.0, 0.0, 0.0], np.float32))
+        ee = robot.forward_kinematics(obs["state"][:5])[0]
+        assert env.ee_target[0] - ee[0] == pytest.approx(3 * env.cfg.ee_step_m)  # three steps ahead, no more
 
 
 # =================================================================================================
-# sim.py: the simulated SO-101 and the scripted expert
+# TestSim: sim.py: the simulated SO-101 and the scripted expert.
 # =================================================================================================
+
+
 def run_episode(env, expert, seed, policy=None):
     """One episode, the expert acting alone or when it wants control; returns (info, steps, interventions)."""
     obs = env.reset(seed)
@@ -1272,86 +1241,86 @@ def run_episode(env, expert, seed, policy=None):
             return info, step, interventions
 
 
-def test_goal_written_through_the_driver_is_reached_in_mujoco():
-    cfg = Config()
-    arm, _, world = make_sim(cfg, seed=0)
-    arm.torque(True)
-    pan = IDS[0]
-    start_rad = world.data.qpos[0]
-    goal_ticks = 2048 + round((start_rad + 0.5) * TICKS_PER_RAD)
-    arm.bus.sync_write("Goal_Position", {pan: goal_ticks})  # one SYNC_WRITE packet over the emulated bus
-    for _ in range(10):
-        world.tick()
-    assert abs(world.data.qpos[0] - (start_rad + 0.5)) < 0.01  # MuJoCo's joint got there
-    present = arm.bus.sync_read("Present_Position", [pan])[0]  # and the driver reads it back
-    assert abs(present - goal_ticks) <= 0.01 * TICKS_PER_RAD
+class TestSim:
+    """sim.py: the simulated SO-101 and the scripted expert."""
 
+    def test_goal_written_through_the_driver_is_reached_in_mujoco(self):
+        cfg = Config()
+        arm, _, world = make_sim(cfg, seed=0)
+        arm.torque(True)
+        pan = IDS[0]
+        start_rad = world.data.qpos[0]
+        goal_ticks = 2048 + round((start_rad + 0.5) * TICKS_PER_RAD)
+        arm.bus.sync_write("Goal_Position", {pan: goal_ticks})  # one SYNC_WRITE packet over the emulated bus
+        for _ in range(10):
+            world.tick()
+        assert abs(world.data.qpos[0] - (start_rad + 0.5)) < 0.01  # MuJoCo's joint got there
+        present = arm.bus.sync_read("Present_Position", [pan])[0]  # and the driver reads it back
+        assert abs(present - goal_ticks) <= 0.01 * TICKS_PER_RAD
 
-def test_scripted_expert_succeeds_in_at_least_95_percent_of_50_random_episodes():
-    cfg = Config()
-    arm, cameras, world = make_sim(cfg, seed=1)
-    expert = ScriptedExpert(cfg, world, seed=1)
-    with SO101Env(cfg, arm, cameras, world) as env:
-        successes = sum(run_episode(env, expert, seed)[0]["success"] for seed in range(100, 150))
-    assert successes >= 48
+    def test_scripted_expert_succeeds_in_at_least_95_percent_of_50_random_episodes(self):
+        cfg = Config()
+        arm, cameras, world = make_sim(cfg, seed=1)
+        expert = ScriptedExpert(cfg, world, seed=1)
+        with SO101Env(cfg, arm, cameras, world) as env:
+            successes = sum(run_episode(env, expert, seed)[0]["success"] for seed in range(100, 150))
+        assert successes >= 48
 
+    def test_cube_is_lifted_by_the_jaws_and_falls_when_they_open(self):
+        cfg = Config()
+        arm, cameras, world = make_sim(cfg, seed=2)
+        with SO101Env(cfg, arm, cameras, world) as env:
+            info, _, _ = run_episode(env, ScriptedExpert(cfg, world, seed=2), seed=2)
+            assert info["success"]
+            lifted_bottom_m = world.cube_pos()[2] - cfg.cube_size_m / 2
+            assert lifted_bottom_m >= cfg.success_lift_m
+            for _ in range(5):  # open the jaws: a cube held by contact forces must fall back to the table
+                env.step(np.array([0, 0, 0, 1], np.float32))
+            assert world.cube_pos()[2] - cfg.cube_size_m / 2 < 0.005
+            assert not world.success()
 
-def test_cube_is_lifted_by_the_jaws_and_falls_when_they_open():
-    cfg = Config()
-    arm, cameras, world = make_sim(cfg, seed=2)
-    with SO101Env(cfg, arm, cameras, world) as env:
-        info, _, _ = run_episode(env, ScriptedExpert(cfg, world, seed=2), seed=2)
-        assert info["success"]
-        lifted_bottom_m = world.cube_pos()[2] - cfg.cube_size_m / 2
-        assert lifted_bottom_m >= cfg.success_lift_m
-        for _ in range(5):  # open the jaws: a cube held by contact forces must fall back to the table
-            env.step(np.array([0, 0, 0, 1], np.float32))
-        assert world.cube_pos()[2] - cfg.cube_size_m / 2 < 0.005
-        assert not world.success()
+    def test_reset_is_deterministic_under_a_seed(self):
+        cfg = Config()
+        runs = []
+        for _ in range(2):
+            arm, cameras, world = make_sim(cfg, seed=3)
+            env = SO101Env(cfg, arm, cameras, world)
+            obs = [env.reset(seed=7)["state"]]
+            obs += [env.step(np.array([0.5, -0.3, -1, -1], np.float32))[0]["state"] for _ in range(5)]
+            runs.append((np.array(obs), world.cube_pos()))
+        assert np.array_equal(runs[0][0], runs[1][0])
+        assert np.array_equal(runs[0][1], runs[1][1])
+        env.reset(seed=8)
+        assert not np.allclose(world.cube_pos(), runs[0][1])  # another seed, another cube position
 
+    def test_expert_leaves_a_good_policy_alone_and_takes_over_a_stalling_one(self):
+        cfg = Config()
+        arm, cameras, world = make_sim(cfg, seed=4)
+        with SO101Env(cfg, arm, cameras, world) as env:
+            expert = ScriptedExpert(cfg, world, seed=4)
+            good_policy = ScriptedExpert(cfg, world, seed=5).act
+            info, steps, interventions = run_episode(env, expert, seed=4, policy=good_policy)
+            assert info["success"] and interventions == 0
+            stalling_policy = lambda obs: np.zeros(4, np.float32)  # noqa: E731
+            info, steps, interventions = run_episode(env, expert, seed=4, policy=stalling_policy)
+            assert info["success"]  # the expert's takeovers finish the task
+            assert 0 < interventions < steps  # but it handed control back in between
 
-def test_reset_is_deterministic_under_a_seed():
-    cfg = Config()
-    runs = []
-    for _ in range(2):
-        arm, cameras, world = make_sim(cfg, seed=3)
-        env = SO101Env(cfg, arm, cameras, world)
-        obs = [env.reset(seed=7)["state"]]
-        obs += [env.step(np.array([0.5, -0.3, -1, -1], np.float32))[0]["state"] for _ in range(5)]
-        runs.append((np.array(obs), world.cube_pos()))
-    assert np.array_equal(runs[0][0], runs[1][0])
-    assert np.array_equal(runs[0][1], runs[1][1])
-    env.reset(seed=8)
-    assert not np.allclose(world.cube_pos(), runs[0][1])  # another seed, another cube position
-
-
-def test_expert_leaves_a_good_policy_alone_and_takes_over_a_stalling_one():
-    cfg = Config()
-    arm, cameras, world = make_sim(cfg, seed=4)
-    with SO101Env(cfg, arm, cameras, world) as env:
-        expert = ScriptedExpert(cfg, world, seed=4)
-        good_policy = ScriptedExpert(cfg, world, seed=5).act
-        info, steps, interventions = run_episode(env, expert, seed=4, policy=good_policy)
-        assert info["success"] and interventions == 0
-        stalling_policy = lambda obs: np.zeros(4, np.float32)  # noqa: E731
-        info, steps, interventions = run_episode(env, expert, seed=4, policy=stalling_policy)
-        assert info["success"]  # the expert's takeovers finish the task
-        assert 0 < interventions < steps  # but it handed control back in between
-
-
-def test_cameras_return_uint8_rgb_frames_of_image_size():
-    cfg = Config(use_images=True, image_size=64)
-    arm, cameras, world = make_sim(cfg, seed=5)
-    with SO101Env(cfg, arm, cameras, world) as env:
-        obs = env.reset(seed=5)
-    for name in ("front", "wrist"):
-        assert obs[name].shape == (64, 64, 3) and obs[name].dtype == np.uint8
-        assert obs[name].std() > 10  # a scene, not a blank frame
+    def test_cameras_return_uint8_rgb_frames_of_image_size(self):
+        cfg = Config(use_images=True, image_size=64)
+        arm, cameras, world = make_sim(cfg, seed=5)
+        with SO101Env(cfg, arm, cameras, world) as env:
+            obs = env.reset(seed=5)
+        for name in ("front", "wrist"):
+            assert obs[name].shape == (64, 64, 3) and obs[name].dtype == np.uint8
+            assert obs[name].std() > 10  # a scene, not a blank frame
 
 
 # =================================================================================================
-# teleop.py: gamepad and keyboard mappings, interventions, leader arm, demo recording
+# TestTeleop: teleop.py: gamepad and keyboard mappings, interventions, leader arm, demo recording.
 # =================================================================================================
+
+
 XBOX, PS = teleop.LAYOUTS["xbox"], teleop.LAYOUTS["playstation"]
 
 
@@ -1365,74 +1334,6 @@ def pad(layout, axes=None, pressed=(), zone=0.1, speed=1.0):
     for name in pressed:
         buttons[layout[name]] = 1
     return teleop.gamepad_action(raw_axes, buttons, layout, zone, speed)
-
-
-@pytest.mark.parametrize("layout", [XBOX, PS])
-def test_sticks_move_the_end_effector_in_the_base_frame(layout):
-    act, held = pad(layout, {"stick_y": -1.0, "stick_x": 1.0, "stick_z": -1.0})
-    np.testing.assert_allclose(act, [1.0, -1.0, 1.0, 0.0])   # up = +x, right = -y, right stick up = +z
-    assert held == set()
-
-
-def test_layouts_read_the_numbers_pygame_documents():
-    # Xbox 360: right stick vertical is axis 4, RB is button 5; PS4: axis 3 and R1 is button 10.
-    axes = [0.0, 0.0, -1.0, 0.0, -1.0, -1.0]
-    buttons = [0] * 16
-    buttons[5] = 1
-    xbox_act, xbox_held = teleop.gamepad_action(axes, buttons, XBOX, 0.1, 1.0)
-    assert xbox_act[2] == 1.0 and "intervene" in xbox_held
-    ps_act, ps_held = teleop.gamepad_action(axes, buttons, PS, 0.1, 1.0)
-    assert ps_act[2] == 0.0 and "intervene" not in ps_held   # PS4 axis 4 is L2 and button 5 is PS
-
-
-def test_layout_is_chosen_from_the_pad_name():
-    assert teleop.gamepad_layout("Xbox 360 Controller") == XBOX
-    assert teleop.gamepad_layout("PS4 Controller") == PS
-    assert teleop.gamepad_layout("PS5 Controller") == PS
-    assert teleop.gamepad_layout("Logitech Gamepad F310") == XBOX
-    assert teleop.gamepad_layout("PS4 Controller", layout="xbox") == XBOX
-
-
-def test_dead_zone_zeroes_small_deflections_and_rises_without_a_jump():
-    assert pad(XBOX, {"stick_y": -0.09, "stick_x": 0.05, "stick_z": 0.1})[0][:3].tolist() == [0, 0, 0]
-    just_past = pad(XBOX, {"stick_y": -0.11})[0][0]
-    assert 0 < just_past < 0.02
-    assert pad(XBOX, {"stick_y": -0.55})[0][0] == pytest.approx(0.5)
-
-
-def test_speed_scales_the_action():
-    assert pad(XBOX, {"stick_y": -1.0}, speed=0.3)[0][0] == pytest.approx(0.3)
-
-
-def test_triggers_close_and_open_the_gripper():
-    assert pad(XBOX, {"close": 1.0})[0][3] == -1.0
-    assert pad(XBOX, {"open": 1.0})[0][3] == 1.0
-    assert pad(XBOX, {"open": 0.2})[0][3] == 0.0            # not past half-way
-    assert pad(XBOX, {"close": 1.0, "open": 1.0})[0][3] == 0.0
-
-
-@pytest.mark.parametrize("layout", [XBOX, PS])
-@pytest.mark.parametrize("button", ["intervene", "success", "failure", "rerecord", "estop", "quit"])
-def test_each_button_is_reported_held(layout, button):
-    assert pad(layout, pressed=[button])[1] == {button}
-
-
-def test_remap_moves_a_control_and_rejects_unknown_names():
-    layout = teleop.gamepad_layout("Xbox 360 Controller", remap="intervene=4, success=9")
-    assert layout["intervene"] == 4 and layout["success"] == 9 and layout["failure"] == XBOX["failure"]
-    with pytest.raises(ValueError, match="gamepad_map"):
-        teleop.gamepad_layout("Xbox 360 Controller", remap="jump=3")
-    with pytest.raises(ValueError, match="gamepad_layout"):
-        teleop.gamepad_layout("Xbox 360 Controller", layout="nintendo")
-
-
-def test_keyboard_gives_the_same_actions_and_controls():
-    k = teleop.KEYS
-    act, held = teleop.keyboard_action({k["x+"], k["y-"], k["z+"], k["close"], k["intervene"]}, speed=0.5)
-    np.testing.assert_allclose(act, [0.5, -0.5, 0.5, -1.0])
-    assert held == {"close", "intervene"}
-    for name in teleop.EVENTS:
-        assert teleop.keyboard_action({k[name]}, 1.0)[1] == {name}
 
 
 class Scripted:
@@ -1449,53 +1350,11 @@ class Scripted:
 
 
 HUMAN = np.array([1.0, 0.0, 0.0, 0.0], np.float32)
+
+
 POLICY = np.array([0.0, 0.0, -1.0, 1.0], np.float32)
 
 
-def test_the_human_acts_only_while_intervene_is_held():
-    t = teleop.Teleop(Scripted((HUMAN, set()), (HUMAN, {"intervene"}), (HUMAN, {"intervene"}), (HUMAN, set())))
-    acting = [t.poll(POLICY, None) for _ in range(4)]
-    assert [intervened for _, intervened, _ in acting] == [False, True, True, False]
-    for act, intervened, _ in acting:
-        np.testing.assert_array_equal(act, HUMAN if intervened else POLICY)
-
-
-def test_an_event_fires_once_per_press():
-    t = teleop.Teleop(Scripted((HUMAN, {"success"}), (HUMAN, {"success"}), (HUMAN, set()), (HUMAN, {"success"})))
-    assert [t.poll(POLICY, None)[2] for _ in range(4)] == [{"success"}, set(), set(), {"success"}]
-
-
-def test_emergency_stop_turns_the_torque_off_and_stops_the_loop():
-    calls = []
-    t = teleop.Teleop(Scripted((HUMAN, {"intervene", "estop"})), torque_off=lambda: calls.append("off"))
-    with pytest.raises(teleop.EmergencyStop):
-        t.poll(POLICY, None)
-    assert calls == ["off"]
-
-
-def test_keyboard_device_reads_pygame_keys_under_the_dummy_driver():
-    teleop.start_pygame()
-    act, held = teleop.Keyboard(Config()).read(None)   # nothing is pressed on a dummy display
-    np.testing.assert_array_equal(act, np.zeros(4))
-    assert held == set()
-    pygame.event.post(pygame.event.Event(pygame.QUIT))
-    assert teleop.Keyboard(Config()).read(None)[1] == {"quit"}
-
-
-def test_operator_window_renders_offscreen_and_prints_a_line_per_episode(tmp_path, capsys):
-    teleop.start_pygame()
-    window = teleop.OperatorWindow(Config(), visible=True)
-    frame = np.zeros((64, 64, 3), np.uint8)
-    for human in (True, False, False, True):
-        window.show({"state": np.zeros(9, np.float32), "front": frame, "wrist": frame}, human, -0.05)
-    window.end_episode(success=True)
-    window.save(str(tmp_path / "window.png"))
-    assert (tmp_path / "window.png").stat().st_size > 1000
-    line = capsys.readouterr().out
-    assert "episode    1" in line and "intervened  50%" in line and "success yes" in line
-
-
-# --- the leader arm, against robot.py's servo emulator ---------------------------------------------------
 def leader_at(tmp_path, joints):
     """A LeaderArm whose servos (an emulator) sit at `joints` (5 rad + gripper opening)."""
     from robot import IDS, ServoEmulator, chain_calibration, joints_to_ticks, save_calibration
@@ -1507,191 +1366,283 @@ def leader_at(tmp_path, joints):
     return teleop.LeaderArm(Config(leader_calibration=str(tmp_path / "leader.json")), port=emulator), emulator
 
 
-def test_leader_action_is_the_clipped_tool_difference_in_action_units(tmp_path):
-    from robot import HOME_RAD, forward_kinematics
-    cfg = Config()
-    follower = np.append(HOME_RAD, [1.0, 0, 0, 0]).astype(np.float32)          # gripper open
-    near = HOME_RAD + [0.0, 0.0, 0.0, 0.02, 0.0]                                  # a few mm away
-    leader, _ = leader_at(tmp_path, np.append(near, 0.0))                         # leader gripper closed
-    act = leader.action({"state": follower})
-    expected = (forward_kinematics(near)[0] - forward_kinematics(HOME_RAD)[0]) / cfg.ee_step_m
-    np.testing.assert_allclose(act[:3], expected, atol=0.05)                      # ticks quantise the pose
-    assert act[3] == -1.0                                                         # close, the follower is open
-    far, _ = leader_at(tmp_path, np.append(HOME_RAD + [0.3, 0.2, -0.2, 0.0, 0.0], 1.0))
-    act = far.action({"state": follower})
-    assert np.abs(act[:3]).max() == 1.0 and act[3] == 0.0                          # clipped; both open: stay
-
-
-def test_follower_tracks_the_leader_only_while_intervene_is_held(tmp_path):
-    from robot import HOME_RAD, SO101Env, forward_kinematics
-    from sim import make_sim
-    cfg = Config()
-    pose = HOME_RAD + [0.3, 0.2, -0.2, 0.0, 0.0]
-    leader, _ = leader_at(tmp_path, np.append(pose, 1.0))
-    held = [(np.zeros(4, np.float32), set())] * 5 + [(np.zeros(4, np.float32), {"intervene"})] * 25
-    t = teleop.Teleop(Scripted(*held), leader)
-    env = SO101Env(cfg, *make_sim(cfg, seed=0))
-    obs = start = env.reset()
-    for step in range(30):
-        act, intervened, _ = t.poll(np.zeros(4, np.float32), obs)
-        assert intervened == (step >= 5)
-        obs = env.step(act)[0]
-        if step == 4:
-            np.testing.assert_allclose(obs["state"][6:9], start["state"][6:9], atol=0.006)  # held (sags a few mm)
-    gap = forward_kinematics(pose)[0] - forward_kinematics(obs["state"][:5])[0]
-    assert np.linalg.norm(gap) < 0.01
-    env.close()
-
-
-# --- recording demos: stopping loses only the episode in progress -------------------------------------------
 def record_cfg(**overrides):
     # Short episodes, every one kept, so the number of episodes on disk is known in advance.
     return Config(episode_steps=12, demo_keep_failed=True, show_window=False, **overrides)
-
-
-def test_record_demos_with_the_expert_keeps_successful_episodes(tmp_path):
-    from buffer import ReplayBuffer
-    cfg = Config(show_window=False)
-    path = str(tmp_path / "demos.npz")
-    assert teleop.record_demos(cfg, path, episodes=2) == 2
-    demos = ReplayBuffer(cfg.demo_capacity, {"state": np.zeros(12, np.float32)}, 4)
-    demos.load(path)
-    a = demos.arrays
-    assert demos.num_episodes == 2 and a["terminated"].sum() == 2 and a["intervened"][a["valid"]].all()
-    assert teleop.record_demos(cfg, path, episodes=3) == 3                          # a second run continues
-
-
-def test_an_exception_mid_episode_leaves_the_finished_episodes_intact(tmp_path, monkeypatch):
-    from buffer import ReplayBuffer
-    from robot import SO101Env
-    cfg, path = record_cfg(), str(tmp_path / "demos.npz")
-    states, real_step = [], SO101Env.step
-
-    def step_then_crash(env, act):
-        if len(states) == 2 * cfg.episode_steps + 5:                               # 5 steps into episode 3
-            raise RuntimeError("cable pulled")
-        result = real_step(env, act)
-        states.append(result[0]["state"])
-        return result
-
-    monkeypatch.setattr(SO101Env, "step", step_then_crash)
-    with pytest.raises(RuntimeError, match="cable pulled"):
-        teleop.record_demos(cfg, path, episodes=5)
-    demos = ReplayBuffer(cfg.demo_capacity, {"state": states[0]}, 4)
-    demos.load(path)
-    assert demos.num_episodes == 2
-    np.testing.assert_array_equal(demos.arrays["next_state"][demos.arrays["valid"]], states[:2 * cfg.episode_steps])
 
 
 def label_cfg(**overrides):
     return Config(episode_steps=40, image_size=32, show_window=False, **overrides)
 
 
-def test_labelling_in_the_sim_marks_the_lifted_cube_and_continues_a_file(tmp_path):
-    path = str(tmp_path / "frames.npz")
-    held = teleop.label_frames(label_cfg(), path, success_frames=10)
-    with np.load(path) as data:
-        success, episode, front = data["success"], data["episode"], data["front"]
-    assert held == success.sum() >= 10 and front.shape == (len(success), 32, 32, 3) and front.dtype == np.uint8
-    for e in np.unique(episode):                              # the expert lifts the cube within 40 steps
-        labels = success[episode == e]
-        assert len(labels) == 40 and not labels[:5].any() and labels[-1]   # on the table first, held up at the end
-    assert teleop.label_frames(label_cfg(), path, success_frames=held + 1) > held   # a second run adds to it
-    with np.load(path) as data:
-        assert data["episode"].max() > episode.max() and len(data["success"]) > len(success)
+class TestTeleop:
+    """teleop.py: gamepad and keyboard mappings, interventions, leader arm, demo recording."""
 
+    @pytest.mark.parametrize("layout", [XBOX, PS])
+    def test_sticks_move_the_end_effector_in_the_base_frame(self, layout):
+        act, held = pad(layout, {"stick_y": -1.0, "stick_x": 1.0, "stick_z": -1.0})
+        np.testing.assert_allclose(act, [1.0, -1.0, 1.0, 0.0])   # up = +x, right = -y, right stick up = +z
+        assert held == set()
 
-def test_frames_are_positive_while_the_success_button_is_held(tmp_path, monkeypatch):
-    still = np.zeros(4, np.float32)                          # the cube stays on the table: the physics says no
-    presses = [set(), {"success"}, {"success"}, set(), {"success"}, {"failure"},      # episode 1, ended early
-               {"success"}, {"rerecord"},                                             # episode 2, dropped
-               {"success"}, {"quit"}]                                                 # episode 3, then stop
-    device = Scripted(*[(still, held) for held in presses])
-    monkeypatch.setattr(teleop, "make_teleop", lambda cfg, env: teleop.Teleop(device))
-    path = str(tmp_path / "frames.npz")
-    assert teleop.label_frames(label_cfg(), path, success_frames=100) == 4
-    with np.load(path) as data:
-        np.testing.assert_array_equal(data["success"], [False, True, True, False, True, True])
-        np.testing.assert_array_equal(data["episode"], [0, 0, 0, 0, 0, 1])
+    def test_layouts_read_the_numbers_pygame_documents(self):
+        # Xbox 360: right stick vertical is axis 4, RB is button 5; PS4: axis 3 and R1 is button 10.
+        axes = [0.0, 0.0, -1.0, 0.0, -1.0, -1.0]
+        buttons = [0] * 16
+        buttons[5] = 1
+        xbox_act, xbox_held = teleop.gamepad_action(axes, buttons, XBOX, 0.1, 1.0)
+        assert xbox_act[2] == 1.0 and "intervene" in xbox_held
+        ps_act, ps_held = teleop.gamepad_action(axes, buttons, PS, 0.1, 1.0)
+        assert ps_act[2] == 0.0 and "intervene" not in ps_held   # PS4 axis 4 is L2 and button 5 is PS
 
+    def test_layout_is_chosen_from_the_pad_name(self):
+        assert teleop.gamepad_layout("Xbox 360 Controller") == XBOX
+        assert teleop.gamepad_layout("PS4 Controller") == PS
+        assert teleop.gamepad_layout("PS5 Controller") == PS
+        assert teleop.gamepad_layout("Logitech Gamepad F310") == XBOX
+        assert teleop.gamepad_layout("PS4 Controller", layout="xbox") == XBOX
 
-def test_labelling_into_a_file_of_other_frames_is_a_one_line_error(tmp_path):
-    path = str(tmp_path / "frames.npz")
-    np.savez(path, front=np.zeros((3, 64, 64, 3), np.uint8), wrist=np.zeros((3, 64, 64, 3), np.uint8),
-             success=np.zeros(3, bool), episode=np.zeros(3, int))
-    with pytest.raises(ValueError, match="frames.npz: frames of other cameras or another size; label into another"):
-        teleop.label_frames(label_cfg(), path, success_frames=1)
+    def test_dead_zone_zeroes_small_deflections_and_rises_without_a_jump(self):
+        assert pad(XBOX, {"stick_y": -0.09, "stick_x": 0.05, "stick_z": 0.1})[0][:3].tolist() == [0, 0, 0]
+        just_past = pad(XBOX, {"stick_y": -0.11})[0][0]
+        assert 0 < just_past < 0.02
+        assert pad(XBOX, {"stick_y": -0.55})[0][0] == pytest.approx(0.5)
 
+    def test_speed_scales_the_action(self):
+        assert pad(XBOX, {"stick_y": -1.0}, speed=0.3)[0][0] == pytest.approx(0.3)
 
-def test_a_killed_recording_leaves_the_finished_episodes_intact(tmp_path):
-    import signal
-    import subprocess
-    import sys
-    import time
-    from buffer import ReplayBuffer
-    path = tmp_path / "demos.npz"
-    command = [sys.executable, "teleop.py", "record", "--demos", str(path), "--demo_episodes", "1000",
-               "--episode_steps", "12", "--demo_keep_failed", "true", "--show_window", "false"]
-    recorder = subprocess.Popen(command, cwd=os.path.dirname(os.path.abspath(__file__)),
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        for line in recorder.stdout:                                           # "...demos.npz: 3/1000 episodes"
-            if line.startswith(f"{path}: 3/"):
-                break
-        time.sleep(0.05)                                                       # somewhere in episode 4 or later
-    finally:
-        recorder.send_signal(signal.SIGKILL)                                  # no cleanup runs at all
-        recorder.wait()
-    demos = ReplayBuffer(1000, {"state": np.zeros(12, np.float32)}, 4)
-    demos.load(str(path))
-    a = demos.arrays
-    assert demos.num_episodes >= 3
-    assert a["valid"].sum() == 12 * demos.num_episodes                          # every stored episode is whole
-    assert (a["truncated"] | a["terminated"])[a["valid"]].sum() == demos.num_episodes
+    def test_triggers_close_and_open_the_gripper(self):
+        assert pad(XBOX, {"close": 1.0})[0][3] == -1.0
+        assert pad(XBOX, {"open": 1.0})[0][3] == 1.0
+        assert pad(XBOX, {"open": 0.2})[0][3] == 0.0            # not past half-way
+        assert pad(XBOX, {"close": 1.0, "open": 1.0})[0][3] == 0.0
 
+    @pytest.mark.parametrize("layout", [XBOX, PS])
+    @pytest.mark.parametrize("button", ["intervene", "success", "failure", "rerecord", "estop", "quit"])
+    def test_each_button_is_reported_held(self, layout, button):
+        assert pad(layout, pressed=[button])[1] == {button}
 
-def test_make_teleop_picks_the_expert_in_the_sim_and_explains_a_missing_device():
-    from robot import SO101Env
-    from sim import make_sim
-    cfg = Config()
-    env = SO101Env(cfg, *make_sim(cfg, seed=0))
-    assert isinstance(teleop.make_teleop(cfg, env).device, teleop.Expert)
-    with pytest.raises(ValueError, match="no gamepad found"):
-        teleop.make_teleop(Config(teleop="gamepad"), env)
-    with pytest.raises(ValueError, match="needs a display"):
-        teleop.make_teleop(Config(teleop="keyboard"), env)
-    with pytest.raises(ValueError, match="expected auto"):
-        teleop.make_teleop(Config(teleop="spacemouse"), env)
+    def test_remap_moves_a_control_and_rejects_unknown_names(self):
+        layout = teleop.gamepad_layout("Xbox 360 Controller", remap="intervene=4, success=9")
+        assert layout["intervene"] == 4 and layout["success"] == 9 and layout["failure"] == XBOX["failure"]
+        with pytest.raises(ValueError, match="gamepad_map"):
+            teleop.gamepad_layout("Xbox 360 Controller", remap="jump=3")
+        with pytest.raises(ValueError, match="gamepad_layout"):
+            teleop.gamepad_layout("Xbox 360 Controller", layout="nintendo")
 
+    def test_keyboard_gives_the_same_actions_and_controls(self):
+        k = teleop.KEYS
+        act, held = teleop.keyboard_action({k["x+"], k["y-"], k["z+"], k["close"], k["intervene"]}, speed=0.5)
+        np.testing.assert_allclose(act, [0.5, -0.5, 0.5, -1.0])
+        assert held == {"close", "intervene"}
+        for name in teleop.EVENTS:
+            assert teleop.keyboard_action({k[name]}, 1.0)[1] == {name}
 
-def test_the_real_arm_waits_for_a_fresh_intervene_press_before_an_episode():
-    still_held = [(HUMAN, {"intervene"})] * 3 + [(HUMAN, set()), (HUMAN, {"intervene"})]
-    t = teleop.Teleop(Scripted(*still_held))
-    assert teleop.wait_for_start(t, None) is True and t.device.steps == []
-    assert teleop.wait_for_start(teleop.Teleop(Scripted((HUMAN, set()), (HUMAN, {"quit"}))), None) is False
+    def test_the_human_acts_only_while_intervene_is_held(self):
+        t = teleop.Teleop(Scripted((HUMAN, set()), (HUMAN, {"intervene"}), (HUMAN, {"intervene"}), (HUMAN, set())))
+        acting = [t.poll(POLICY, None) for _ in range(4)]
+        assert [intervened for _, intervened, _ in acting] == [False, True, True, False]
+        for act, intervened, _ in acting:
+            np.testing.assert_array_equal(act, HUMAN if intervened else POLICY)
 
+    def test_an_event_fires_once_per_press(self):
+        t = teleop.Teleop(Scripted((HUMAN, {"success"}), (HUMAN, {"success"}), (HUMAN, set()), (HUMAN, {"success"})))
+        assert [t.poll(POLICY, None)[2] for _ in range(4)] == [{"success"}, set(), set(), {"success"}]
 
-@pytest.mark.parametrize("button", ["success", "failure"])
-def test_on_the_real_arm_the_human_ends_the_episode(button):
-    from robot import FeetechBus, RealWorld, ServoEmulator, SO101, SO101Env, chain_calibration
-    cfg = Config(control_hz=200.0, show_window=False)
-    env = SO101Env(cfg, SO101(FeetechBus(ServoEmulator()), chain_calibration()), {}, RealWorld(cfg))
-    obs = env.reset()
-    still = np.zeros(4, np.float32)
-    t = teleop.Teleop(Scripted((still, set()), (still, set()), (still, {button}), (still, set())))
-    transitions, outcome = teleop.record_episode(env, t, teleop.OperatorWindow(cfg), obs)
-    assert outcome == button
-    if button == "success":   # the press makes the next step the terminal, rewarded one
-        assert len(transitions) == 3 and transitions[-1][4] and transitions[-1][2] == cfg.reward_success
-    else:                     # the episode ends where it is, cut short (truncated), not terminal
-        assert len(transitions) == 2 and transitions[-1][5] and not transitions[-1][4]
+    def test_emergency_stop_turns_the_torque_off_and_stops_the_loop(self):
+        calls = []
+        t = teleop.Teleop(Scripted((HUMAN, {"intervene", "estop"})), torque_off=lambda: calls.append("off"))
+        with pytest.raises(teleop.EmergencyStop):
+            t.poll(POLICY, None)
+        assert calls == ["off"]
+
+    def test_keyboard_device_reads_pygame_keys_under_the_dummy_driver(self):
+        teleop.start_pygame()
+        act, held = teleop.Keyboard(Config()).read(None)   # nothing is pressed on a dummy display
+        np.testing.assert_array_equal(act, np.zeros(4))
+        assert held == set()
+        pygame.event.post(pygame.event.Event(pygame.QUIT))
+        assert teleop.Keyboard(Config()).read(None)[1] == {"quit"}
+
+    def test_operator_window_renders_offscreen_and_prints_a_line_per_episode(self, tmp_path, capsys):
+        teleop.start_pygame()
+        window = teleop.OperatorWindow(Config(), visible=True)
+        frame = np.zeros((64, 64, 3), np.uint8)
+        for human in (True, False, False, True):
+            window.show({"state": np.zeros(9, np.float32), "front": frame, "wrist": frame}, human, -0.05)
+        window.end_episode(success=True)
+        window.save(str(tmp_path / "window.png"))
+        assert (tmp_path / "window.png").stat().st_size > 1000
+        line = capsys.readouterr().out
+        assert "episode    1" in line and "intervened  50%" in line and "success yes" in line
+
+    def test_leader_action_is_the_clipped_tool_difference_in_action_units(self, tmp_path):
+        from robot import HOME_RAD, forward_kinematics
+        cfg = Config()
+        follower = np.append(HOME_RAD, [1.0, 0, 0, 0]).astype(np.float32)          # gripper open
+        near = HOME_RAD + [0.0, 0.0, 0.0, 0.02, 0.0]                                  # a few mm away
+        leader, _ = leader_at(tmp_path, np.append(near, 0.0))                         # leader gripper closed
+        act = leader.action({"state": follower})
+        expected = (forward_kinematics(near)[0] - forward_kinematics(HOME_RAD)[0]) / cfg.ee_step_m
+        np.testing.assert_allclose(act[:3], expected, atol=0.05)                      # ticks quantise the pose
+        assert act[3] == -1.0                                                         # close, the follower is open
+        far, _ = leader_at(tmp_path, np.append(HOME_RAD + [0.3, 0.2, -0.2, 0.0, 0.0], 1.0))
+        act = far.action({"state": follower})
+        assert np.abs(act[:3]).max() == 1.0 and act[3] == 0.0                          # clipped; both open: stay
+
+    def test_follower_tracks_the_leader_only_while_intervene_is_held(self, tmp_path):
+        from robot import HOME_RAD, SO101Env, forward_kinematics
+        from sim import make_sim
+        cfg = Config()
+        pose = HOME_RAD + [0.3, 0.2, -0.2, 0.0, 0.0]
+        leader, _ = leader_at(tmp_path, np.append(pose, 1.0))
+        held = [(np.zeros(4, np.float32), set())] * 5 + [(np.zeros(4, np.float32), {"intervene"})] * 25
+        t = teleop.Teleop(Scripted(*held), leader)
+        env = SO101Env(cfg, *make_sim(cfg, seed=0))
+        obs = start = env.reset()
+        for step in range(30):
+            act, intervened, _ = t.poll(np.zeros(4, np.float32), obs)
+            assert intervened == (step >= 5)
+            obs = env.step(act)[0]
+            if step == 4:
+                np.testing.assert_allclose(obs["state"][6:9], start["state"][6:9], atol=0.006)  # held (sags a few mm)
+        gap = forward_kinematics(pose)[0] - forward_kinematics(obs["state"][:5])[0]
+        assert np.linalg.norm(gap) < 0.01
+        env.close()
+
+    def test_record_demos_with_the_expert_keeps_successful_episodes(self, tmp_path):
+        from buffer import ReplayBuffer
+        cfg = Config(show_window=False)
+        path = str(tmp_path / "demos.npz")
+        assert teleop.record_demos(cfg, path, episodes=2) == 2
+        demos = ReplayBuffer(cfg.demo_capacity, {"state": np.zeros(12, np.float32)}, 4)
+        demos.load(path)
+        a = demos.arrays
+        assert demos.num_episodes == 2 and a["terminated"].sum() == 2 and a["intervened"][a["valid"]].all()
+        assert teleop.record_demos(cfg, path, episodes=3) == 3                          # a second run continues
+
+    def test_an_exception_mid_episode_leaves_the_finished_episodes_intact(self, tmp_path, monkeypatch):
+        from buffer import ReplayBuffer
+        from robot import SO101Env
+        cfg, path = record_cfg(), str(tmp_path / "demos.npz")
+        states, real_step = [], SO101Env.step
+
+        def step_then_crash(env, act):
+            if len(states) == 2 * cfg.episode_steps + 5:                               # 5 steps into episode 3
+                raise RuntimeError("cable pulled")
+            result = real_step(env, act)
+            states.append(result[0]["state"])
+            return result
+
+        monkeypatch.setattr(SO101Env, "step", step_then_crash)
+        with pytest.raises(RuntimeError, match="cable pulled"):
+            teleop.record_demos(cfg, path, episodes=5)
+        demos = ReplayBuffer(cfg.demo_capacity, {"state": states[0]}, 4)
+        demos.load(path)
+        assert demos.num_episodes == 2
+        np.testing.assert_array_equal(demos.arrays["next_state"][demos.arrays["valid"]], states[:2 * cfg.episode_steps])
+
+    def test_labelling_in_the_sim_marks_the_lifted_cube_and_continues_a_file(self, tmp_path):
+        path = str(tmp_path / "frames.npz")
+        held = teleop.label_frames(label_cfg(), path, success_frames=10)
+        with np.load(path) as data:
+            success, episode, front = data["success"], data["episode"], data["front"]
+        assert held == success.sum() >= 10 and front.shape == (len(success), 32, 32, 3) and front.dtype == np.uint8
+        for e in np.unique(episode):                              # the expert lifts the cube within 40 steps
+            labels = success[episode == e]
+            assert len(labels) == 40 and not labels[:5].any() and labels[-1]   # on the table first, held up at the end
+        assert teleop.label_frames(label_cfg(), path, success_frames=held + 1) > held   # a second run adds to it
+        with np.load(path) as data:
+            assert data["episode"].max() > episode.max() and len(data["success"]) > len(success)
+
+    def test_frames_are_positive_while_the_success_button_is_held(self, tmp_path, monkeypatch):
+        still = np.zeros(4, np.float32)                          # the cube stays on the table: the physics says no
+        presses = [set(), {"success"}, {"success"}, set(), {"success"}, {"failure"},      # episode 1, ended early
+                   {"success"}, {"rerecord"},                                             # episode 2, dropped
+                   {"success"}, {"quit"}]                                                 # episode 3, then stop
+        device = Scripted(*[(still, held) for held in presses])
+        monkeypatch.setattr(teleop, "make_teleop", lambda cfg, env: teleop.Teleop(device))
+        path = str(tmp_path / "frames.npz")
+        assert teleop.label_frames(label_cfg(), path, success_frames=100) == 4
+        with np.load(path) as data:
+            np.testing.assert_array_equal(data["success"], [False, True, True, False, True, True])
+            np.testing.assert_array_equal(data["episode"], [0, 0, 0, 0, 0, 1])
+
+    def test_labelling_into_a_file_of_other_frames_is_a_one_line_error(self, tmp_path):
+        path = str(tmp_path / "frames.npz")
+        np.savez(path, front=np.zeros((3, 64, 64, 3), np.uint8), wrist=np.zeros((3, 64, 64, 3), np.uint8),
+                 success=np.zeros(3, bool), episode=np.zeros(3, int))
+        with pytest.raises(ValueError, match="frames.npz: frames of other cameras or another size; label into another"):
+            teleop.label_frames(label_cfg(), path, success_frames=1)
+
+    def test_a_killed_recording_leaves_the_finished_episodes_intact(self, tmp_path):
+        import signal
+        import subprocess
+        import sys
+        import time
+        from buffer import ReplayBuffer
+        path = tmp_path / "demos.npz"
+        command = [sys.executable, "teleop.py", "record", "--demos", str(path), "--demo_episodes", "1000",
+                   "--episode_steps", "12", "--demo_keep_failed", "true", "--show_window", "false"]
+        recorder = subprocess.Popen(command, cwd=os.path.dirname(os.path.abspath(__file__)),
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            for line in recorder.stdout:                                           # "...demos.npz: 3/1000 episodes"
+                if line.startswith(f"{path}: 3/"):
+                    break
+            time.sleep(0.05)                                                       # somewhere in episode 4 or later
+        finally:
+            recorder.send_signal(signal.SIGKILL)                                  # no cleanup runs at all
+            recorder.wait()
+        demos = ReplayBuffer(1000, {"state": np.zeros(12, np.float32)}, 4)
+        demos.load(str(path))
+        a = demos.arrays
+        assert demos.num_episodes >= 3
+        assert a["valid"].sum() == 12 * demos.num_episodes                          # every stored episode is whole
+        assert (a["truncated"] | a["terminated"])[a["valid"]].sum() == demos.num_episodes
+
+    def test_make_teleop_picks_the_expert_in_the_sim_and_explains_a_missing_device(self):
+        from robot import SO101Env
+        from sim import make_sim
+        cfg = Config()
+        env = SO101Env(cfg, *make_sim(cfg, seed=0))
+        assert isinstance(teleop.make_teleop(cfg, env).device, teleop.Expert)
+        with pytest.raises(ValueError, match="no gamepad found"):
+            teleop.make_teleop(Config(teleop="gamepad"), env)
+        with pytest.raises(ValueError, match="needs a display"):
+            teleop.make_teleop(Config(teleop="keyboard"), env)
+        with pytest.raises(ValueError, match="expected auto"):
+            teleop.make_teleop(Config(teleop="spacemouse"), env)
+
+    def test_the_real_arm_waits_for_a_fresh_intervene_press_before_an_episode(self):
+        still_held = [(HUMAN, {"intervene"})] * 3 + [(HUMAN, set()), (HUMAN, {"intervene"})]
+        t = teleop.Teleop(Scripted(*still_held))
+        assert teleop.wait_for_start(t, None) is True and t.device.steps == []
+        assert teleop.wait_for_start(teleop.Teleop(Scripted((HUMAN, set()), (HUMAN, {"quit"}))), None) is False
+
+    @pytest.mark.parametrize("button", ["success", "failure"])
+    def test_on_the_real_arm_the_human_ends_the_episode(self, button):
+        from robot import FeetechBus, RealWorld, ServoEmulator, SO101, SO101Env, chain_calibration
+        cfg = Config(control_hz=200.0, show_window=False)
+        env = SO101Env(cfg, SO101(FeetechBus(ServoEmulator()), chain_calibration()), {}, RealWorld(cfg))
+        obs = env.reset()
+        still = np.zeros(4, np.float32)
+        t = teleop.Teleop(Scripted((still, set()), (still, set()), (still, {button}), (still, set())))
+        transitions, outcome = teleop.record_episode(env, t, teleop.OperatorWindow(cfg), obs)
+        assert outcome == button
+        if button == "success":   # the press makes the next step the terminal, rewarded one
+            assert len(transitions) == 3 and transitions[-1][4] and transitions[-1][2] == cfg.reward_success
+        else:                     # the episode ends where it is, cut short (truncated), not terminal
+            assert len(transitions) == 2 and transitions[-1][5] and not transitions[-1][4]
 
 
 # =================================================================================================
+# TestImages: networks.py's image encoders, cached features, the reward classifier, pixels in the sim.
+# =================================================================================================
+
+
 # Vision: the frozen ResNet-10 and its weights, the small CNN and random shifts, cached
-# features, the shared encoder, the reward classifier, pixels in the sim
-# =================================================================================================
 import networks  # noqa: E402
+
 
 IMAGES = {"front": (64, 64, 3), "wrist": (64, 64, 3)}
 
@@ -1726,141 +1677,12 @@ def image_batch(batch_size=8, seed=0):
     return b
 
 
-def test_resnet10_gives_512_maps_at_a_32nd_of_the_side_and_is_frozen():
-    backbone = networks.ResNet10()
-    frames = torch.randint(0, 256, (2, 128, 128, 3), dtype=torch.uint8)
-    features = backbone(frames)
-    assert features.shape == (2, 512, 4, 4) and features.grad_fn is None
-    assert not any(p.requires_grad for p in backbone.parameters())
-    assert sum(p.numel() for p in backbone.parameters()) == pytest.approx(4.9e6, rel=0.05)
-
-
-def test_encoder_appends_256_features_per_camera_for_both_trunks():
-    for trunk in ("resnet10", "small"):
-        agent = Agent(STATE_DIM, small_cfg(encoder=trunk), IMAGES)
-        obs = image_batch()["obs"]
-        if agent.backbone is not None:
-            obs = {**obs, **{k: agent.backbone(obs[k]) for k in IMAGES}}
-        assert agent.encoder(obs).shape == (8, 8 + 2 * 256)
-        assert agent.act(image_batch()["obs"]).shape == (8, 4)
-
-
-def test_weights_load_from_the_hf_port_layout(tmp_path):
-    source = port_weights(tmp_path / "resnet10.safetensors")
-    names = set(json.loads((tmp_path / "resnet10.safetensors").read_bytes()[8:].split(b"}}")[0] + b"}}"))
-    assert {"embedder.0.weight", "embedder.1.group_norm.weight", "encoder.stages.0.conv1.conv.weight",
-            "encoder.stages.3.shortcut.0.conv.weight", "encoder.stages.3.shortcut.1.group_norm.bias"} <= names
-    backbone = networks.ResNet10()
-    networks.load_resnet10(backbone, tmp_path / "resnet10.safetensors")
-    for p, q in zip(backbone.parameters(), source.parameters()):
-        assert torch.equal(p, q)
-
-
-def test_weights_with_a_wrong_key_layout_name_the_key(tmp_path):
-    backbone = networks.ResNet10()
-    tensors = {networks.port_key(n): p for n, p in backbone.named_parameters()}
-    tensors["stages.0.conv1.weight"] = tensors.pop("encoder.stages.0.conv1.conv.weight")   # torchvision-like name
-    write_safetensors(tmp_path / "bad.safetensors", tensors)
-    with pytest.raises(ValueError, match=r"bad.safetensors: missing key 'encoder.stages.0.conv1.conv.weight'; "
-                                         r"expected the key layout of lerobot/resnet10"):
-        networks.load_resnet10(backbone, tmp_path / "bad.safetensors")
-    (tmp_path / "junk.safetensors").write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00hello")
-    with pytest.raises(ValueError, match="not a readable .safetensors file"):
-        networks.load_resnet10(backbone, tmp_path / "junk.safetensors")
-
-
-def test_no_weights_and_no_network_is_one_line_naming_the_file_and_the_small_encoder(tmp_path, monkeypatch):
-    monkeypatch.setenv("HOME", str(tmp_path))
-    monkeypatch.setattr(networks.urllib.request, "urlretrieve", lambda *a: (_ for _ in ()).throw(OSError("offline")))
-    with pytest.raises(SystemExit) as exit_info:
-        networks.resnet10_weights(Config())
-    message = str(exit_info.value)
-    assert "\n" not in message and "--encoder small" in message and "resnet10.safetensors" in message
-
-
-def test_random_shift_moves_each_image_by_at_most_4_pixels_with_edges_replicated():
-    h = w = 16
-    rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-    image = torch.stack([rows, cols, rows * 0], -1).to(torch.uint8)               # pixel = its own (row, col)
-    shifted = networks.random_shift(image.expand(400, h, w, 3).clone())
-    dy = shifted[:, 8, 8, 0].long() - 8                                           # where the centre came from
-    dx = shifted[:, 8, 8, 1].long() - 8
-    assert dy.abs().max() == 4 and dx.abs().max() == 4                            # pad 4, every offset reachable
-    assert len({(a, b) for a, b in zip(dy.tolist(), dx.tolist())}) > 60           # per image, not one shift for all
-    for k in range(len(shifted)):                                                 # a pure shift, edges replicated
-        expect = image[(torch.arange(h) + dy[k]).clamp(0, h - 1)][:, (torch.arange(w) + dx[k]).clamp(0, w - 1)]
-        assert torch.equal(shifted[k], expect)
-
-
-def test_small_encoder_shifts_obs_and_next_obs_independently(monkeypatch):
-    cfg = small_cfg(encoder="small", utd_ratio=1)
-    agent = Agent(STATE_DIM, cfg, IMAGES)
-    shifted = []
-    monkeypatch.setattr(hilserl, "random_shift", lambda x: shifted.append(networks.random_shift(x)) or shifted[-1])
-    b = image_batch()
-    b["next_obs"] = {k: v.clone() for k, v in b["obs"].items()}                  # the same frames in both
-    hilserl.learn(agent, hilserl.make_optimizers(agent, cfg), cfg, stacked(b, 1))
-    assert len(shifted) == 4                                                      # (obs, next_obs) x 2 cameras
-    assert not torch.equal(shifted[0], shifted[2])                                # obs's front, next_obs's front
-
-
-def test_actor_reads_image_features_without_training_the_shared_encoder():
-    cfg = small_cfg(encoder="small")
-    agent = Agent(STATE_DIM, cfg, IMAGES)
-    opts = hilserl.make_optimizers(agent, cfg)
-    before = copy.deepcopy(agent.state_dict())
-    hilserl.actor_step(agent, opts["actor"], opts["temperature"], image_batch()["obs"], -2.0)
-    after = agent.state_dict()
-    changed = {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}
-    assert changed == {"actor", "log_alpha"}
-    assert agent.actor.net[0].in_features == 8 + 2 * 256                          # state latent + 2 cameras
-    hilserl.critic_step(agent, opts["critic"], image_batch(), None, cfg.discount, cfg.tau)
-    changed = {k.rsplit(".", 1)[0] for k in before if not torch.equal(before[k], agent.state_dict()[k])}
-    assert {"encoder.images.front.cnn.net.0", "encoder.images.wrist.proj.0", "grasp_critic.net.0"} <= changed
-
-
 def counting_backbone():
     backbone = networks.ResNet10()
     calls = []
     forward = backbone.forward
     backbone.forward = lambda frames: calls.append(len(frames)) or forward(frames)
     return backbone, calls
-
-
-def test_backbone_runs_once_per_stored_frame_and_never_in_an_update():
-    cfg = small_cfg(utd_ratio=4)
-    backbone, calls = counting_backbone()
-    example = {"state": np.zeros(STATE_DIM, np.float32), "front": np.zeros(IMAGES["front"], np.uint8)}
-    demo, online = buffer.ReplayBuffer(40, example, 4), buffer.ReplayBuffer(40, example, 4)
-    rng = np.random.default_rng(0)
-    frame = lambda t: {"state": np.full(STATE_DIM, t, np.float32), "front": rng.integers(0, 256, IMAGES["front"], np.uint8)}
-    for buf in (demo, online):
-        obs = frame(0)
-        for t in range(12):                                                        # two episodes of 6 steps
-            next_obs = frame(t + 1)
-            buf.add(obs, np.zeros(4, np.float32), 0.0, next_obs, t % 6 == 5, False, False)
-            obs = frame(t + 1) if t % 6 == 5 else next_obs
-    demo_features = hilserl.FrameFeatures(demo, backbone, torch.device("cpu"))   # loaded buffer: all at once
-    online = buffer.ReplayBuffer(40, example, 4)
-    online_features = hilserl.FrameFeatures(online, backbone, torch.device("cpu"))
-    calls.clear()
-    obs = frame(0)
-    for t in range(12):
-        next_obs = frame(t + 1)
-        online_features.add(online.add(obs, np.zeros(4, np.float32), 0.0, next_obs, t % 6 == 5, False, False))
-        obs = frame(t + 1) if t % 6 == 5 else next_obs
-    assert sum(calls) == 14                                                       # 2 episodes x (6 steps + 1 frame)
-    agent = Agent(STATE_DIM, cfg, {"front": IMAGES["front"]})
-    agent.backbone = backbone
-    optimizers = hilserl.make_optimizers(agent, cfg)
-    for seed in range(3):
-        batches = hilserl.control_step_batches(demo, online, cfg, np.random.default_rng(seed), torch.device("cpu"),
-                                               demo_features, online_features)
-        hilserl.learn(agent, optimizers, cfg, batches)
-    assert sum(calls) == 14                                                       # updates read the cache only
-    slots = buffer.sample_batches(demo, online, cfg.utd_ratio, cfg.batch_size, np.random.default_rng(seed), False)["slot"][0]
-    frames = np.concatenate([demo.arrays["front"][(slots[:4] + 1) % 40], online.arrays["front"][(slots[4:] + 1) % 40]])
-    assert torch.allclose(batches["next_obs"]["front"][0].float(), backbone(torch.from_numpy(frames)), atol=1e-2, rtol=1e-2)
 
 
 def sim_frames(cube_z, seeds, size=64):
@@ -1879,53 +1701,175 @@ def sim_frames(cube_z, seeds, size=64):
     return {k: np.stack(v) for k, v in frames.items()}
 
 
-def test_classifier_learns_to_tell_a_lifted_cube_from_one_on_the_table():
-    cfg = small_cfg(hidden_dim=64)
-    resting, lifted = sim_frames(0.0, range(24)), sim_frames(0.08, range(24))   # random backbone weights
-    frames = {k: np.concatenate([resting[k], lifted[k]]) for k in resting}
-    labels = np.repeat([0.0, 1.0], 24).astype(np.float32)
-    held_out = np.arange(48) % 4 == 3                                             # cube places never trained on
-    torch.manual_seed(0)
-    model = networks.RewardClassifier(IMAGES, cfg)
-    features = {k: classifier.backbone_features(model.backbone, f, torch.device("cpu")) for k, f in frames.items()}
-    rng = np.random.default_rng(0)
-    classifier.fit_classifier(model, features, labels, np.flatnonzero(~held_out), 150, rng, batch_size=32)
-    assert classifier.precision_recall(model, features, labels, np.flatnonzero(held_out)) == (1.0, 1.0)
+class TestImages:
+    """networks.py's image encoders, cached features, the reward classifier, pixels in the sim."""
 
+    def test_resnet10_gives_512_maps_at_a_32nd_of_the_side_and_is_frozen(self):
+        backbone = networks.ResNet10()
+        frames = torch.randint(0, 256, (2, 128, 128, 3), dtype=torch.uint8)
+        features = backbone(frames)
+        assert features.shape == (2, 512, 4, 4) and features.grad_fn is None
+        assert not any(p.requires_grad for p in backbone.parameters())
+        assert sum(p.numel() for p in backbone.parameters()) == pytest.approx(4.9e6, rel=0.05)
 
-def test_pixels_only_on_the_sim_train_eval_and_classifier(tmp_path, monkeypatch, capsys):
-    """The whole pixel loop without privileged cube state: demos with frames, training on cached
-    ResNet-10 features (weights from a file the test makes), evaluation, the reward classifier."""
-    port_weights(tmp_path / "resnet10.safetensors")
-    demos, run, clf = tmp_path / "demos.npz", tmp_path / "run", tmp_path / "classifier.pt"
-    pixels = ["--use_images", "true", "--privileged_state", "false", "--image_size", "32",
-              "--resnet_weights", str(tmp_path / "resnet10.safetensors"), "--demos", str(demos)]
-    small = ["--hidden_dim", "32", "--state_latent_dim", "16", "--image_latent_dim", "16", "--batch_size", "16",
-             "--utd_ratio", "2", "--training_starts", "20", "--demo_episodes", "5", "--episode_steps", "30",
-             "--replay_capacity", "1000", "--demo_capacity", "1000"]
-    monkeypatch.setattr("sys.argv", ["hilserl.py", "--run_dir", str(run), "--max_env_steps", "60", *pixels, *small])
-    hilserl.main()
-    rows = list(csv.DictReader(open(run / "log.csv")))
-    assert int(rows[-1]["env_steps"]) >= 60 and float(rows[-1]["loss/critic"]) >= 0
-    monkeypatch.setattr("sys.argv", ["hilserl.py", "--eval", str(run), "--eval_episodes", "1"])
-    hilserl.main()
-    with pytest.raises(SystemExit, match="demos.npz holds no labelled frames; record them with python teleop.py label"):
-        classifier.train_classifier(Config(frames=str(demos), classifier=str(clf)))
-    frames = str(tmp_path / "frames.npz")
-    held = 0
-    for _ in range(5):                                        # each call labels one more episode
-        held = teleop.label_frames(label_cfg(privileged_state=False), frames, success_frames=held + 1)
-    monkeypatch.setattr("sys.argv", ["classifier.py", "--frames", frames, "--classifier", str(clf),
-                                     "--classifier_steps", "5", *pixels, *small])
-    runpy.run_path("classifier.py", run_name="__main__")
-    out = capsys.readouterr().out
-    assert re.search(rf"{held} success frames of 200; held out 40 frames \(\d+ successes\): precision \d+%, recall \d+%", out)
-    cfg = Config(classifier=str(clf), image_latent_dim=16, hidden_dim=32, use_images=True, image_size=32,
-                 privileged_state=False)
-    arm, cameras, world = make_sim(cfg, seed=3)
-    with SO101Env(cfg, arm, cameras, world) as env:
-        env.classifier = lambda obs: True                                          # a classifier that always says yes
-        env.reset(seed=3)
-        assert env.step(np.zeros(4, np.float32))[2]                                # ends the episode as a success
-        env.classifier = classifier.load_classifier(cfg, torch.device("cpu")).success
-        assert isinstance(env.step(np.zeros(4, np.float32))[2], bool)
+    def test_encoder_appends_256_features_per_camera_for_both_trunks(self):
+        for trunk in ("resnet10", "small"):
+            agent = Agent(STATE_DIM, small_cfg(encoder=trunk), IMAGES)
+            obs = image_batch()["obs"]
+            if agent.backbone is not None:
+                obs = {**obs, **{k: agent.backbone(obs[k]) for k in IMAGES}}
+            assert agent.encoder(obs).shape == (8, 8 + 2 * 256)
+            assert agent.act(image_batch()["obs"]).shape == (8, 4)
+
+    def test_weights_load_from_the_hf_port_layout(self, tmp_path):
+        source = port_weights(tmp_path / "resnet10.safetensors")
+        names = set(json.loads((tmp_path / "resnet10.safetensors").read_bytes()[8:].split(b"}}")[0] + b"}}"))
+        assert {"embedder.0.weight", "embedder.1.group_norm.weight", "encoder.stages.0.conv1.conv.weight",
+                "encoder.stages.3.shortcut.0.conv.weight", "encoder.stages.3.shortcut.1.group_norm.bias"} <= names
+        backbone = networks.ResNet10()
+        networks.load_resnet10(backbone, tmp_path / "resnet10.safetensors")
+        for p, q in zip(backbone.parameters(), source.parameters()):
+            assert torch.equal(p, q)
+
+    def test_weights_with_a_wrong_key_layout_name_the_key(self, tmp_path):
+        backbone = networks.ResNet10()
+        tensors = {networks.port_key(n): p for n, p in backbone.named_parameters()}
+        tensors["stages.0.conv1.weight"] = tensors.pop("encoder.stages.0.conv1.conv.weight")   # torchvision-like name
+        write_safetensors(tmp_path / "bad.safetensors", tensors)
+        with pytest.raises(ValueError, match=r"bad.safetensors: missing key 'encoder.stages.0.conv1.conv.weight'; "
+                                             r"expected the key layout of lerobot/resnet10"):
+            networks.load_resnet10(backbone, tmp_path / "bad.safetensors")
+        (tmp_path / "junk.safetensors").write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00hello")
+        with pytest.raises(ValueError, match="not a readable .safetensors file"):
+            networks.load_resnet10(backbone, tmp_path / "junk.safetensors")
+
+    def test_no_weights_and_no_network_is_one_line_naming_the_file_and_the_small_encoder(self, tmp_path, monkeypatch):
+        monkeypatch.setenv("HOME", str(tmp_path))
+        monkeypatch.setattr(networks.urllib.request, "urlretrieve", lambda *a: (_ for _ in ()).throw(OSError("offline")))
+        with pytest.raises(SystemExit) as exit_info:
+            networks.resnet10_weights(Config())
+        message = str(exit_info.value)
+        assert "\n" not in message and "--encoder small" in message and "resnet10.safetensors" in message
+
+    def test_random_shift_moves_each_image_by_at_most_4_pixels_with_edges_replicated(self):
+        h = w = 16
+        rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+        image = torch.stack([rows, cols, rows * 0], -1).to(torch.uint8)               # pixel = its own (row, col)
+        shifted = networks.random_shift(image.expand(400, h, w, 3).clone())
+        dy = shifted[:, 8, 8, 0].long() - 8                                           # where the centre came from
+        dx = shifted[:, 8, 8, 1].long() - 8
+        assert dy.abs().max() == 4 and dx.abs().max() == 4                            # pad 4, every offset reachable
+        assert len({(a, b) for a, b in zip(dy.tolist(), dx.tolist())}) > 60           # per image, not one shift for all
+        for k in range(len(shifted)):                                                 # a pure shift, edges replicated
+            expect = image[(torch.arange(h) + dy[k]).clamp(0, h - 1)][:, (torch.arange(w) + dx[k]).clamp(0, w - 1)]
+            assert torch.equal(shifted[k], expect)
+
+    def test_small_encoder_shifts_obs_and_next_obs_independently(self, monkeypatch):
+        cfg = small_cfg(encoder="small", utd_ratio=1)
+        agent = Agent(STATE_DIM, cfg, IMAGES)
+        shifted = []
+        monkeypatch.setattr(hilserl, "random_shift", lambda x: shifted.append(networks.random_shift(x)) or shifted[-1])
+        b = image_batch()
+        b["next_obs"] = {k: v.clone() for k, v in b["obs"].items()}                  # the same frames in both
+        hilserl.learn(agent, hilserl.make_optimizers(agent, cfg), cfg, stacked(b, 1))
+        assert len(shifted) == 4                                                      # (obs, next_obs) x 2 cameras
+        assert not torch.equal(shifted[0], shifted[2])                                # obs's front, next_obs's front
+
+    def test_actor_reads_image_features_without_training_the_shared_encoder(self):
+        cfg = small_cfg(encoder="small")
+        agent = Agent(STATE_DIM, cfg, IMAGES)
+        opts = hilserl.make_optimizers(agent, cfg)
+        before = copy.deepcopy(agent.state_dict())
+        hilserl.actor_step(agent, opts["actor"], opts["temperature"], image_batch()["obs"], -2.0)
+        after = agent.state_dict()
+        changed = {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}
+        assert changed == {"actor", "log_alpha"}
+        assert agent.actor.net[0].in_features == 8 + 2 * 256                          # state latent + 2 cameras
+        hilserl.critic_step(agent, opts["critic"], image_batch(), None, cfg.discount, cfg.tau)
+        changed = {k.rsplit(".", 1)[0] for k in before if not torch.equal(before[k], agent.state_dict()[k])}
+        assert {"encoder.images.front.cnn.net.0", "encoder.images.wrist.proj.0", "grasp_critic.net.0"} <= changed
+
+    def test_backbone_runs_once_per_stored_frame_and_never_while_learning(self):
+        cfg = small_cfg(utd_ratio=4)
+        backbone, calls = counting_backbone()
+        example = {"state": np.zeros(STATE_DIM, np.float32), "front": np.zeros(IMAGES["front"], np.uint8)}
+        demo, online = buffer.ReplayBuffer(40, example, 4), buffer.ReplayBuffer(40, example, 4)
+        rng = np.random.default_rng(0)
+        frame = lambda t: {"state": np.full(STATE_DIM, t, np.float32), "front": rng.integers(0, 256, IMAGES["front"], np.uint8)}
+        for buf in (demo, online):
+            obs = frame(0)
+            for t in range(12):                                                        # two episodes of 6 steps
+                next_obs = frame(t + 1)
+                buf.add(obs, np.zeros(4, np.float32), 0.0, next_obs, t % 6 == 5, False, False)
+                obs = frame(t + 1) if t % 6 == 5 else next_obs
+        demo_features = hilserl.FrameFeatures(demo, backbone, torch.device("cpu"))   # loaded buffer: all at once
+        online = buffer.ReplayBuffer(40, example, 4)
+        online_features = hilserl.FrameFeatures(online, backbone, torch.device("cpu"))
+        calls.clear()
+        obs = frame(0)
+        for t in range(12):
+            next_obs = frame(t + 1)
+            online_features.add(online.add(obs, np.zeros(4, np.float32), 0.0, next_obs, t % 6 == 5, False, False))
+            obs = frame(t + 1) if t % 6 == 5 else next_obs
+        assert sum(calls) == 14                                                       # 2 episodes x (6 steps + 1 frame)
+        agent = Agent(STATE_DIM, cfg, {"front": IMAGES["front"]})
+        agent.backbone = backbone
+        optimizers = hilserl.make_optimizers(agent, cfg)
+        for seed in range(3):
+            batches = hilserl.control_step_batches(demo, online, cfg, np.random.default_rng(seed), torch.device("cpu"),
+                                                   demo_features, online_features)
+            hilserl.learn(agent, optimizers, cfg, batches)
+        assert sum(calls) == 14                                                       # updates read the cache only
+        slots = buffer.sample_batches(demo, online, cfg.utd_ratio, cfg.batch_size, np.random.default_rng(seed), False)["slot"][0]
+        frames = np.concatenate([demo.arrays["front"][(slots[:4] + 1) % 40], online.arrays["front"][(slots[4:] + 1) % 40]])
+        assert torch.allclose(batches["next_obs"]["front"][0].float(), backbone(torch.from_numpy(frames)), atol=1e-2, rtol=1e-2)
+
+    def test_classifier_learns_to_tell_a_lifted_cube_from_one_on_the_table(self):
+        cfg = small_cfg(hidden_dim=64)
+        resting, lifted = sim_frames(0.0, range(24)), sim_frames(0.08, range(24))   # random backbone weights
+        frames = {k: np.concatenate([resting[k], lifted[k]]) for k in resting}
+        labels = np.repeat([0.0, 1.0], 24).astype(np.float32)
+        held_out = np.arange(48) % 4 == 3                                             # cube places never trained on
+        torch.manual_seed(0)
+        model = networks.RewardClassifier(IMAGES, cfg)
+        features = {k: classifier.backbone_features(model.backbone, f, torch.device("cpu")) for k, f in frames.items()}
+        rng = np.random.default_rng(0)
+        classifier.fit_classifier(model, features, labels, np.flatnonzero(~held_out), 150, rng, batch_size=32)
+        assert classifier.precision_recall(model, features, labels, np.flatnonzero(held_out)) == (1.0, 1.0)
+
+    def test_pixels_only_on_the_sim_train_eval_and_classifier(self, tmp_path, monkeypatch, capsys):
+        """The whole pixel loop without privileged cube state: demos with frames, training on cached
+        ResNet-10 features (weights from a file the test makes), evaluation, the reward classifier."""
+        port_weights(tmp_path / "resnet10.safetensors")
+        demos, run, clf = tmp_path / "demos.npz", tmp_path / "run", tmp_path / "classifier.pt"
+        pixels = ["--use_images", "true", "--privileged_state", "false", "--image_size", "32",
+                  "--resnet_weights", str(tmp_path / "resnet10.safetensors"), "--demos", str(demos)]
+        small = ["--hidden_dim", "32", "--state_latent_dim", "16", "--image_latent_dim", "16", "--batch_size", "16",
+                 "--utd_ratio", "2", "--training_starts", "20", "--demo_episodes", "5", "--episode_steps", "30",
+                 "--replay_capacity", "1000", "--demo_capacity", "1000"]
+        monkeypatch.setattr("sys.argv", ["hilserl.py", "--run_dir", str(run), "--max_env_steps", "60", *pixels, *small])
+        hilserl.main()
+        rows = list(csv.DictReader(open(run / "log.csv")))
+        assert int(rows[-1]["env_steps"]) >= 60 and float(rows[-1]["loss/critic"]) >= 0
+        monkeypatch.setattr("sys.argv", ["hilserl.py", "--eval", str(run), "--eval_episodes", "1"])
+        hilserl.main()
+        with pytest.raises(SystemExit, match="demos.npz holds no labelled frames; record them with python teleop.py label"):
+            classifier.train_classifier(Config(frames=str(demos), classifier=str(clf)))
+        frames = str(tmp_path / "frames.npz")
+        held = 0
+        for _ in range(5):                                        # each call labels one more episode
+            held = teleop.label_frames(label_cfg(privileged_state=False), frames, success_frames=held + 1)
+        monkeypatch.setattr("sys.argv", ["classifier.py", "--frames", frames, "--classifier", str(clf),
+                                         "--classifier_steps", "5", *pixels, *small])
+        runpy.run_path("classifier.py", run_name="__main__")
+        out = capsys.readouterr().out
+        assert re.search(rf"{held} success frames of 200; held out 40 frames \(\d+ successes\): precision \d+%, recall \d+%", out)
+        cfg = Config(classifier=str(clf), image_latent_dim=16, hidden_dim=32, use_images=True, image_size=32,
+                     privileged_state=False)
+        arm, cameras, world = make_sim(cfg, seed=3)
+        with SO101Env(cfg, arm, cameras, world) as env:
+            env.classifier = lambda obs: True                                          # a classifier that always says yes
+            env.reset(seed=3)
+            assert env.step(np.zeros(4, np.float32))[2]                                # ends the episode as a success
+            env.classifier = classifier.load_classifier(cfg, torch.device("cpu")).success
+            assert isinstance(env.step(np.zeros(4, np.float32))[2], bool)
