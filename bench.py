@@ -1,18 +1,16 @@
 """Measurement, beside the spine: one control step's learning, and the robot's side of the loop.
 
-    python bench.py                  all four sections below
-    python bench.py update           state only: eager and compiled, against the floor and a plain reference
-    python bench.py images           two 128x128 cameras (the frozen ResNet-10 or --encoder small)
-    python bench.py bus              one bus round trip against the servo emulator, beside its wire time
-    python bench.py sim              the simulated SO-101's control steps per second
-Settings as everywhere (--device cuda, --utd_ratio 10, ...). Besides times, `update` prints two
-figures that hold on any device and predict a GPU's time from a CPU run: operator calls per
-control step (a GPU at this size waits on kernel launches, one or more per call) and the bytes
-Adam and the target update read and write (bound by memory bandwidth).
-This machine's speed can drift within seconds, so `update` runs 5 rounds, each measuring the
-matmul rate right before timing every learner, and reports the round with the median share.
+    python bench.py [update] [images] [bus] [sim]      all four sections, or those named
+update: state only, eager (hilserl.py) and compiled (fast.py), against the floor and a plain
+reference learner, in 5 rounds (this machine's speed drifts: each round measures the matmul rate
+right before timing, and the round with the median share of the floor is reported), with two
+figures that hold on any device: operator calls per control step (at this size a GPU waits on
+kernel launches) and the bytes Adam and the target update move (bound by memory bandwidth).
+images: the same with two cameras. bus: one round trip against the servo emulator. sim: control
+steps per second. Settings as everywhere: --device cuda, --utd_ratio 10, ...
 """
 
+import copy
 import math
 import sys
 import time
@@ -45,11 +43,7 @@ class ReferenceLearner:
         self.critics = [mlp(self.encoder.out_dim + EE_DIM, cfg.hidden_dim, 1).to(device) for _ in range(cfg.num_critics)]
         self.grasp_critic = GraspCritic(self.encoder.out_dim, cfg.hidden_dim).to(device)
         self.online = [self.encoder, *self.critics, self.grasp_critic]
-        self.targets = [Encoder(state_dim, cfg.state_latent_dim).to(device)] + \
-            [mlp(self.encoder.out_dim + EE_DIM, cfg.hidden_dim, 1).to(device) for _ in self.critics] + \
-            [GraspCritic(self.encoder.out_dim, cfg.hidden_dim).to(device)]
-        for target, online in zip(self.targets, self.online):
-            target.load_state_dict(online.state_dict())
+        self.targets = copy.deepcopy(self.online)
         self.log_alpha = torch.tensor(math.log(cfg.temperature_init), device=device, requires_grad=True)
         self.opts = [torch.optim.Adam(m.parameters(), lr=cfg.lr) for m in self.online + [self.actor]]
         self.temperature_opt = torch.optim.Adam([self.log_alpha], lr=cfg.lr)
@@ -195,34 +189,27 @@ def device_name(device):
     return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
 
 
-def learners(cfg, example, slots, rng, device):
-    """{name: one control step's learning} for the eager spine and fast.py's, on random buffers.
-
-    The spine is timed as hilserl.py runs it without --compile: before fast.Learner changes
-    the process (keep_freed_memory), which is why its rounds come first.
-    """
+def setup(cfg, example, slots, rng, device):
+    """An agent, its optimizers and random buffers shaped like `example`; batches() draws a control step's."""
     demo, online = random_buffers(example, slots, rng)
     agent = Agent(STATE_DIM, cfg, hilserl.image_shapes(example)).to(device)
     features = [hilserl.FrameFeatures(b, agent.backbone, device) for b in (demo, online)] if agent.backbone else [None] * 2
     for table in (t for f in features if f for t in f.table.values()):   # random features stand in for the backbone's
         table.normal_()
-    optimizers = hilserl.make_optimizers(agent, cfg)
-    batches = lambda: hilserl.control_step_batches(demo, online, cfg, rng, device, *features)
-    spine = lambda: hilserl.learn(agent, optimizers, cfg, batches())
-    compiled = lambda: fast.Learner(agent, optimizers, cfg, batches())   # built when first needed
-    return agent, demo, online, spine, compiled, batches
+    return agent, hilserl.make_optimizers(agent, cfg), demo, online, \
+        lambda: hilserl.control_step_batches(demo, online, cfg, rng, device, *features)
 
 
 def bench_update(cfg, device, rounds=5):
+    """The eager spine is timed first: fast.Learner changes the process (keep_freed_memory) and the agent."""
     rng = np.random.default_rng(cfg.seed)
-    agent, demo, online, spine, make_compiled, batches = learners(
-        cfg, {"state": np.zeros(STATE_DIM, np.float32)}, 20_000, rng, device)
+    agent, optimizers, demo, online, batches = setup(cfg, {"state": np.zeros(STATE_DIM, np.float32)}, 20_000, rng, device)
     reference = ReferenceLearner(STATE_DIM, cfg, device)
     flops = control_step_flops(STATE_DIM, cfg)
     print(f"update: {device_name(device)}; torch {torch.__version__}; utd_ratio {cfg.utd_ratio}, batch {cfg.batch_size}, "
           f"{cfg.num_critics} critics, hidden {cfg.hidden_dim}; one control step = {flops / 1e9:.2f} GFLOP of matmuls")
     print(f"  optimizer and target state read and written per control step: {state_bytes(agent, cfg) / 1e6:.1f} MB")
-    ref = lambda: reference.learn(demo, online, rng)
+    spine, ref = lambda: hilserl.learn(agent, optimizers, cfg, batches()), lambda: reference.learn(demo, online, rng)
 
     def median_round(fn):   # (share of the floor, matmul rate, seconds, reference seconds, all shares)
         rows = []
@@ -234,7 +221,7 @@ def bench_update(cfg, device, rounds=5):
 
     spine(), ref()
     calls, results = {"eager": operator_calls(spine)}, {"hilserl (eager)": median_round(spine)}
-    learner = make_compiled()
+    learner = fast.Learner(agent, optimizers, cfg, batches())
     compiled = lambda: learner(batches())
     compiled()
     calls["compiled"] = operator_calls(compiled)
@@ -247,18 +234,18 @@ def bench_update(cfg, device, rounds=5):
 
 
 def bench_images(cfg, device, slots=4_000):
-    """Two cameras. resnet10: the update reads cached features, filled here with random numbers (the
-    backbone's own cost per frame is timed apart, and what running it in every update would cost is derived)."""
-    rng = np.random.default_rng(cfg.seed)
-    size = cfg.image_size
-    example = {"state": np.zeros(STATE_DIM, np.float32), "front": np.zeros((size, size, 3), np.uint8),
-               "wrist": np.zeros((size, size, 3), np.uint8)}
-    agent, demo, _, spine, make_compiled, batches = learners(cfg, example, slots, rng, device)
+    """Two cameras. resnet10: the update reads cached features, here random numbers (the backbone's
+    cost per frame is timed apart, and what running it in every update would cost is derived)."""
+    rng, size = np.random.default_rng(cfg.seed), cfg.image_size
+    frame = np.zeros((size, size, 3), np.uint8)
+    agent, optimizers, demo, _, batches = setup(
+        cfg, {"state": np.zeros(STATE_DIM, np.float32), "front": frame, "wrist": frame}, slots, rng, device)
     print(f"images: {device_name(device)}; two {size}x{size} cameras, encoder {cfg.encoder}; "
           f"utd_ratio {cfg.utd_ratio}, batch {cfg.batch_size}")
+    spine = lambda: hilserl.learn(agent, optimizers, cfg, batches())
     spine()
     print(f"  hilserl (eager): {timed(spine, device) * 1e3:7.1f} ms per control step")
-    learner = make_compiled()
+    learner = fast.Learner(agent, optimizers, cfg, batches())
     print(f"  compiled (fast.py): {timed(lambda: learner(batches()), device) * 1e3:7.1f} ms per control step")
     if agent.backbone is not None:
         two = torch.from_numpy(demo.arrays["front"][:2]).to(device)

@@ -103,18 +103,13 @@ class Config:
 def _parse_value(name, text, default):
     """Convert one command-line value to the type of the field's default."""
     if isinstance(default, bool):
-        if text.lower() in ("1", "true", "yes", "on"):
-            return True
-        if text.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"--{name} expects true or false, got {text!r}")
-    for kind in (int, float, str):
-        if isinstance(default, kind):
-            try:
-                return kind(text)
-            except ValueError:
-                raise ValueError(f"--{name} expects {kind.__name__}, got {text!r}") from None
-    raise ValueError(f"--{name} cannot be set from the command line")
+        if text.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            raise ValueError(f"--{name} expects true or false, got {text!r}")
+        return text.lower() in ("1", "true", "yes", "on")
+    try:
+        return type(default)(text)
+    except ValueError:
+        raise ValueError(f"--{name} expects {type(default).__name__}, got {text!r}") from None
 
 
 def parse_overrides(args, cfg=None):
@@ -124,50 +119,41 @@ def parse_overrides(args, cfg=None):
     arguments. Raises ValueError with a one-line message for an unknown field or a bad value.
     """
     cfg = cfg or Config()
-    fields = {f.name: f for f in dataclasses.fields(cfg)}
-    leftover = []
-    i = 0
-    while i < len(args):
-        word = args[i]
+    fields = {f.name for f in dataclasses.fields(cfg)}
+    leftover, args = [], list(args)
+    while args:
+        word = args.pop(0)
         if not word.startswith("--"):
             leftover.append(word)
-            i += 1
             continue
         name, _, value = word[2:].partition("=")
         if name not in fields:
             close = [f for f in fields if name.split("_")[0] in f]
             hint = f" (did you mean --{close[0]}?)" if close else ""
             raise ValueError(f"unknown option --{name}{hint}; see config.py for every setting")
-        if not value and isinstance(getattr(cfg, name), bool) and (i + 1 >= len(args) or args[i + 1].startswith("--")):
+        if not value and isinstance(getattr(cfg, name), bool) and (not args or args[0].startswith("--")):
             value = "true"                # a bare boolean flag: --compile
         if not value:
-            if i + 1 >= len(args):
+            if not args:
                 raise ValueError(f"--{name} needs a value")
-            i += 1
-            value = args[i]
+            value = args.pop(0)
         setattr(cfg, name, _parse_value(name, value, getattr(cfg, name)))
-        i += 1
     return cfg, leftover
 
 
 def warnings_for(cfg, num_demo_episodes=None):
     """One line per setting that the lessons file found to break learning on a real SO-101."""
-    lines = []
-    if cfg.temperature_init > 0.05:
-        lines.append(f"warning: temperature_init {cfg.temperature_init} is far above hil-serl's 0.01; "
-                     "expect shaky exploration and wasted interventions")
-    if cfg.utd_ratio < 10:
-        lines.append(f"warning: utd_ratio {cfg.utd_ratio} is below 10; RLPD uses 20 and learning per "
-                     "sample will be slow")
-    if cfg.reward_step >= 0:
-        lines.append("warning: reward_step is not negative; with no step penalty the policy has no "
-                     "reason not to stall (HIL-SERL uses -0.05)")
-    if cfg.reward_success <= 1:
-        lines.append(f"warning: reward_success {cfg.reward_success} is weak next to the step penalty "
-                     "(HIL-SERL uses +10)")
-    if num_demo_episodes is not None and num_demo_episodes < 20:
-        lines.append(f"warning: only {num_demo_episodes} demo episodes; HIL-SERL uses 20-30")
-    return lines
+    checks = [
+        (cfg.temperature_init > 0.05, f"temperature_init {cfg.temperature_init} is far above hil-serl's 0.01; "
+                                      "expect shaky exploration and wasted interventions"),
+        (cfg.utd_ratio < 10, f"utd_ratio {cfg.utd_ratio} is below 10; RLPD uses 20 and learning per sample will be slow"),
+        (cfg.reward_step >= 0, "reward_step is not negative; with no step penalty the policy has no reason not to "
+                               "stall (HIL-SERL uses -0.05)"),
+        (cfg.reward_success <= 1, f"reward_success {cfg.reward_success} is weak next to the step penalty (HIL-SERL uses +10)"),
+        (num_demo_episodes is not None and num_demo_episodes < 20,
+         f"only {num_demo_episodes} demo episodes; HIL-SERL uses 20-30"),
+    ]
+    return [f"warning: {text}" for bad, text in checks if bad]
 
 
 def diagnose(rows, cfg):

@@ -139,10 +139,10 @@ def inverse_kinematics(q_rad, target_pos, iters=200, tol_m=1e-4, damping=0.02):
     return q
 
 
-def parse_workspace(text):
-    """cfg.workspace_m "x0,x1,y0,y1,z0,z1" -> (low (3,), high (3,)) in metres."""
+def parse_workspace(text, dims=3):
+    """cfg.workspace_m "x0,x1,y0,y1,z0,z1" (cfg.cube_area_m: dims=2) -> (low, high) in metres."""
     values = [float(v) for v in text.split(",")]
-    assert len(values) == 6, f"workspace_m needs 6 numbers x0,x1,y0,y1,z0,z1, got {text!r}"
+    assert len(values) == 2 * dims, f"expected {2 * dims} numbers x0,x1,y0,y1,.., got {text!r}"
     return np.array(values[0::2]), np.array(values[1::2])
 
 

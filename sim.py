@@ -13,13 +13,11 @@ cameras are simulated. One control step in the sim:
 
 Simulated time advances one control period per tick, independent of the wall clock, so training
 runs as fast as the machine allows. A ScriptedExpert stands in for the human: it records demos and
-takes over when the policy goes astray. Run `python sim.py snapshot
-docs/sim_cameras.png`, or `python sim.py view` (needs a display).
+takes over when the policy goes astray.
 """
 
 import ctypes.util
 import os
-import sys
 
 # MuJoCo picks its OpenGL backend at import: EGL renders without a display; OSMesa is the fallback.
 os.environ.setdefault("MUJOCO_GL", "egl" if ctypes.util.find_library("EGL") else "osmesa")
@@ -27,7 +25,6 @@ os.environ.setdefault("MUJOCO_GL", "egl" if ctypes.util.find_library("EGL") else
 import mujoco  # noqa: E402
 import numpy as np  # noqa: E402
 
-from config import load_config  # noqa: E402
 from robot import (HOME_RAD, IDS, JOINTS, SO101, SO101_CHAIN, TICKS_PER_RAD, TOOL_POS, TOOL_QUAT,  # noqa: E402
                    FeetechBus, ServoEmulator, SO101Env, chain_calibration, forward_kinematics,
                    parse_workspace, quat_to_rot)
@@ -152,9 +149,7 @@ class SimWorld:
         self.cube_geom = model.geom("cube").id
         self.pad_geoms = (model.geom("fixed_pad").id, model.geom("moving_pad").id)
         self.tool_site = model.site("tool").id
-        area = [float(x) for x in cfg.cube_area_m.split(",")]
-        assert len(area) == 4, f"cube_area_m needs 4 numbers x0,x1,y0,y1, got {cfg.cube_area_m!r}"
-        self.cube_low, self.cube_high = np.array(area[0::2]), np.array(area[1::2])
+        self.cube_low, self.cube_high = parse_workspace(cfg.cube_area_m, dims=2)
         self.rng = np.random.default_rng(seed)
         self.reset_scene(seed)
 
@@ -210,14 +205,11 @@ class SimWorld:
     def cube_pos(self):
         return self.data.qpos[self.cube_qpos:self.cube_qpos + 3].copy()
 
-    def tool_pos(self):
-        return self.data.site_xpos[self.tool_site].copy()
-
     def extra_state(self):
         """Privileged state for fast state-only training: cube position minus tool position (m)."""
         if not self.cfg.privileged_state:
             return np.zeros(0, np.float32)
-        return (self.cube_pos() - self.tool_pos()).astype(np.float32)
+        return (self.cube_pos() - self.data.site_xpos[self.tool_site]).astype(np.float32)
 
     def success(self):
         """Exactly from physics: both jaws touch the cube and its bottom is success_lift_m up."""
@@ -357,73 +349,3 @@ class ScriptedExpert:
         elif not self.in_control and len(self.history) > n and distance > self.history[-1 - n] - self.PROGRESS_M:
             self.in_control, self.takeover_phase = True, phase
         return self.in_control
-
-
-# ------------------------------------------------------------------------------------------------
-# Command line: snapshot PATH (front + wrist frames side by side),
-# view (the scripted expert in MuJoCo's viewer window; needs a display).
-def run_expert(cfg, seed, on_step=None, episodes=1):
-    """Scripted-expert episodes on the full stack (SO101Env over the emulated bus); returns successes."""
-    arm, cameras, world = make_sim(cfg, seed)
-    expert = ScriptedExpert(cfg, world, seed)
-    successes = 0
-    with SO101Env(cfg, arm, cameras, world) as env:
-        for episode in range(episodes):
-            obs, done = env.reset(seed + episode), False
-            expert.reset()
-            while not done:
-                obs, rew, terminated, truncated, info = env.step(expert.act(obs))
-                done = terminated or truncated or (on_step is not None and on_step(env, world) is False)
-            successes += info["success"]
-    return successes
-
-
-def snapshot(cfg, path):
-    """Save the front and wrist frames, side by side, as the expert's jaws close on the cube."""
-    import cv2  # noqa: PLC0415
-
-    frames = []
-
-    def grab(env, world):
-        if env.joints[5] < 0.5:  # gripper opening: the jaws are closing
-            frames.append(np.concatenate([env.cameras["front"].read(), env.cameras["wrist"].read()], axis=1))
-            return False
-
-    run_expert(cfg, cfg.seed, grab)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    cv2.imwrite(path, cv2.cvtColor(frames[0], cv2.COLOR_RGB2BGR))
-    print(f"wrote {path}")
-
-
-def view(cfg):
-    """The scripted expert, episode after episode, in MuJoCo's viewer at real time."""
-    import time  # noqa: PLC0415
-
-    import mujoco.viewer  # noqa: PLC0415
-
-    if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
-        raise SystemExit("view: no display here (DISPLAY unset); try python sim.py snapshot PNG instead")
-    window = {}
-
-    def show(env, world):
-        if "viewer" not in window:
-            window["viewer"] = mujoco.viewer.launch_passive(world.model, world.data)
-        window["viewer"].sync()
-        time.sleep(1.0 / cfg.control_hz)
-        return window["viewer"].is_running()
-
-    run_expert(cfg, cfg.seed, show, episodes=1000)
-
-
-def main():
-    cfg, words = load_config()
-    if words[:1] == ["snapshot"] and len(words) == 2:
-        snapshot(cfg, words[1])
-    elif words[:1] == ["view"]:
-        view(cfg)
-    else:
-        raise SystemExit("usage: python sim.py snapshot PATH.png | view   [--field value ...]")
-
-
-if __name__ == "__main__":
-    sys.exit(main())

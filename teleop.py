@@ -14,8 +14,7 @@ arm: left stick up = +x (away from the base), left stick left = +y, right stick 
 
 Commands: `python teleop.py record` records demos (cfg.demos, cfg.demo_episodes); `label` records
 camera frames labelled success or not for the reward classifier (cfg.frames, cfg.success_frames);
-`snapshot PNG` draws the operator's window offscreen; `pad` prints the numbers of a pad's sticks
-and buttons.
+`pad` prints the numbers of a pad's sticks and buttons.
 """
 
 import os
@@ -116,14 +115,7 @@ def pump():
     return {"quit"} if any(event.type == pygame.QUIT for event in pygame.event.get()) else set()
 
 
-class Device:
-    """An input device: read(obs) -> (act, held); reset() at the start of every episode."""
-
-    def reset(self):
-        pass   # only the scripted expert remembers anything between steps
-
-
-class Gamepad(Device):
+class Gamepad:
     """The first pygame joystick, read through its layout."""
 
     def __init__(self, cfg):
@@ -146,7 +138,7 @@ class Gamepad(Device):
         return act, held | quit_pressed
 
 
-class Keyboard(Device):
+class Keyboard:
     """The keys of KEYS, read from the operator's window (it must have the focus)."""
 
     def __init__(self, cfg):
@@ -161,7 +153,7 @@ class Keyboard(Device):
         return act, held | quit_pressed
 
 
-class Expert(Device):
+class Expert:
     """sim.py's scripted expert as the human: its action, and "intervene" held while it wants control."""
 
     def __init__(self, cfg, world, seed=None):
@@ -221,8 +213,9 @@ class Teleop:
         self.period_s, self.next_s = period_s, 0.0
 
     def reset(self):
-        """Call at every env.reset."""
-        self.device.reset()
+        """Call at every env.reset: the scripted expert forgets its history (other devices keep none)."""
+        if hasattr(self.device, "reset"):
+            self.device.reset()
 
     def read(self, obs):
         """The human's action whether or not they intervene -> (act, intervene held, new events)."""
@@ -313,11 +306,6 @@ class OperatorWindow:
             x, y = (150, size + 20) if row == 0 else (10, size + 30 + 26 * row)
             self.screen.blit(small.render(text, True, (230, 230, 230)), (x, y))
         pygame.display.flip()
-
-    def save(self, path):
-        """Write what the window shows to an image file (PNG by its extension)."""
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        pygame.image.save(self.screen, path)
 
 
 # --- building it -------------------------------------------------------------------------------------------
@@ -481,25 +469,6 @@ def label_frames(cfg, path, success_frames):
 
 
 # --- command line ------------------------------------------------------------------------------------------
-def snapshot(cfg, path, steps=60):
-    """The operator's window, drawn offscreen (SDL's dummy driver) over the sim, saved as a PNG."""
-    os.environ["SDL_VIDEODRIVER"] = "dummy"
-    cfg.use_images, cfg.port, cfg.teleop = True, "", "expert"
-    with make_env(cfg, cfg.seed) as env:
-        teleop, window = make_teleop(cfg, env), OperatorWindow(cfg, visible=True)
-        obs = env.reset()
-        for _ in range(steps):   # a policy that does nothing: the expert soon takes over
-            act, intervened, _ = teleop.poll(np.zeros(ACT_DIM, np.float32), obs)
-            obs, rew, terminated, truncated, info = env.step(act)
-            window.show(obs, intervened, rew)
-            if terminated or truncated:
-                window.end_episode(info["success"])
-                obs = env.reset()
-                teleop.reset()
-        window.save(path)
-    print(f"saved {path}")
-
-
 def show_pad():
     """Print the number of each button pressed and axis moved, for --gamepad_map. Ctrl-C stops."""
     start_pygame()
@@ -520,13 +489,11 @@ def main():
             print(f"{cfg.demos}: {record_demos(cfg, cfg.demos, cfg.demo_episodes)} episodes")
         elif words == ["label"]:
             print(f"{cfg.frames}: {label_frames(cfg, cfg.frames, cfg.success_frames)} success frames")
-        elif len(words) == 2 and words[0] == "snapshot":
-            snapshot(cfg, words[1])
         elif words == ["pad"]:
             show_pad()
         else:
             raise SystemExit("usage: python teleop.py record [--demos PATH --demo_episodes N --port PORT] "
-                             "| label [--frames PATH --success_frames N --port PORT] | snapshot PNG | pad")
+                             "| label [--frames PATH --success_frames N --port PORT] | pad")
     except (ValueError, OSError, EmergencyStop) as error:   # one line a user can act on
         raise SystemExit(f"error: {error}") from None
 

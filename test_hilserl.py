@@ -1470,7 +1470,7 @@ class TestTeleop:
         for human in (True, False, False, True):
             window.show({"state": np.zeros(9, np.float32), "front": frame, "wrist": frame}, human, -0.05)
         window.end_episode(success=True)
-        window.save(str(tmp_path / "window.png"))
+        pygame.image.save(window.screen, str(tmp_path / "window.png"))
         assert (tmp_path / "window.png").stat().st_size > 1000
         line = capsys.readouterr().out
         assert "episode    1" in line and "intervened  50%" in line and "success yes" in line
