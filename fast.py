@@ -1,18 +1,15 @@
 """hilserl.py's update made fast: the same functions, compiled, and on a GPU one CUDA graph a step.
 
 Place in the loop: with --compile, hilserl.py calls `Learner(batches)` where it would call
-`learn(agent, optimizers, cfg, batches)`. The Learner runs hilserl.learn itself, handing it two
-compiled functions, and is tested against it (same losses, same parameters after N steps).
-What makes it fast, each with its reason:
-  - one graph per critic update: the losses, their gradients, Adam and the target update, which
-    torch.compile (Inductor) fuses into a few kernels. `.backward()` would cut that graph in
-    two, so the gradients come from torch.func.grad, and Adam is written out below as ops the
-    compiler traces, on torch.optim.Adam's own state: a checkpoint is the same from either path;
-  - the actor's next-action draw for the whole control step, compiled;
-  - on a GPU, the whole control step (20 critic updates, one actor update) captured as one CUDA
-    graph: at this size a GPU waits on kernel launches, and a graph launches them all at once;
-  - on a CPU, glibc keeps freed memory (every activation at batch 256, width 256 is a block
-    that it would otherwise return to the OS and page-fault back in on the next update).
+`learn(agent, optimizers, cfg, batches)`; the Learner runs hilserl.learn with compiled forms of its
+three functions, and is tested against it. What makes it fast, and why:
+  - each critic update, and the actor update, is one graph that torch.compile fuses into a few
+    kernels: losses, gradients, Adam and the target update. `.backward()` would cut the graph,
+    so gradients come from torch.func.grad, and Adam is written out as traceable ops on
+    torch.optim.Adam's own state (a checkpoint is the same from either path);
+  - on a GPU, the whole control step (20 critic updates, one actor update) is captured as one
+    CUDA graph: at this size a GPU waits on kernel launches, and a graph launches them all at once;
+  - on a CPU: tanh as a sigmoid, glibc keeps freed memory, guards checked only while compiling.
 Compiling happens in the set-up, before the first episode.
 """
 
@@ -26,7 +23,8 @@ import hilserl
 
 
 def keep_freed_memory():
-    """Let glibc keep freed memory for reuse instead of returning it to the OS (Linux with glibc only)."""
+    """Let glibc keep freed memory for reuse instead of returning it to the OS (Linux with glibc only):
+    at batch 256 and width 256 every activation is a block it would return, then page-fault back in."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, 32 << 20)   # M_MMAP_THRESHOLD: blocks up to 32 MB come from the reusable heap
