@@ -147,6 +147,15 @@ def reference_critic_losses(agent, b, next_act, cfg):
     return a, critic_loss, grasp_loss
 
 
+def differentiated_reference(cfg):
+    """An agent, a batch, a' and the float64 reference (its gradients computed) and critic loss."""
+    agent, b = make_agent(cfg), random_batch()
+    next_act = torch.rand(8, EE_DIM) * 2 - 1
+    ref, critic_loss, grasp_loss = reference_critic_losses(agent, b, next_act, cfg)
+    (critic_loss + grasp_loss).backward()
+    return agent, b, next_act, ref, critic_loss
+
+
 def run_critic_step(agent, b, next_act, cfg):
     return hilserl.critic_step(agent, hilserl.make_optimizers(agent, cfg)["critic"], b, next_act, cfg.discount, cfg.tau)
 
@@ -234,10 +243,7 @@ class TestUpdate:
 
     def test_critic_gradients_match_float64_reference(self):
         cfg = small_cfg()
-        agent, b = make_agent(cfg), random_batch()
-        next_act = torch.rand(8, EE_DIM) * 2 - 1
-        ref, critic_loss, grasp_loss = reference_critic_losses(agent, b, next_act, cfg)
-        (critic_loss + grasp_loss).backward()
+        agent, b, next_act, ref, _ = differentiated_reference(cfg)
         losses = hilserl.critic_losses(agent, b, next_act, cfg.discount)
         (losses[0] + losses[1]).backward()                  # what critic_step differentiates
         assert list(agent.critic_params) == list(ref.critic_params)
@@ -294,10 +300,7 @@ class TestUpdate:
 
     def test_fast_critic_gradients_match_float64_reference(self):
         cfg = small_cfg()
-        agent, b = make_agent(cfg), random_batch()
-        next_act = torch.rand(8, EE_DIM) * 2 - 1
-        ref, critic_loss, grasp_loss = reference_critic_losses(agent, b, next_act, cfg)
-        (critic_loss + grasp_loss).backward()
+        agent, b, next_act, ref, critic_loss = differentiated_reference(cfg)
         compiled = torch.compile(torch.no_grad()(fast.gradients))                      # torch.func.grad, compiled
         grads, losses = compiled(fast.Losses(agent, hilserl.critic_losses), agent.critic_params, b, next_act, cfg.discount)
         assert math.isclose(losses[0].item(), critic_loss.item(), rel_tol=1e-5)
