@@ -780,7 +780,8 @@ class TestConfig:
 
 def make_bus(emulator=None, retries=2):
     emulator = emulator or ServoEmulator()
-    return emulator, FeetechBus(emulator, 1_000_000, retries=retries, latency_s=0.0)
+    # a real turnaround allowance: with none, a reply times out whenever the test is descheduled
+    return emulator, FeetechBus(emulator, 1_000_000, retries=retries, latency_s=0.02)
 
 
 def make_arm(max_step_rad=0.1):
