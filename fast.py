@@ -41,7 +41,7 @@ def check_compiler(device):
 
 class SigmoidTanh(torch.nn.Module):
     """tanh(x) = 2 sigmoid(2x) - 1, the same function: on a CPU, torch's tanh kernel and the one
-    Inductor generates are each about twice as slow as a sigmoid and two multiplies."""
+    Inductor generates are each slower than a sigmoid and two multiplies (figures in README)."""
 
     def forward(self, x):
         return torch.sigmoid(2 * x) * 2 - 1

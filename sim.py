@@ -100,7 +100,7 @@ def scene_xml(cfg):
   <!-- Grasping is reliable only with noslip, an elliptic cone and implicitfast (measured). -->
   <option timestep="{cfg.sim_timestep_s}" integrator="implicitfast" cone="elliptic" impratio="10"
           noslip_iterations="5"/>
-  <!-- No shadows, no multisampling: default rendering is about 5x slower on a software renderer. -->
+  <!-- No shadows, no multisampling: default rendering is several times slower on a software renderer. -->
   <visual><global offwidth="{cfg.image_size}" offheight="{cfg.image_size}"/>
           <quality shadowsize="0" offsamples="0"/></visual>
   <default>
