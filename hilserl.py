@@ -190,8 +190,7 @@ class FrameFeatures:
 
 
 def control_step_batches(demo, online, cfg, rng, device, demo_features=None, online_features=None):
-    """One control step's utd_ratio batches on the device, half demo, half online rows. With
-    FrameFeatures, their cached backbone features stand in for the frames."""
+    """One control step's utd_ratio batches on the device, half demo, half online rows (FrameFeatures: features for frames)."""
     cached = online_features is not None
     batches = to_device(sample_batches(demo, online, cfg.utd_ratio, cfg.batch_size, rng, not cached), device)
     if cached:
@@ -265,7 +264,6 @@ def start_run(cfg, obs, folder):
         print(f"{cfg.demos}: {demo.num_episodes} demo episodes, {len(demo)} transitions")
     for line in warnings_for(cfg, None if cfg.resume else demo.num_episodes):
         print(line)
-    # the frozen backbone's features, computed once per frame
     features = [FrameFeatures(b, agent.backbone, device) if agent.backbone is not None else None for b in (demo, online)]
     run = Run(cfg, folder, device, agent, optimizers, functools.partial(learn, agent, optimizers, cfg),
               demo, online, *features, progress, rows, np.random.default_rng(cfg.seed))
