@@ -87,6 +87,9 @@ def train_classifier(cfg):
 
 
 def load_classifier(cfg, device):
+    """The classifier in cfg.classifier, for an env whose observations hold its cameras' frames."""
+    if not cfg.use_images:
+        raise SystemExit(f"error: --classifier {cfg.classifier} judges camera frames; add --use_images true")
     saved = torch.load(cfg.classifier, map_location=device)
     classifier = RewardClassifier(saved["image_shapes"], cfg).to(device)
     classifier.load_state_dict(saved["classifier"])

@@ -100,6 +100,47 @@ class Config:
     demo_keep_failed: bool = False       # also keep demo episodes not marked successful (hil-serl keeps successes only)
 
 
+# What each setting must be, checked whenever settings are parsed: "OP BOUND", joined by "and".
+RANGES = {
+    "eval_episodes": ">= 1", "max_env_steps": ">= 0", "checkpoint_every": ">= 1", "diagnose_after_steps": ">= 0",
+    "utd_ratio": ">= 1", "batch_size": ">= 2", "discount": ">= 0 and <= 1", "tau": "> 0 and <= 1", "lr": "> 0",
+    "temperature_init": "> 0", "num_critics": ">= 1", "hidden_dim": ">= 1", "state_latent_dim": ">= 1",
+    "actor_std_min": "> 0", "actor_std_max": "> 0", "training_starts": ">= 1", "replay_capacity": ">= 2",
+    "demo_capacity": ">= 2", "image_latent_dim": ">= 1", "classifier_threshold": ">= 0 and <= 1",
+    "classifier_steps": ">= 1", "success_frames": ">= 1", "demo_episodes": ">= 1", "baudrate": "> 0",
+    "control_hz": "> 0", "episode_steps": ">= 1", "ee_step_m": "> 0", "image_size": ">= 32",
+    "max_joint_step_rad": "> 0", "read_retries": ">= 0", "bus_latency_s": ">= 0", "cube_size_m": "> 0",
+    "success_lift_m": "> 0", "sim_timestep_s": "> 0", "expert_noise": ">= 0", "expert_patience": ">= 1",
+    "dead_zone": ">= 0 and < 1", "teleop_speed": "> 0 and <= 1",
+}
+CHOICES = {"encoder": ("resnet10", "small"), "teleop": ("auto", "gamepad", "keyboard", "leader", "expert"),
+           "gamepad_layout": ("auto", "xbox", "playstation")}
+BOXES = {"workspace_m": "x0,x1,y0,y1,z0,z1", "cube_area_m": "x0,x1,y0,y1"}   # each low < its high
+
+
+def check(cfg):
+    """Raise ValueError naming the first setting outside what it may be, its value and what is allowed."""
+    compare = {">": float.__gt__, ">=": float.__ge__, "<": float.__lt__, "<=": float.__le__}
+    for name, rule in RANGES.items():
+        value = getattr(cfg, name)
+        if not all(compare[op](float(value), float(bound)) for op, bound in (part.split() for part in rule.split(" and "))):
+            raise ValueError(f"--{name} {value}: must be {rule}")
+    for name, allowed in CHOICES.items():
+        if getattr(cfg, name) not in allowed:
+            raise ValueError(f"--{name} {getattr(cfg, name)!r}: must be one of {', '.join(allowed)}")
+    for name, layout in BOXES.items():
+        try:
+            values = [float(v) for v in getattr(cfg, name).split(",")]
+        except ValueError:
+            values = []
+        if len(values) != len(layout.split(",")) or any(lo >= hi for lo, hi in zip(values[0::2], values[1::2])):
+            raise ValueError(f"--{name} {getattr(cfg, name)!r}: must be {layout} in metres, each low below its high")
+    if cfg.batch_size % 2:
+        raise ValueError(f"--batch_size {cfg.batch_size}: must be even (half demo, half online)")
+    if cfg.actor_std_min > cfg.actor_std_max:
+        raise ValueError(f"--actor_std_min {cfg.actor_std_min}: must be at most --actor_std_max {cfg.actor_std_max}")
+
+
 def _parse_value(name, text, default):
     """Convert one command-line value to the type of the field's default."""
     if isinstance(default, bool):
@@ -170,9 +211,11 @@ def diagnose(rows, cfg):
 
 
 def load_config(args=None, cfg=None):
-    """Parse sys.argv (or `args`) onto cfg; on a bad option print one line and exit with status 2."""
+    """Parse sys.argv (or `args`) onto cfg and check it; on a bad option or value print one line and exit with status 2."""
     try:
-        return parse_overrides(sys.argv[1:] if args is None else args, cfg)
+        cfg, words = parse_overrides(sys.argv[1:] if args is None else args, cfg)
+        check(cfg)
+        return cfg, words
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2)

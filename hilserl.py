@@ -206,8 +206,7 @@ def control_step_batches(demo, online, cfg, rng, device, demo_features=None, onl
 
 # --- the loop -----------------------------------------------------------------------------------
 def image_shapes(obs):
-    """{camera: (H, W, 3)} of the frames in an observation; empty without cameras."""
-    return {k: v.shape for k, v in obs.items() if v.dtype == np.uint8}
+    return {k: v.shape for k, v in obs.items() if v.dtype == np.uint8}   # {camera: (H, W, 3)}; {} without cameras
 
 
 def obs_to_tensors(obs, device):
@@ -326,8 +325,7 @@ def end_episode(run, row, window):
     run.rows.append(row)
     write_log(run.folder / "log.csv", run.rows)
     window.end_episode(row["success"], f"  |  {row['env_steps']} steps, {row['updates_per_s']:.0f} updates/s")
-    hint = diagnose(run.rows, run.cfg)
-    if hint and row["episode"] % 20 == 0:
+    if row["episode"] % 20 == 0 and (hint := diagnose(run.rows, run.cfg)):
         print("diagnosis: " + hint)
     if row["episode"] % run.cfg.checkpoint_every == 0:
         save_checkpoint(run)
@@ -337,6 +335,7 @@ def end_episode(run, row, window):
 def train(cfg, env, teleop, folder):
     obs = env.reset(seed=cfg.seed)
     run = start_run(cfg, obs, folder)
+    (folder / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))   # once everything loaded
     window = OperatorWindow(cfg)    # drawn where there is a display; prints a line per episode anyway
     window.episode = run.progress["episode"] + 1
     try:
@@ -393,7 +392,11 @@ def load_checkpoint(folder, agent, optimizers=None):
     if not path.exists():
         raise SystemExit(f"error: {path} does not exist; is {folder} a run folder of hilserl.py?")
     state = torch.load(path, map_location=next(agent.parameters()).device)
-    agent.load_state_dict(state["agent"])
+    try:
+        agent.load_state_dict(state["agent"])
+    except RuntimeError as error:   # other network sizes, cameras or state than this run's
+        raise SystemExit(f"error: {path} does not fit the network these settings make ({str(error).splitlines()[-1].strip()}); "
+                         f"resume and evaluate with the settings in {folder / 'config.json'}") from None
     for name, optimizer in (optimizers or {}).items():
         saved = state["optimizers"][name] if "optimizers" in state else state["opts"][name]
         try:
@@ -426,6 +429,7 @@ def run_config(args):
         known = {f.name for f in dataclasses.fields(Config)}    # settings a newer version dropped are ignored
         saved = {k: v for k, v in saved.items() if k in known}
         cfg, _ = load_config(args, Config(**{**saved, "resume": cfg.resume, "eval": cfg.eval}))
+    pick_device(cfg)   # a device that is not there: one line now, not a traceback later
     return cfg
 
 
@@ -454,8 +458,7 @@ def plot_runs(folders, out_path):
             values = np.array([float(r.get(key) or "nan") for r in rows])
             smooth = [np.nanmean(values[max(0, i - 19):i + 1]) for i in range(len(values))] if key in ("success", "intervention_rate") else values
             ax.plot(steps, smooth, label=pathlib.Path(folder).name)
-            ax.set_title(title)
-            ax.set_xlabel("environment steps")
+            ax.set(title=title, xlabel="environment steps")
     axes.flat[0].legend()
     fig.tight_layout()
     fig.savefig(f"{out_path}.tmp.png")
@@ -471,18 +474,17 @@ def main():
     if cfg.eval:
         with make_env(cfg, cfg.seed + 10_000) as env:    # other cube positions than in training
             return evaluate(cfg, env, pathlib.Path(cfg.eval))
+    folder = pathlib.Path(cfg.resume or cfg.run_dir or time.strftime("runs/%Y%m%d-%H%M%S"))
+    if not cfg.resume and folder.exists() and any(folder.iterdir()):   # never write over a run
+        raise SystemExit(f"error: {folder} already holds a run; continue it with --resume {folder} or pick another --run_dir")
     if not cfg.resume and not os.path.exists(cfg.demos):
         if cfg.port:
             raise SystemExit(f"error: {cfg.demos} does not exist; record demos first: "
                              f"python teleop.py record --port {cfg.port} --demos {cfg.demos}")
         print(f"{cfg.demos} does not exist: the scripted expert records {cfg.demo_episodes} demo episodes first")
         record_demos(cfg, cfg.demos, cfg.demo_episodes)
-    folder = pathlib.Path(cfg.resume or cfg.run_dir or time.strftime("runs/%Y%m%d-%H%M%S"))
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
     print(f"run folder: {folder}")
-    if cfg.classifier and not cfg.use_images:
-        raise SystemExit("error: --classifier judges camera frames; add --use_images true")
     try:
         with make_env(cfg, cfg.seed) as env:   # SAFETY: torque off however the run ends
             if cfg.classifier:

@@ -42,9 +42,12 @@ GRIPPER_CLASSES = 3  # the grasp critic's classes: close, stay, open (hil-serl's
 
 
 def pick_device(cfg):
-    """cfg.device, where "auto" is the GPU when there is one."""
+    """cfg.device, where "auto" is the GPU when there is one; one line when it is not there."""
     if cfg.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.device.split(":")[0] not in ("cpu", "cuda") or (cfg.device != "cpu" and not torch.cuda.is_available()):
+        raise SystemExit(f"error: --device {cfg.device!r}: not here; use auto, cpu or cuda (torch sees "
+                         f"{torch.cuda.device_count()} CUDA GPUs)")
     return torch.device(cfg.device)
 
 
@@ -342,7 +345,6 @@ class Agent(nn.Module):
         image_shapes = image_shapes or {}
         self.backbone = ResNet10() if image_shapes and cfg.encoder == "resnet10" else None
         self.augment = bool(image_shapes) and cfg.encoder == "small"
-        assert cfg.encoder in ("resnet10", "small"), f"--encoder {cfg.encoder!r}: expected resnet10 or small"
         self.actor = Actor(state_dim, EE_DIM, cfg, len(image_shapes) * cfg.image_latent_dim)
         self.encoder = Encoder(state_dim, cfg.state_latent_dim, image_shapes, cfg, self.backbone)
         self.critic = CriticEnsemble(cfg.num_critics, self.encoder.out_dim + EE_DIM, cfg.hidden_dim)

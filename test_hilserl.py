@@ -18,6 +18,7 @@ os.environ["SDL_AUDIODRIVER"] = "dummy"
 
 import copy  # noqa: E402
 import csv  # noqa: E402
+import dataclasses  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import re  # noqa: E402
@@ -734,6 +735,29 @@ class TestRunFolder:
         assert hilserl.load_checkpoint(tmp_path, make_agent(cfg)) == {}   # evaluating needs the agent only
 
 
+    def test_an_existing_run_folder_is_refused_before_anything_is_written(self, tmp_path, monkeypatch):
+        (tmp_path / "run").mkdir()
+        (tmp_path / "run" / "log.csv").write_text("episode\n1\n")
+        monkeypatch.setattr("sys.argv", ["hilserl.py", "--run_dir", str(tmp_path / "run"), "--demos", str(tmp_path / "d.npz")])
+        with pytest.raises(SystemExit, match="already holds a run; continue it with --resume .*run or pick another --run_dir"):
+            hilserl.main()
+        assert sorted(p.name for p in tmp_path.rglob("*")) == ["log.csv", "run"]     # no demos recorded, nothing written
+
+    def test_a_resume_that_does_not_fit_is_one_line_and_changes_nothing(self, tmp_path, monkeypatch):
+        cfg = Config(hidden_dim=32, state_latent_dim=16)
+        torch.save({"agent": Agent(12, cfg).state_dict(), "optimizers": {}, "progress": {}}, tmp_path / "checkpoint.pt")
+        (tmp_path / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
+        before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+        monkeypatch.setattr("sys.argv", ["hilserl.py", "--resume", str(tmp_path), "--hidden_dim", "64"])
+        with pytest.raises(SystemExit, match="checkpoint.pt does not fit the network these settings make .*size mismatch"):
+            hilserl.main()
+        assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+    def test_a_classifier_without_camera_frames_is_one_line(self):
+        with pytest.raises(SystemExit, match="--classifier c.pt judges camera frames; add --use_images true"):
+            classifier.load_classifier(Config(classifier="c.pt"), torch.device("cpu"))
+
+
 # =================================================================================================
 # TestConfig: config.py: typed overrides, one-line errors, the lessons' warnings and diagnosis.
 # =================================================================================================
@@ -750,12 +774,32 @@ class TestConfig:
         (["--utd_ratoi", "3"], "unknown option --utd_ratoi"),
         (["--utd_ratio", "ten"], "--utd_ratio expects int, got 'ten'"),
         (["--discount"], "--discount needs a value"),
+        (["--utd_ratio", "0"], "--utd_ratio 0: must be >= 1"),
+        (["--batch_size", "0"], "--batch_size 0: must be >= 2"),
+        (["--batch_size", "7"], "--batch_size 7: must be even"),
+        (["--control_hz", "0"], "--control_hz 0.0: must be > 0"),
+        (["--episode_steps", "-1"], "--episode_steps -1: must be >= 1"),
+        (["--max_joint_step_rad", "-0.1"], "--max_joint_step_rad -0.1: must be > 0"),
+        (["--lr", "nan"], "--lr nan: must be > 0"),
+        (["--discount", "1.5"], "--discount 1.5: must be >= 0 and <= 1"),
+        (["--workspace_m", "0.3,0.15,-0.1,0.1,0.0,0.1"], "--workspace_m '0.3,0.15,-0.1,0.1,0.0,0.1': must be x0,x1,y0,y1,z0,z1"),
+        (["--workspace_m", "0.1,0.2"], "each low below its high"),
+        (["--cube_area_m", "a,b,c,d"], "--cube_area_m 'a,b,c,d': must be x0,x1,y0,y1"),
+        (["--encoder", "big"], "--encoder 'big': must be one of resnet10, small"),
+        (["--actor_std_min", "6"], "--actor_std_min 6.0: must be at most --actor_std_max 5.0"),
     ])
     def test_bad_options_are_one_line_errors(self, args, message, capsys):
         with pytest.raises(SystemExit) as exit_info:
             config.load_config(args)
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and message in err and err.count("\n") == 1
+
+    def test_a_device_that_is_not_there_is_one_line(self, monkeypatch):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        for device in ("cuda", "tpu"):
+            with pytest.raises(SystemExit, match=f"--device '{device}': not here; use auto, cpu or cuda"):
+                hilserl.run_config(["--device", device])
+        assert hilserl.run_config(["--device", "cpu"]).device == "cpu"
 
     def test_lessons_warnings(self):
         assert config.warnings_for(config.Config(), num_demo_episodes=20) == []
