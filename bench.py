@@ -78,7 +78,7 @@ class ReferenceLearner:
             self.opts[-1].zero_grad()
             actor_loss.backward()
             self.opts[-1].step()
-            temperature_loss = self.log_alpha.exp() * (-log_prob.detach().mean() - hilserl.target_entropy())
+            temperature_loss = self.log_alpha.exp() * (-log_prob.detach().mean() - hilserl.TARGET_ENTROPY)
             self.temperature_opt.zero_grad()
             temperature_loss.backward()
             self.temperature_opt.step()

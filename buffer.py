@@ -15,6 +15,7 @@ bootstraps from the first frame of the next one.
 
 import os
 import tempfile
+import zipfile
 
 import numpy as np
 
@@ -112,28 +113,29 @@ class ReplayBuffer:
 
     def load(self, path):
         """Replace the contents with a file written by `save`, checking every key, shape and dtype."""
-        try:
-            data = np.load(path)
-        except (OSError, ValueError) as error:
-            raise ValueError(f"{path}: not a readable .npz replay file ({error})") from None
-        with data:
-            missing = sorted(set(self.arrays) - set(data.files))
-            if missing:
-                raise ValueError(f"{path}: missing key '{missing[0]}'; expected keys {sorted(self.arrays)}")
-            n = len(data["valid"])
-            if n > self.capacity:
-                raise ValueError(f"{path}: holds {n} slots but the buffer has {self.capacity}; "
-                                 "raise --replay_capacity or --demo_capacity")
-            loaded = {}
-            for key, mine in self.arrays.items():
-                theirs = data[key]
-                if theirs.shape[1:] != mine.shape[1:] or theirs.dtype != mine.dtype or len(theirs) != n:
-                    raise ValueError(f"{path}: key '{key}' is {theirs.dtype}{list(theirs.shape)}, expected "
-                                     f"{mine.dtype}{[n, *mine.shape[1:]]} (recorded with other cameras, "
-                                     "image size or state?)")
-                loaded[key] = theirs
-        for key, values in loaded.items():
-            self.arrays[key][:n] = values
+        try:   # no Python objects: a file of someone else's is data, never code
+            with np.load(path) as data:
+                loaded = {k: data[k] for k in data.files}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+            raise ValueError(f"{path}: not a readable .npz replay file (missing, truncated, corrupt or holding "
+                             "Python objects); record it again or restore a copy") from None
+        missing = sorted(set(self.arrays) - set(loaded))
+        if missing:
+            raise ValueError(f"{path}: missing key '{missing[0]}'; expected keys {sorted(self.arrays)}")
+        n = len(loaded["valid"])
+        if n > self.capacity:
+            raise ValueError(f"{path}: holds {n} slots but the buffer has {self.capacity}; "
+                             "raise --replay_capacity or --demo_capacity")
+        for key, mine in self.arrays.items():
+            theirs = loaded[key]
+            if theirs.shape[1:] != mine.shape[1:] or theirs.dtype != mine.dtype or len(theirs) != n:
+                raise ValueError(f"{path}: key '{key}' is {theirs.dtype}{list(theirs.shape)}, expected "
+                                 f"{mine.dtype}{[n, *mine.shape[1:]]} (recorded with other cameras, "
+                                 "image size or state?)")
+            if theirs.dtype == np.float32 and not np.isfinite(theirs).all():   # NaN would poison every update
+                raise ValueError(f"{path}: key '{key}' holds NaN or infinite values; record it again or restore a copy")
+        for key in self.arrays:
+            self.arrays[key][:n] = loaded[key]
         self.arrays["valid"][n:] = False
         self.size, self.cursor, self.frame_pending = n, n % self.capacity, False
 

@@ -20,6 +20,7 @@ import functools
 import json
 import os
 import pathlib
+import pickle
 import sys
 import time
 
@@ -34,9 +35,7 @@ from robot import ACT_DIM, EE_DIM, BusError, ServoError
 from teleop import EmergencyStop, OperatorWindow, make_env, make_teleop, record_demos, wait_for_start
 
 
-def target_entropy():
-    """-|A|/2 with the gripper counted as one action dimension (hil-serl's hybrid agent): -2."""
-    return -ACT_DIM / 2
+TARGET_ENTROPY = -ACT_DIM / 2   # -|A|/2, the gripper counted as one action dimension (hil-serl's hybrid agent): -2
 
 
 def make_optimizers(agent, cfg):
@@ -121,9 +120,8 @@ def learn(agent, optimizers, cfg, batches, critic_update=critic_step, actor_upda
           draw_next_actions=next_actions):
     """A whole control step's learning: utd_ratio critic updates, then one actor update (RLPD).
 
-    batches: tensors on the agent's device shaped (utd_ratio, B, ...), from `control_step_batches`.
-    Returns detached tensors; nothing here waits for the GPU (no .item()). fast.py passes compiled
-    forms of the three functions.
+    batches: tensors shaped (utd_ratio, B, ...) on the agent's device. Returns detached tensors;
+    nothing here waits for the GPU (no .item()). fast.py passes compiled forms of the three functions.
     """
     if agent.augment:   # DrQ: every frame of obs and of next_obs shifted on its own
         batches = {**batches, **{group: {k: random_shift(v) if k in agent.encoder.images else v
@@ -136,7 +134,7 @@ def learn(agent, optimizers, cfg, batches, critic_update=critic_step, actor_upda
         batch = index_batch(batches, i)
         stats = critic_update(agent, optimizers["critic"], batch, None if next_act is None else next_act[i],
                               cfg.discount, cfg.tau)
-    return {**stats, **actor_update(agent, optimizers["actor"], optimizers["temperature"], batch["obs"], target_entropy())}
+    return {**stats, **actor_update(agent, optimizers["actor"], optimizers["temperature"], batch["obs"], TARGET_ENTROPY)}
 
 
 # --- a control step's batches -------------------------------------------------------------------
@@ -245,22 +243,22 @@ def start_run(cfg, obs, folder):
     agent = Agent(len(obs["state"]), cfg, image_shapes(obs)).to(device)
     optimizers = make_optimizers(agent, cfg)
     progress, rows = {"episode": 0, "env_steps": 0, "updates": 0}, []
-    if cfg.resume:
-        progress = load_checkpoint(folder, agent, optimizers)
-        online.load(folder / "online.npz")
-        demo.load(folder / "demo.npz")
-        if (folder / "log.csv").exists():
-            rows = [{k: int(v) if v.lstrip("-").isdigit() else float(v) for k, v in r.items() if v}
-                    for r in csv.DictReader(open(folder / "log.csv"))]
-        print(f"resumed {folder} at episode {progress['episode']}, {progress['env_steps']} steps")
-    else:
-        if agent.backbone is not None:
-            load_resnet10(agent.backbone, resnet10_weights(cfg))
-        try:
+    try:   # a missing, corrupt or mismatched file: one line that names it
+        if cfg.resume:
+            progress = load_checkpoint(folder, agent, optimizers)
+            online.load(folder / "online.npz")
+            demo.load(folder / "demo.npz")
+            if (folder / "log.csv").exists():
+                rows = [{k: int(v) if v.lstrip("-").isdigit() else float(v) for k, v in r.items() if v}
+                        for r in csv.DictReader(open(folder / "log.csv"))]
+            print(f"resumed {folder} at episode {progress['episode']}, {progress['env_steps']} steps")
+        else:
+            if agent.backbone is not None:
+                load_resnet10(agent.backbone, resnet10_weights(cfg))
             demo.load(cfg.demos)
-        except ValueError as error:   # a file from other cameras, image size or state: one line, no traceback
-            raise SystemExit(f"error: {error}") from None
-        print(f"{cfg.demos}: {demo.num_episodes} demo episodes, {len(demo)} transitions")
+            print(f"{cfg.demos}: {demo.num_episodes} demo episodes, {len(demo)} transitions")
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
     for line in warnings_for(cfg, None if cfg.resume else demo.num_episodes):
         print(line)
     features = [FrameFeatures(b, agent.backbone, device) if agent.backbone is not None else None for b in (demo, online)]
@@ -361,7 +359,7 @@ def evaluate(cfg, env, folder):
     obs = env.reset(seed=cfg.seed + 10_000)               # other cube positions than in training
     agent = Agent(len(obs["state"]), cfg, image_shapes(obs)).to(device)
     load_checkpoint(folder, agent)
-    successes, lengths = [], []
+    episodes = []   # (success, length)
     for episode in range(cfg.eval_episodes):
         obs = env.reset() if episode else obs
         for length in range(1, cfg.episode_steps + 1):
@@ -369,11 +367,10 @@ def evaluate(cfg, env, folder):
             obs, _, terminated, truncated, _ = env.step(act)
             if terminated or truncated:
                 break
-        successes.append(terminated)
-        lengths.append(length)
-    print(f"eval {folder}: success {np.mean(successes):.0%} over {cfg.eval_episodes} episodes, "
-          f"mean length {np.mean(lengths):.1f} steps")
-    return float(np.mean(successes)), float(np.mean(lengths))
+        episodes.append((terminated, length))
+    success, length = np.mean(episodes, axis=0)
+    print(f"eval {folder}: success {success:.0%} over {cfg.eval_episodes} episodes, mean length {length:.1f} steps")
+    return float(success), float(length)
 
 
 # --- the run folder: config.json, checkpoint.pt with both buffers, log.csv, curves.png ------------
@@ -381,9 +378,8 @@ def save_checkpoint(run):
     """Buffers first, then the agent: a stop in between loses at most the current episode."""
     run.online.save(run.folder / "online.npz")
     run.demo.save(run.folder / "demo.npz")
-    state = {"agent": run.agent.state_dict(), "progress": run.progress,
-             "optimizers": {k: o.state_dict() for k, o in run.optimizers.items()}}
-    torch.save(state, run.folder / "checkpoint.pt.tmp")
+    torch.save({"agent": run.agent.state_dict(), "progress": run.progress,
+                "optimizers": {k: o.state_dict() for k, o in run.optimizers.items()}}, run.folder / "checkpoint.pt.tmp")
     os.replace(run.folder / "checkpoint.pt.tmp", run.folder / "checkpoint.pt")     # atomic
 
 
@@ -391,7 +387,10 @@ def load_checkpoint(folder, agent, optimizers=None):
     path = folder / "checkpoint.pt"
     if not path.exists():
         raise SystemExit(f"error: {path} does not exist; is {folder} a run folder of hilserl.py?")
-    state = torch.load(path, map_location=next(agent.parameters()).device)
+    try:   # weights only, as torch does by default: never unpickle what this project did not write
+        state = torch.load(path, map_location=next(agent.parameters()).device)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError):
+        raise SystemExit(f"error: {path}: not a readable checkpoint (truncated, corrupt or not written by hilserl.py)") from None
     try:
         agent.load_state_dict(state["agent"])
     except RuntimeError as error:   # other network sizes, cameras or state than this run's

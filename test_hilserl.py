@@ -364,7 +364,7 @@ class TestUpdate:
         agent, b = make_agent(cfg), random_batch()
         ref = copy.deepcopy(agent).double()
         torch.manual_seed(3)
-        actor_loss, _, _ = hilserl.actor_losses(agent, b["obs"], hilserl.target_entropy())
+        actor_loss, _, _ = hilserl.actor_losses(agent, b["obs"], hilserl.TARGET_ENTROPY)
         grads = torch.autograd.grad(actor_loss, list(agent.actor.parameters()))
         obs = double(b["obs"])
         h = ref_encoder(ref.actor.encoder, obs)
@@ -386,7 +386,7 @@ class TestUpdate:
         agent = make_agent(cfg)
         opts = hilserl.make_optimizers(agent, cfg)
         before = copy.deepcopy(agent.state_dict())
-        hilserl.actor_step(agent, opts["actor"], opts["temperature"], random_batch()["obs"], hilserl.target_entropy())
+        hilserl.actor_step(agent, opts["actor"], opts["temperature"], random_batch()["obs"], hilserl.TARGET_ENTROPY)
         changed = {k.split(".")[0] for k, v in agent.state_dict().items() if not torch.equal(before[k], v)}
         assert changed == {"actor", "log_alpha"}
 
@@ -412,7 +412,7 @@ class TestUpdate:
         assert (alpha_after < alpha_before) if alpha_should == "fall" else (alpha_after > alpha_before)
 
     def test_target_entropy_is_minus_half_the_action_dimension(self):
-        assert hilserl.target_entropy() == -2.0    # 3 EE dims + 1 gripper
+        assert hilserl.TARGET_ENTROPY == -2.0    # 3 EE dims + 1 gripper
 
     def test_learn_does_utd_critic_updates_then_one_actor_update(self):
         cfg = small_cfg(utd_ratio=5)
@@ -592,6 +592,22 @@ class TestBuffer:
         with pytest.raises(ValueError, match="raise --replay_capacity"):
             buffer.ReplayBuffer(8, frame_obs(0), 4).load(tmp_path / "big.npz")
 
+    def test_truncated_nan_or_pickled_files_are_one_line_that_never_advises_unpickling(self, tmp_path):
+        buf = buffer.ReplayBuffer(30, frame_obs(0), 4)
+        fill(buf, 20, 5)
+        buf.save(tmp_path / "good.npz")
+        data = (tmp_path / "good.npz").read_bytes()
+        (tmp_path / "truncated.npz").write_bytes(data[:len(data) // 2])
+        arrays = dict(np.load(tmp_path / "good.npz"))
+        arrays["rew"][3] = np.nan
+        np.savez(tmp_path / "nan.npz", **arrays)
+        np.savez(tmp_path / "pickled.npz", **{**arrays, "act": np.array([{"code": 1}] * len(arrays["act"]))})
+        for name, message in [("truncated", "not a readable .npz replay file"), ("nan", "key 'rew' holds NaN"),
+                              ("pickled", "not a readable .npz replay file"), ("missing", "not a readable .npz")]:
+            with pytest.raises(ValueError, match=f"{name}.npz: {message}") as error:
+                buffer.ReplayBuffer(30, frame_obs(0), 4).load(tmp_path / f"{name}.npz")
+            assert "allow_pickle" not in str(error.value) and "\n" not in str(error.value)
+
     def test_images_are_stored_once_per_frame(self):
         obs = {"state": np.zeros(12, np.float32), "front": np.zeros((128, 128, 3), np.uint8),
                "wrist": np.zeros((128, 128, 3), np.uint8)}
@@ -752,6 +768,19 @@ class TestRunFolder:
         with pytest.raises(SystemExit, match="checkpoint.pt does not fit the network these settings make .*size mismatch"):
             hilserl.main()
         assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+    def test_a_truncated_or_foreign_checkpoint_is_one_line_that_never_advises_unpickling(self, tmp_path):
+        cfg = small_cfg()
+        agent, optimizers = trained(cfg)
+        hilserl.save_checkpoint(checkpoint_run(cfg, tmp_path, agent, optimizers))
+        data = (tmp_path / "checkpoint.pt").read_bytes()
+        (tmp_path / "checkpoint.pt").write_bytes(data[:len(data) // 2])
+        with pytest.raises(SystemExit, match="checkpoint.pt: not a readable checkpoint") as error:
+            hilserl.load_checkpoint(tmp_path, make_agent(cfg))
+        torch.save({"agent": agent.state_dict(), "code": Config()}, tmp_path / "checkpoint.pt")   # an object to unpickle
+        with pytest.raises(SystemExit, match="checkpoint.pt: not a readable checkpoint") as foreign:
+            hilserl.load_checkpoint(tmp_path, make_agent(cfg))
+        assert "weights_only" not in str(error.value) + str(foreign.value)
 
     def test_a_classifier_without_camera_frames_is_one_line(self):
         with pytest.raises(SystemExit, match="--classifier c.pt judges camera frames; add --use_images true"):
