@@ -10,6 +10,8 @@ Any field can be overridden on the command line: `python hilserl.py --utd_ratio 
 """
 
 import dataclasses
+import json
+import os
 import sys
 
 
@@ -220,3 +222,24 @@ def load_config(args=None, cfg=None):
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2)
 
+
+
+def load_run_config(args):
+    """hilserl.py's settings: a new run's, or those of the run folder being resumed or evaluated (its
+    config.json) with the command line on top. It takes no positional words."""
+    cfg, words = load_config(args)
+    if words:
+        raise SystemExit(f"error: unexpected {words[0]!r}: hilserl.py takes only --setting value options (see config.py)")
+    folder = cfg.resume or cfg.eval
+    if not folder:
+        return cfg
+    path = os.path.join(folder, "config.json")
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+        known = {f.name for f in dataclasses.fields(Config)}    # settings a newer version dropped are ignored
+        saved = Config(**{k: v for k, v in saved.items() if k in known})
+    except (OSError, ValueError, AttributeError):
+        raise SystemExit(f"error: {path}: missing or not a config.json that hilserl.py wrote; pass a run folder "
+                         "(runs/...), or restore its config.json") from None
+    return load_config(args, dataclasses.replace(saved, resume=cfg.resume, eval=cfg.eval))[0]

@@ -29,7 +29,7 @@ import torch
 
 from buffer import ReplayBuffer, sample_batches
 from classifier import load_classifier
-from config import Config, diagnose, load_config, warnings_for
+from config import Config, diagnose, load_run_config, warnings_for
 from networks import Agent, load_resnet10, pick_device, random_shift, resnet10_weights
 from robot import ACT_DIM, EE_DIM, BusError, ServoError
 from teleop import EmergencyStop, OperatorWindow, make_env, make_teleop, record_demos, wait_for_start
@@ -203,6 +203,10 @@ def control_step_batches(demo, online, cfg, rng, device, demo_features=None, onl
 
 
 # --- the loop -----------------------------------------------------------------------------------
+class NonFiniteUpdate(ArithmeticError):
+    """A loss or Q value of the update is NaN or infinite: the agent is poisoned."""
+
+
 def image_shapes(obs):
     return {k: v.shape for k, v in obs.items() if v.dtype == np.uint8}   # {camera: (H, W, 3)}; {} without cameras
 
@@ -296,6 +300,9 @@ def run_episode(run, env, teleop, obs, window):
         if len(run.online) >= cfg.training_starts:
             stats = run.learn_step(run.batches())
             run.progress["updates"] += cfg.utd_ratio
+            if not torch.isfinite(torch.stack(list(stats.values()))).all():   # SYNC POINT: once a step
+                name, value = next((k, v.item()) for k, v in stats.items() if not torch.isfinite(v))
+                raise NonFiniteUpdate(f"the update's {name} is {value} in episode {run.progress['episode'] + 1}")
         timings.append((t1 - t0, t2 - t1, time.perf_counter() - t2))
         if cfg.port and info["overrun_s"] > 0 and not run.warned_slow:
             run.warned_slow = True
@@ -327,7 +334,6 @@ def end_episode(run, row, window):
         print("diagnosis: " + hint)
     if row["episode"] % run.cfg.checkpoint_every == 0:
         save_checkpoint(run)
-        plot_runs([run.folder], run.folder / "curves.png")
 
 
 def train(cfg, env, teleop, folder):
@@ -346,10 +352,13 @@ def train(cfg, env, teleop, folder):
             end_episode(run, row, window)
             if "quit" in events:
                 break
-    finally:
-        save_checkpoint(run)   # Ctrl-C loses at most this episode
-        if run.rows:
-            plot_runs([folder], folder / "curves.png")
+    except NonFiniteUpdate as error:   # a poisoned agent is not saved: the last checkpoint stays as it was
+        raise SystemExit(f"error: {error}; training stopped and saved nothing since the last checkpoint "
+                         "(usual causes: --lr too high, rewards far out of scale)") from None
+    except BaseException:              # Ctrl-C, SIGTERM, a bus error: save, losing at most this episode
+        save_checkpoint(run)
+        raise
+    save_checkpoint(run)
     return run.rows
 
 
@@ -375,12 +384,14 @@ def evaluate(cfg, env, folder):
 
 # --- the run folder: config.json, checkpoint.pt with both buffers, log.csv, curves.png ------------
 def save_checkpoint(run):
-    """Buffers first, then the agent: a stop in between loses at most the current episode."""
+    """Buffers first, then the agent (a stop in between loses at most the current episode), then the curves."""
     run.online.save(run.folder / "online.npz")
     run.demo.save(run.folder / "demo.npz")
     torch.save({"agent": run.agent.state_dict(), "progress": run.progress,
                 "optimizers": {k: o.state_dict() for k, o in run.optimizers.items()}}, run.folder / "checkpoint.pt.tmp")
     os.replace(run.folder / "checkpoint.pt.tmp", run.folder / "checkpoint.pt")     # atomic
+    if run.rows:
+        plot_runs([run.folder], run.folder / "curves.png")
 
 
 def load_checkpoint(folder, agent, optimizers=None):
@@ -414,22 +425,6 @@ def from_written_out_adam(saved, optimizer):
     return {"state": {i: {"step": saved["t"].float(), "exp_avg": m, "exp_avg_sq": v}
                       for i, (m, v) in enumerate(zip(saved["m"], saved["v"]))},
             "param_groups": optimizer.state_dict()["param_groups"]}
-
-
-def run_config(args):
-    """The config of a new run, or of the run being resumed/evaluated with the command line on top."""
-    cfg, _ = load_config(args)
-    folder = cfg.resume or cfg.eval
-    if folder:
-        path = pathlib.Path(folder) / "config.json"
-        if not path.exists():
-            raise SystemExit(f"error: {path} does not exist; pass a run folder that hilserl.py wrote (runs/...)")
-        saved = json.loads(path.read_text())
-        known = {f.name for f in dataclasses.fields(Config)}    # settings a newer version dropped are ignored
-        saved = {k: v for k, v in saved.items() if k in known}
-        cfg, _ = load_config(args, Config(**{**saved, "resume": cfg.resume, "eval": cfg.eval}))
-    pick_device(cfg)   # a device that is not there: one line now, not a traceback later
-    return cfg
 
 
 def write_log(path, rows):
@@ -466,7 +461,8 @@ def plot_runs(folders, out_path):
 
 
 def main():
-    cfg = run_config(sys.argv[1:])
+    cfg = load_run_config(sys.argv[1:])
+    pick_device(cfg)   # a device that is not there: one line now, not a traceback later
     if cfg.plot:
         *folders, out_path = cfg.plot.split(",")
         return plot_runs(folders, out_path)

@@ -659,6 +659,24 @@ class TestLoop:
         hilserl.main()
         assert re.search(r"success \d+% over 2 episodes, mean length [\d.]+ steps", capsys.readouterr().out)
 
+    def test_a_non_finite_update_stops_the_run_without_saving_the_poisoned_agent(self, tmp_path, monkeypatch):
+        calls, learn = [], hilserl.learn
+        def poisoned_after_40(*args):
+            stats = learn(*args)
+            calls.append(1)
+            return {**stats, "loss/critic": stats["loss/critic"] * (float("nan") if len(calls) > 40 else 1)}
+        monkeypatch.setattr(hilserl, "learn", poisoned_after_40)
+        run = tmp_path / "run"
+        small = ["--hidden_dim", "16", "--state_latent_dim", "8", "--batch_size", "16", "--utd_ratio", "1",
+                 "--training_starts", "20", "--demo_episodes", "2", "--episode_steps", "30", "--checkpoint_every", "1"]
+        monkeypatch.setattr("sys.argv", ["hilserl.py", "--demos", str(tmp_path / "d.npz"), "--run_dir", str(run),
+                                         "--max_env_steps", "150", *small])
+        with pytest.raises(SystemExit, match=r"the update's loss/critic is nan in episode \d+; training stopped and saved"):
+            hilserl.main()
+        saved = torch.load(run / "checkpoint.pt")
+        assert saved["progress"]["updates"] <= 40                                       # from before the poison
+        assert all(torch.isfinite(p).all() for p in saved["agent"].values())
+
     def test_compile_happens_before_the_first_episode_and_never_again(self, tmp_path, monkeypatch):
         torch._dynamo.reset()                                         # forget graphs other tests compiled
         graphs = lambda: torch._dynamo.utils.counters["stats"]["unique_graphs"]
@@ -827,8 +845,20 @@ class TestConfig:
         monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
         for device in ("cuda", "tpu"):
             with pytest.raises(SystemExit, match=f"--device '{device}': not here; use auto, cpu or cuda"):
-                hilserl.run_config(["--device", device])
-        assert hilserl.run_config(["--device", "cpu"]).device == "cpu"
+                networks.pick_device(config.load_run_config(["--device", device]))
+        assert networks.pick_device(config.load_run_config(["--device", "cpu"])).type == "cpu"
+
+    @pytest.mark.parametrize("args, message", [
+        (["train"], "unexpected 'train': hilserl.py takes only --setting value options"),
+        (["-utd_ratio", "3"], "unexpected '-utd_ratio'"),
+        (["--resume", "nowhere"], "nowhere/config.json: missing or not a config.json that hilserl.py wrote"),
+        (["--eval", "CORRUPT"], "config.json: missing or not a config.json that hilserl.py wrote"),
+    ])
+    def test_hilserl_refuses_words_and_unreadable_run_folders_in_one_line(self, args, message, tmp_path, monkeypatch):
+        (tmp_path / "config.json").write_text('{"utd_ratio": 20, "hidden_')            # cut off mid-write
+        monkeypatch.setattr("sys.argv", ["hilserl.py", *[str(tmp_path) if a == "CORRUPT" else a for a in args]])
+        with pytest.raises(SystemExit, match=re.escape(message)):
+            hilserl.main()
 
     def test_lessons_warnings(self):
         assert config.warnings_for(config.Config(), num_demo_episodes=20) == []
