@@ -64,6 +64,7 @@ class Config:
 
     # --- demos ------------------------------------------------------------------------------
     demo_episodes: int = 20              # demos recorded when the demo file is missing (hil-serl; lessons: 15 too few)
+    demo_max_failures: int = 20          # failed episodes in a row after which recording gives up (ours)
 
     # --- robot (robot.py) ---------------------------------------------------------------------
     port: str = ""                       # serial port of the follower arm; empty = the simulated SO-101
@@ -109,7 +110,7 @@ RANGES = {
     "temperature_init": "> 0", "num_critics": ">= 1", "hidden_dim": ">= 1", "state_latent_dim": ">= 1",
     "actor_std_min": "> 0", "actor_std_max": "> 0", "training_starts": ">= 1", "replay_capacity": ">= 2",
     "demo_capacity": ">= 2", "image_latent_dim": ">= 1", "classifier_threshold": ">= 0 and <= 1",
-    "classifier_steps": ">= 1", "success_frames": ">= 1", "demo_episodes": ">= 1", "baudrate": "> 0",
+    "classifier_steps": ">= 1", "success_frames": ">= 1", "demo_episodes": ">= 1", "demo_max_failures": ">= 1", "baudrate": "> 0",
     "control_hz": "> 0", "episode_steps": ">= 1", "ee_step_m": "> 0", "image_size": ">= 32",
     "max_joint_step_rad": "> 0", "read_retries": ">= 0", "bus_latency_s": ">= 0", "cube_size_m": "> 0",
     "success_lift_m": "> 0", "sim_timestep_s": "> 0", "expert_noise": ">= 0", "expert_patience": ">= 1",

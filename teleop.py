@@ -399,7 +399,11 @@ def record_demos(cfg, path, episodes):
         demos = ReplayBuffer(cfg.demo_capacity, obs, ACT_DIM)
         if os.path.exists(path):
             demos.load(path)
+        failures = 0   # in a row
         while demos.num_episodes < episodes:
+            # the sim's scene: a seed per kept episode and try, so a file continued never repeats one it holds
+            obs = env.reset(seed=cfg.seed + 1000 * (demos.num_episodes + 1) + failures)
+            teleop.reset()
             if cfg.port and not wait_for_start(teleop, obs):
                 break
             transitions, outcome = record_episode(env, teleop, window, obs)
@@ -409,9 +413,11 @@ def record_demos(cfg, path, episodes):
                 for transition in transitions:
                     demos.add(*transition)
                 demos.save(path)
+                failures = 0
                 print(f"{path}: {demos.num_episodes}/{episodes} episodes", flush=True)
-            obs = env.reset()
-            teleop.reset()
+            elif (failures := failures + 1) >= cfg.demo_max_failures:
+                raise SystemExit(f"error: {failures} episodes in a row failed, so recording stopped; {path} keeps its "
+                                 f"{demos.num_episodes} episodes (too short an --episode_steps {cfg.episode_steps}?)")
     return demos.num_episodes
 
 

@@ -1627,6 +1627,20 @@ class TestTeleop:
         assert demos.num_episodes == 2 and a["terminated"].sum() == 2 and a["intervened"][a["valid"]].all()
         assert teleop.record_demos(cfg, path, episodes=3) == 3                          # a second run continues
 
+    def test_a_continued_recording_repeats_no_scene_and_a_hopeless_one_gives_up(self, tmp_path):
+        from buffer import ReplayBuffer
+        cfg, path = Config(show_window=False), str(tmp_path / "demos.npz")
+        teleop.record_demos(cfg, path, episodes=2)
+        teleop.record_demos(cfg, path, episodes=4)                                     # as after a kill
+        demos = ReplayBuffer(cfg.demo_capacity, {"state": np.zeros(12, np.float32)}, 4)
+        demos.load(path)
+        a = demos.arrays
+        firsts = a["state"][np.flatnonzero(a["valid"] & ~np.roll(a["valid"] & ~(a["terminated"] | a["truncated"]), 1))]
+        cubes = {tuple(np.round(s[-3:], 4)) for s in firsts}                           # cube relative to the gripper
+        assert demos.num_episodes == 4 and len(cubes) == 4
+        with pytest.raises(SystemExit, match=r"3 episodes in a row failed, so recording stopped; .* keeps its 4 episodes"):
+            teleop.record_demos(Config(show_window=False, episode_steps=5, demo_max_failures=3), path, episodes=6)
+
     def test_an_exception_mid_episode_leaves_the_finished_episodes_intact(self, tmp_path, monkeypatch):
         from buffer import ReplayBuffer
         from robot import SO101Env
