@@ -401,7 +401,8 @@ def load_checkpoint(folder, agent, optimizers=None):
     try:   # weights only, as torch does by default: never unpickle what this project did not write
         state = torch.load(path, map_location=next(agent.parameters()).device)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError):
-        raise SystemExit(f"error: {path}: not a readable checkpoint (truncated, corrupt or not written by hilserl.py)") from None
+        raise SystemExit(f"error: {path}: not a readable checkpoint (truncated, corrupt or not written by "
+                         "hilserl.py)") from None
     try:
         agent.load_state_dict(state["agent"])
     except RuntimeError as error:   # other network sizes, cameras or state than this run's
@@ -465,13 +466,17 @@ def main():
     pick_device(cfg)   # a device that is not there: one line now, not a traceback later
     if cfg.plot:
         *folders, out_path = cfg.plot.split(",")
+        if not folders or not all(os.path.exists(os.path.join(f, "log.csv")) for f in folders):
+            raise SystemExit(f"error: --plot {cfg.plot}: takes run folders with a log.csv, then the PNG to write: "
+                             "runs/A,runs/B,out.png")
         return plot_runs(folders, out_path)
     if cfg.eval:
         with make_env(cfg, cfg.seed + 10_000) as env:    # other cube positions than in training
             return evaluate(cfg, env, pathlib.Path(cfg.eval))
     folder = pathlib.Path(cfg.resume or cfg.run_dir or time.strftime("runs/%Y%m%d-%H%M%S"))
     if not cfg.resume and folder.exists() and any(folder.iterdir()):   # never write over a run
-        raise SystemExit(f"error: {folder} already holds a run; continue it with --resume {folder} or pick another --run_dir")
+        raise SystemExit(f"error: {folder} already holds a run; continue it with --resume {folder} or pick another "
+                         "--run_dir")
     if not cfg.resume and not os.path.exists(cfg.demos):
         if cfg.port:
             raise SystemExit(f"error: {cfg.demos} does not exist; record demos first: "

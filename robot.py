@@ -490,10 +490,12 @@ def load_calibration(path):
         raise SystemExit(f"calibration {path}: no such file - {RECALIBRATE}") from None
     calibration = {}
     for name, servo_id in zip(JOINTS, IDS):
-        if name not in data:
-            raise ValueError(f"calibration {path}: joint {name!r} is missing - {RECALIBRATE}")
-        c = calibration[name] = JointCalibration(**{k: int(data[name][k]) for k in
-                                                    ("id", "drive_mode", "homing_offset", "range_min", "range_max")})
+        try:
+            c = calibration[name] = JointCalibration(**{k: int(data[name][k]) for k in
+                                                        ("id", "drive_mode", "homing_offset", "range_min", "range_max")})
+        except (KeyError, TypeError, ValueError) as error:   # a joint or field missing, null or not a number
+            raise ValueError(f"calibration {path}: joint {name!r}: field {error} missing or not a number - "
+                             f"{RECALIBRATE}") from None
         if c.id != servo_id or not 0 <= c.range_min < c.range_max <= 4095 or abs(c.homing_offset) > 2047:
             raise ValueError(f"calibration {path}: joint {name!r} has id {c.id}, min {c.range_min}, max "
                              f"{c.range_max}, offset {c.homing_offset} (want id {servo_id}, 0 <= min < max "

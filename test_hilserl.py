@@ -800,6 +800,12 @@ class TestRunFolder:
             hilserl.load_checkpoint(tmp_path, make_agent(cfg))
         assert "weights_only" not in str(error.value) + str(foreign.value)
 
+    def test_plot_without_run_folders_is_one_line(self, tmp_path, monkeypatch):
+        for value in ("nowhere,out.png", "out.png"):
+            monkeypatch.setattr("sys.argv", ["hilserl.py", "--plot", value])
+            with pytest.raises(SystemExit, match="takes run folders with a log.csv, then the PNG to write"):
+                hilserl.main()
+
     def test_a_classifier_without_camera_frames_is_one_line(self):
         with pytest.raises(SystemExit, match="--classifier c.pt judges camera frames; add --use_images true"):
             classifier.load_classifier(Config(classifier="c.pt"), torch.device("cpu"))
@@ -1084,6 +1090,19 @@ class TestRobot:
         data["gripper"]["range_min"] = 3600
         (tmp_path / "bad.json").write_text(json.dumps(data))
         with pytest.raises(ValueError, match="joint 'gripper' .* min 3600, max 3475.* recalibrate with python robot.py"):
+            robot.load_calibration(tmp_path / "bad.json")
+
+    @pytest.mark.parametrize("spoil", ["drop joint", "drop field", "null field"])
+    def test_a_calibration_with_a_missing_or_null_field_is_one_line(self, tmp_path, spoil):
+        data = json.loads(json.dumps(LEROBOT_JSON))
+        if spoil == "drop joint":
+            del data["elbow_flex"]
+        elif spoil == "drop field":
+            del data["elbow_flex"]["range_max"]
+        else:
+            data["elbow_flex"]["range_max"] = None
+        (tmp_path / "bad.json").write_text(json.dumps(data))
+        with pytest.raises(ValueError, match="joint 'elbow_flex': field .* missing or not a number - recalibrate with"):
             robot.load_calibration(tmp_path / "bad.json")
 
     def test_guided_calibration_records_offsets_and_ranges(self, tmp_path):
