@@ -1,18 +1,48 @@
-"""The reward classifier's training: labelled camera frames -> a success classifier (hil-serl).
+"""The reward classifier: its network, its training on labelled camera frames, loading it (hil-serl).
 
 Place in the loop: on a real arm nothing but the human knows when the task is done. hil-serl
 trains a classifier on frames labelled success or not (recorded by `python teleop.py label`),
-and the env then asks it after every step (`--classifier`). The network is networks.py's
-RewardClassifier; this file trains, tests and loads it.
+and the env then asks it after every step (`--classifier`). It is built from networks.py's
+frozen ResNet-10 and image heads.
 
     python classifier.py --frames data/frames.npz --classifier data/classifier.pt
 """
 
 import numpy as np
 import torch
+import torch.nn as nn
 
 from config import load_config
-from networks import RewardClassifier, load_resnet10, pick_device, resnet10_weights
+from networks import ImageHead, ResNet10, load_resnet10, pick_device, resnet10_weights
+
+
+class RewardClassifier(nn.Module):
+    """Success logit from camera frames (hil-serl's reward_classifier.py): per camera the frozen
+    ResNet-10 and an ImageHead, then Linear(256) -> LayerNorm -> ReLU -> Linear(1); no state.
+
+    forward takes backbone features, so training runs the backbone once per frame, not per step.
+    """
+
+    def __init__(self, image_shapes, cfg):
+        super().__init__()
+        self.backbone = ResNet10()
+        self.heads = nn.ModuleDict({name: ImageHead(shape, cfg.image_latent_dim, self.backbone)
+                                    for name, shape in image_shapes.items()})
+        width = sum(head.out_dim for head in self.heads.values())
+        self.net = nn.Sequential(nn.Linear(width, cfg.hidden_dim), nn.LayerNorm(cfg.hidden_dim), nn.ReLU(),
+                                 nn.Linear(cfg.hidden_dim, 1))
+        self.threshold = cfg.classifier_threshold
+
+    def forward(self, features):                          # {camera: (B, 512, h, w)}
+        z = torch.cat([head(features[name]) for name, head in self.heads.items()], dim=-1)
+        return self.net(z).squeeze(-1)                    # (B,) logits
+
+    @torch.no_grad()
+    def success(self, obs):
+        """The env's success signal from one observation's frames: sigmoid(logit) > threshold (hil-serl)."""
+        device = self.net[0].weight.device
+        features = {name: self.backbone(torch.as_tensor(obs[name], device=device)[None]) for name in self.heads}
+        return bool(torch.sigmoid(self(features)) > self.threshold)   # SYNC POINT: the env needs a bool
 
 
 def classifier_data(path):

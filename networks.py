@@ -372,32 +372,3 @@ class Agent(nn.Module):
         ee, _ = self.actor(obs, self.image_features(z), deterministic)          # (B, 3)
         gripper = self.grasp_critic(z).argmax(-1) - 1                           # class -> {-1, 0, 1}
         return torch.cat([ee, gripper.unsqueeze(-1).to(ee.dtype)], dim=-1)      # (B, 4)
-
-
-class RewardClassifier(nn.Module):
-    """Success logit from camera frames (hil-serl's reward_classifier.py): per camera the frozen
-    ResNet-10 and an ImageHead, then Linear(256) -> LayerNorm -> ReLU -> Linear(1); no state.
-
-    forward takes backbone features, so training runs the backbone once per frame, not per step.
-    """
-
-    def __init__(self, image_shapes, cfg):
-        super().__init__()
-        self.backbone = ResNet10()
-        self.heads = nn.ModuleDict({name: ImageHead(shape, cfg.image_latent_dim, self.backbone)
-                                    for name, shape in image_shapes.items()})
-        width = sum(head.out_dim for head in self.heads.values())
-        self.net = nn.Sequential(nn.Linear(width, cfg.hidden_dim), nn.LayerNorm(cfg.hidden_dim), nn.ReLU(),
-                                 nn.Linear(cfg.hidden_dim, 1))
-        self.threshold = cfg.classifier_threshold
-
-    def forward(self, features):                          # {camera: (B, 512, h, w)}
-        z = torch.cat([head(features[name]) for name, head in self.heads.items()], dim=-1)
-        return self.net(z).squeeze(-1)                    # (B,) logits
-
-    @torch.no_grad()
-    def success(self, obs):
-        """The env's success signal from one observation's frames: sigmoid(logit) > threshold (hil-serl)."""
-        device = self.net[0].weight.device
-        features = {name: self.backbone(torch.as_tensor(obs[name], device=device)[None]) for name in self.heads}
-        return bool(torch.sigmoid(self(features)) > self.threshold)   # SYNC POINT: the env needs a bool

@@ -1971,7 +1971,7 @@ class TestImages:
         labels = np.repeat([0.0, 1.0], 24).astype(np.float32)
         held_out = np.arange(48) % 4 == 3                                             # cube places never trained on
         torch.manual_seed(0)
-        model = networks.RewardClassifier(IMAGES, cfg)
+        model = classifier.RewardClassifier(IMAGES, cfg)
         features = {k: classifier.backbone_features(model.backbone, f, torch.device("cpu")) for k, f in frames.items()}
         rng = np.random.default_rng(0)
         classifier.fit_classifier(model, features, labels, np.flatnonzero(~held_out), 150, rng, batch_size=32)
