@@ -399,11 +399,10 @@ def record_demos(cfg, path, episodes):
         demos = ReplayBuffer(cfg.demo_capacity, obs, ACT_DIM)
         if os.path.exists(path):
             demos.load(path)
-        failures = 0   # in a row
+        continued, failures = demos.num_episodes > 0, 0   # failures in a row
         while demos.num_episodes < episodes:
-            # the sim's scene: a seed per kept episode and try, so a file continued never repeats one it holds
-            obs = env.reset(seed=cfg.seed + 1000 * (demos.num_episodes + 1) + failures)
-            teleop.reset()
+            if continued:   # the sim's scenes seeded per kept episode and try: none the file holds comes back
+                obs = env.reset(seed=cfg.seed + 1000 * (demos.num_episodes + 1) + failures)
             if cfg.port and not wait_for_start(teleop, obs):
                 break
             transitions, outcome = record_episode(env, teleop, window, obs)
@@ -418,6 +417,8 @@ def record_demos(cfg, path, episodes):
             elif (failures := failures + 1) >= cfg.demo_max_failures:
                 raise SystemExit(f"error: {failures} episodes in a row failed, so recording stopped; {path} keeps its "
                                  f"{demos.num_episodes} episodes (too short an --episode_steps {cfg.episode_steps}?)")
+            obs = env.reset()
+            teleop.reset()
     return demos.num_episodes
 
 
