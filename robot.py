@@ -482,22 +482,23 @@ def save_calibration(path, calibration):
 
 
 def load_calibration(path):
-    """A calibration JSON (ours or LeRobot's) -> {joint: JointCalibration}, checked joint by joint."""
+    """A calibration JSON (ours or LeRobot's) -> {joint: JointCalibration}, checked joint by joint; any
+    problem is one line that names the file and the joint (SystemExit: the arm cannot be driven without it)."""
     try:
         with open(path) as f:
             data = json.load(f)
-    except FileNotFoundError:
-        raise SystemExit(f"calibration {path}: no such file - {RECALIBRATE}") from None
+    except (OSError, ValueError):   # missing, unreadable or not JSON
+        raise SystemExit(f"error: calibration {path}: no such file or not JSON - {RECALIBRATE}") from None
     calibration = {}
     for name, servo_id in zip(JOINTS, IDS):
         try:
             c = calibration[name] = JointCalibration(**{k: int(data[name][k]) for k in
                                                         ("id", "drive_mode", "homing_offset", "range_min", "range_max")})
         except (KeyError, TypeError, ValueError) as error:   # a joint or field missing, null or not a number
-            raise ValueError(f"calibration {path}: joint {name!r}: field {error} missing or not a number - "
+            raise SystemExit(f"error: calibration {path}: joint {name!r}: field {error} missing or not a number - "
                              f"{RECALIBRATE}") from None
         if c.id != servo_id or not 0 <= c.range_min < c.range_max <= 4095 or abs(c.homing_offset) > 2047:
-            raise ValueError(f"calibration {path}: joint {name!r} has id {c.id}, min {c.range_min}, max "
+            raise SystemExit(f"error: calibration {path}: joint {name!r} has id {c.id}, min {c.range_min}, max "
                              f"{c.range_max}, offset {c.homing_offset} (want id {servo_id}, 0 <= min < max "
                              f"<= 4095, |offset| <= 2047) - {RECALIBRATE}")
     return calibration

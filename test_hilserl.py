@@ -1089,7 +1089,7 @@ class TestRobot:
         data = json.loads(json.dumps(LEROBOT_JSON))
         data["gripper"]["range_min"] = 3600
         (tmp_path / "bad.json").write_text(json.dumps(data))
-        with pytest.raises(ValueError, match="joint 'gripper' .* min 3600, max 3475.* recalibrate with python robot.py"):
+        with pytest.raises(SystemExit, match="joint 'gripper' .* min 3600, max 3475.* recalibrate with python robot.py"):
             robot.load_calibration(tmp_path / "bad.json")
 
     @pytest.mark.parametrize("spoil", ["drop joint", "drop field", "null field"])
@@ -1102,8 +1102,19 @@ class TestRobot:
         else:
             data["elbow_flex"]["range_max"] = None
         (tmp_path / "bad.json").write_text(json.dumps(data))
-        with pytest.raises(ValueError, match="joint 'elbow_flex': field .* missing or not a number - recalibrate with"):
+        with pytest.raises(SystemExit, match="joint 'elbow_flex': field .* missing or not a number - recalibrate with"):
             robot.load_calibration(tmp_path / "bad.json")
+
+    def test_a_bad_calibration_stops_a_real_arm_run_in_one_line(self, tmp_path, monkeypatch):
+        controller, device = os.openpty()                                             # a serial port that opens
+        (tmp_path / "cut.json").write_text('{"shoulder_pan": {"id": 1,')
+        monkeypatch.setattr("sys.argv", ["hilserl.py", "--port", os.ttyname(device), "--calibration",
+                                         str(tmp_path / "cut.json"), "--demos", __file__, "--run_dir", str(tmp_path / "r")])
+        try:
+            with pytest.raises(SystemExit, match=r"^error: calibration .*cut.json: no such file or not JSON - recalibrate"):
+                hilserl.main()
+        finally:
+            os.close(controller), os.close(device)
 
     def test_guided_calibration_records_offsets_and_ranges(self, tmp_path):
         emulator, bus = make_bus()
