@@ -26,7 +26,7 @@ import mujoco  # noqa: E402
 import numpy as np  # noqa: E402
 
 from robot import (HOME_RAD, IDS, JOINTS, SO101, SO101_CHAIN, TICKS_PER_RAD, TOOL_POS, TOOL_QUAT,  # noqa: E402
-                   FeetechBus, ServoEmulator, SO101Env, chain_calibration, forward_kinematics,
+                   FeetechBus, ServoEmulator, chain_calibration, forward_kinematics,
                    parse_workspace, quat_to_rot)
 
 # ------------------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ import robot  # noqa: E402
 import teleop  # noqa: E402
 from config import Config  # noqa: E402
 from networks import Agent  # noqa: E402
-from robot import EE_DIM, IDS, JOINTS, TICKS_PER_RAD, FeetechBus, ServoEmulator, SO101Env  # noqa: E402
+from robot import EE_DIM, IDS, TICKS_PER_RAD, FeetechBus, ServoEmulator, SO101Env  # noqa: E402
 from sim import ScriptedExpert, make_sim  # noqa: E402
 
 torch.set_num_threads(1)  # small tensors: one thread is faster and deterministic
