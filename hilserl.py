@@ -80,8 +80,8 @@ def critic_step(agent, optimizer, batch, next_act, discount, tau):
     (critic_loss + grasp_loss).backward()
     optimizer.step()
     # PAPER: soft target update thetabar <- (1 - tau) thetabar + tau theta (SAC; hil-serl averages all)
-    with torch.no_grad():   # _foreach_: one call lerps every tensor of the list
-        torch._foreach_lerp_(agent.target_params, list(agent.critic_params.values()), tau)
+    with torch.no_grad():   # _foreach_: one call lerps every tensor of the list (the optimizer's, in the targets' order)
+        torch._foreach_lerp_(agent.target_params, optimizer.param_groups[0]["params"], tau)
     return {"loss/critic": critic_loss.detach(), "loss/grasp_critic": grasp_loss.detach(), "q/mean": q_mean}
 
 
