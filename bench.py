@@ -240,7 +240,7 @@ def bench_images(cfg, device, slots=4_000):
     frame = np.zeros((size, size, 3), np.uint8)
     agent, optimizers, demo, _, batches = setup(
         cfg, {"state": np.zeros(STATE_DIM, np.float32), "front": frame, "wrist": frame}, slots, rng, device)
-    print(f"images: {device_name(device)}; two {size}x{size} cameras, encoder {cfg.encoder}; "
+    print(f"images: {device_name(device)}; two {size}x{size} cameras, ResNet-10 features; "
           f"utd_ratio {cfg.utd_ratio}, batch {cfg.batch_size}")
     spine = lambda: hilserl.learn(agent, optimizers, cfg, batches())
     spine()

@@ -48,7 +48,6 @@ class Config:
     demo_capacity: int = 100_000         # demo ring buffer size, transitions (LeRobot)
 
     # --- images (networks.py) ------------------------------------------------------------------
-    encoder: str = "resnet10"            # image trunk: resnet10 (pretrained, frozen; hil-serl) or small (CNN trained end to end; DrQ)
     resnet_weights: str = ""             # ResNet-10 .safetensors (HF lerobot/resnet10 layout); empty = download once to ~/.cache/hilserl-so101
     image_latent_dim: int = 256          # features per camera after the image head (hil-serl)
     classifier: str = ""                 # reward classifier file; when set, it too decides success from the frames (hil-serl)
@@ -92,9 +91,9 @@ class Config:
     expert_patience: int = 5             # steps the policy may move away from the cube or stall before the expert takes over
 
     # --- teleop (teleop.py) -------------------------------------------------------------------
-    teleop: str = "auto"                 # who intervenes: gamepad, keyboard, leader, expert, or auto (see teleop.make_teleop)
+    teleop: str = "auto"                 # who intervenes: gamepad, leader, expert, or auto (see teleop.make_teleop)
     gamepad_layout: str = "auto"         # xbox or playstation button numbering (pygame 2 docs); auto picks from the pad's name
-    gamepad_map: str = ""                # remap pad controls, e.g. "intervene=10,success=3" (find numbers: python teleop.py pad)
+    gamepad_map: str = ""                # remap pad controls, e.g. "intervene=10,success=3" (find numbers: python -m pygame.examples.joystick)
     dead_zone: float = 0.1               # stick deflection that reads as zero, so a resting stick does not drift (LeRobot gamepad)
     teleop_speed: float = 1.0            # full stick or a held key = this fraction of the largest action (ee_step_m per step)
     leader_port: str = ""                # serial port of an SO-101 leader arm used to intervene; empty = none
@@ -116,7 +115,7 @@ RANGES = {
     "success_lift_m": "> 0", "sim_timestep_s": "> 0", "expert_noise": ">= 0", "expert_patience": ">= 1",
     "dead_zone": ">= 0 and < 1", "teleop_speed": "> 0 and <= 1",
 }
-CHOICES = {"encoder": ("resnet10", "small"), "teleop": ("auto", "gamepad", "keyboard", "leader", "expert"),
+CHOICES = {"teleop": ("auto", "gamepad", "leader", "expert"),
            "gamepad_layout": ("auto", "xbox", "playstation")}
 BOXES = {"workspace_m": "x0,x1,y0,y1,z0,z1", "cube_area_m": "x0,x1,y0,y1"}   # each low < its high
 

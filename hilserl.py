@@ -30,7 +30,7 @@ import torch
 from buffer import ReplayBuffer, sample_batches
 from classifier import load_classifier
 from config import Config, diagnose, load_run_config, warnings_for
-from networks import Agent, load_resnet10, pick_device, random_shift, resnet10_weights
+from networks import Agent, load_resnet10, pick_device, resnet10_weights
 from robot import ACT_DIM, EE_DIM, BusError, ServoError
 from teleop import EmergencyStop, OperatorWindow, make_env, make_teleop, record_demos, wait_for_start
 
@@ -123,9 +123,6 @@ def learn(agent, optimizers, cfg, batches, critic_update=critic_step, actor_upda
     batches: tensors shaped (utd_ratio, B, ...) on the agent's device. Returns detached tensors;
     nothing here waits for the GPU (no .item()). fast.py passes compiled forms of the three functions.
     """
-    if agent.augment:   # DrQ: every frame of obs and of next_obs shifted on its own
-        batches = {**batches, **{group: {k: random_shift(v) if k in agent.encoder.images else v
-                                         for k, v in batches[group].items()} for group in ("obs", "next_obs")}}
     next_act = None     # with cameras, critic_losses draws a' from the actor after each encoder update
     if not agent.encoder.images:
         with torch.no_grad():   # the actor does not change during the critic updates: draw all a' at once
@@ -409,23 +406,12 @@ def load_checkpoint(folder, agent, optimizers=None):
         raise SystemExit(f"error: {path} does not fit the network these settings make ({str(error).splitlines()[-1].strip()}); "
                          f"resume and evaluate with the settings in {folder / 'config.json'}") from None
     for name, optimizer in (optimizers or {}).items():
-        saved = state["optimizers"][name] if "optimizers" in state else state["opts"][name]
-        try:
-            optimizer.load_state_dict(from_written_out_adam(saved, optimizer) if "m" in saved else saved)
-        except ValueError as error:
-            raise SystemExit(f"error: {path}: the {name} optimizer's state does not fit this agent ({error}); "
+        try:   # a checkpoint of an older hilserl.py holds its own Adam's moments ("opts"): it can be evaluated only
+            optimizer.load_state_dict(state["optimizers"][name])
+        except (KeyError, ValueError) as error:
+            raise SystemExit(f"error: {path}: the {name} optimizer's state does not fit this agent ({error!r}); "
                              f"evaluate it (--eval {folder}) or start a new run") from None
     return state["progress"]
-
-
-def from_written_out_adam(saved, optimizer):
-    """Checkpoints of older runs hold a written-out Adam's moments {m, v, t}: the same state, renamed."""
-    params = optimizer.param_groups[0]["params"]
-    if len(saved["m"]) != len(params):
-        raise ValueError(f"{len(saved['m'])} tensors for {len(params)} parameters")
-    return {"state": {i: {"step": saved["t"].float(), "exp_avg": m, "exp_avg_sq": v}
-                      for i, (m, v) in enumerate(zip(saved["m"], saved["v"]))},
-            "param_groups": optimizer.state_dict()["param_groups"]}
 
 
 def write_log(path, rows):

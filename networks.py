@@ -16,16 +16,13 @@ Who trains what: the critic losses train the encoder, the critics and the grasp 
 actor has its own small state encoder, so it is fixed while the critics learn, and the critic
 target's next actions for a whole control step can be drawn in one batched call.
 With cameras, each camera adds an image head to the `Encoder` (hil-serl's
-SpatialLearnedEmbeddings -> Linear -> LayerNorm -> tanh) on one of two trunks:
-  resnet10  the pretrained ResNet-10, frozen; hilserl.py computes its features once per stored
-            frame and the update sees only features (hil-serl's encoder, cached)
-  small     a small CNN trained end to end with random-shift augmentation (DrQ); needs no weights
-The actor still has its own state encoder; with images it also reads the critic encoder's image
-features, detached (hil-serl and LeRobot), so only the critic losses train the image heads.
+SpatialLearnedEmbeddings -> Linear -> LayerNorm -> tanh) on the pretrained ResNet-10, frozen:
+hilserl.py computes its features once per stored frame and the update sees only features (hil-serl's
+encoder, cached). The actor still has its own state encoder; with images it also reads the critic
+encoder's image features, detached (hil-serl and LeRobot), so only the critic losses train the heads.
 """
 
 import copy
-import json
 import math
 import os
 import re
@@ -35,6 +32,8 @@ import urllib.request
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file   # HF's reader of the weights' format
 
 from robot import EE_DIM   # the action's layout is the env's: act[:EE_DIM] moves the EE, act[EE_DIM] the gripper
 
@@ -135,35 +134,6 @@ class ResNet10(nn.Module):
         return x                                                                  # (N, 512, H/32, W/32)
 
 
-class SmallCNN(nn.Module):
-    """`--encoder small`: uint8 frames (N, H, W, 3) -> (N, 32, H/8, W/8), trained end to end.
-
-    DrQ's encoder (Yarats et al. 2021) has four 3x3 convs of 32 filters, the first with stride 2;
-    ours strides three of them, which makes it about 10x cheaper, so 20 updates a step stay possible.
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.net = nn.Sequential(nn.Conv2d(3, 32, 3, 2, 1), nn.ReLU(), nn.Conv2d(32, 32, 3, 2, 1), nn.ReLU(),
-                                 nn.Conv2d(32, 32, 3, 2, 1), nn.ReLU(), nn.Conv2d(32, 32, 3, 1, 1), nn.ReLU())
-
-    def forward(self, frames):
-        return self.net(frames.permute(0, 3, 1, 2).float() / 255 - 0.5)          # (N, 32, H/8, W/8)
-
-
-def random_shift(frames, pad=4):
-    """DrQ's augmentation: each image shifted by up to `pad` pixels, edges replicated; (..., H, W, C) -> same.
-
-    The same as padding by `pad` (replicate) and cropping back at a random offset, without the pad.
-    """
-    *lead, h, w, c = frames.shape
-    x = frames.reshape(-1, h, w, c)                                                # (N, H, W, C)
-    shift = torch.randint(-pad, pad + 1, (2, len(x), 1, 1), device=x.device)
-    rows = (torch.arange(h, device=x.device).view(1, h, 1) + shift[0]).clamp(0, h - 1)   # (N, H, 1)
-    cols = (torch.arange(w, device=x.device).view(1, 1, w) + shift[1]).clamp(0, w - 1)   # (N, 1, W)
-    return x[torch.arange(len(x), device=x.device).view(-1, 1, 1), rows, cols].reshape(frames.shape)
-
-
 class SpatialLearnedEmbeddings(nn.Module):
     """hil-serl's pooling: F learned weightings of the (C, H, W) map, each summed over space -> C * F."""
 
@@ -177,26 +147,23 @@ class SpatialLearnedEmbeddings(nn.Module):
 
 
 class ImageHead(nn.Module):
-    """One camera (hil-serl): [small CNN] -> SpatialLearnedEmbeddings(8) -> Linear(256) -> LayerNorm -> tanh.
+    """One camera (hil-serl): ResNet-10 features -> SpatialLearnedEmbeddings(8) -> Linear(256) -> LayerNorm -> tanh.
 
-    With a backbone (the frozen ResNet-10), the head's input is that backbone's features, computed
-    elsewhere once per frame; the backbone is passed only to learn their shape. Without one, a
-    SmallCNN trained with the head turns frames into features. (hil-serl adds Dropout 0.1 after the
-    pooling; we leave it out: the agent never switches to eval mode, so acting would be noisy.)
+    Its input is the frozen backbone's features, computed elsewhere once per frame; the backbone is
+    passed only to learn their shape. (hil-serl adds Dropout 0.1 after the pooling; we leave it
+    out: the agent never switches to eval mode, so acting would be noisy.)
     """
 
-    def __init__(self, frame_shape, latent_dim, backbone=None):
+    def __init__(self, frame_shape, latent_dim, backbone):
         super().__init__()
-        self.cnn = None if backbone is not None else SmallCNN()
         with torch.no_grad():
-            c, h, w = (backbone or self.cnn)(torch.zeros(1, *frame_shape, dtype=torch.uint8)).shape[1:]
+            c, h, w = backbone(torch.zeros(1, *frame_shape, dtype=torch.uint8)).shape[1:]
         self.pool = SpatialLearnedEmbeddings(c, h, w)
         self.proj = nn.Sequential(nn.Linear(c * NUM_SPATIAL_FEATURES, latent_dim), nn.LayerNorm(latent_dim), nn.Tanh())
         self.out_dim = latent_dim
 
-    def forward(self, x):
-        x = self.cnn(x) if self.cnn is not None else x.float()                    # (B, C, h, w)
-        return self.proj(self.pool(x))                                             # (B, latent)
+    def forward(self, features):                                                   # (B, 512, h, w), float16
+        return self.proj(self.pool(features.float()))                             # (B, latent)
 
 
 # --- pretrained weights: the HF port of hil-serl's ResNet-10, a .safetensors file ----------------
@@ -207,31 +174,12 @@ def port_key(name):
     return re.sub(r"(norm\d|embedder\.1|shortcut\.1)\.", r"\1.group_norm.", name)
 
 
-def read_safetensors(path):
-    """{name: float32 tensor}: an 8-byte little-endian header length, a JSON header, then raw data.
-
-    A dozen lines instead of the safetensors package, which this project does not otherwise need.
-    """
-    dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-    try:
-        with open(path, "rb") as f:
-            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-            data = bytearray(f.read())
-        tensors = {}
-        for name, info in header.items():
-            if name != "__metadata__":
-                start, end = info["data_offsets"]
-                dtype = dtypes[info["dtype"]]
-                t = torch.frombuffer(data, dtype=dtype, count=(end - start) // dtype.itemsize, offset=start)
-                tensors[name] = t.reshape(info["shape"]).float()
-    except (ValueError, KeyError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path}: not a readable .safetensors file ({error!r})") from None
-    return tensors
-
-
 def load_resnet10(backbone, path):
     """Copy the weights in `path` (the HF port's key layout) into backbone; a clear error if they do not fit."""
-    theirs = read_safetensors(path)
+    try:
+        theirs = load_file(path)
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"{path}: not a readable .safetensors file ({error})") from None
     ours = {port_key(name): p for name, p in backbone.named_parameters()}
     missing, unexpected = sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours))
     if missing or unexpected:
@@ -240,7 +188,7 @@ def load_resnet10(backbone, path):
     for key, p in ours.items():
         if theirs[key].shape != p.shape:
             raise ValueError(f"{path}: key '{key}' has shape {list(theirs[key].shape)}, expected {list(p.shape)}")
-        p.data.copy_(theirs[key])
+        p.data.copy_(theirs[key].float())
 
 
 def resnet10_weights(cfg):
@@ -255,7 +203,7 @@ def resnet10_weights(cfg):
             urllib.request.urlretrieve(RESNET10_URL, path + ".tmp")
         except OSError as error:
             sys.exit(f"error: cannot download the ResNet-10 weights ({error}); put {RESNET10_URL} at {path} "
-                     "or pass --resnet_weights FILE, or use --encoder small, which needs no weights")
+                     "or pass --resnet_weights FILE")
         os.replace(path + ".tmp", path)
     return path
 
@@ -335,16 +283,14 @@ class GraspCritic(nn.Module):
 class Agent(nn.Module):
     """Everything the update trains, plus the polyak-averaged target copies (hil-serl averages all).
 
-    image_shapes: {camera: (H, W, 3)} when observations hold frames. With cfg.encoder "resnet10"
-    the agent also holds the frozen backbone (`backbone`), whose features the update reads from
-    hilserl.FrameFeatures; with "small", `augment` asks the update for DrQ's random shifts.
+    image_shapes: {camera: (H, W, 3)} when observations hold frames; the agent then also holds the
+    frozen ResNet-10 (`backbone`), whose features the update reads from hilserl.FrameFeatures.
     """
 
     def __init__(self, state_dim, cfg, image_shapes=None):
         super().__init__()
         image_shapes = image_shapes or {}
-        self.backbone = ResNet10() if image_shapes and cfg.encoder == "resnet10" else None
-        self.augment = bool(image_shapes) and cfg.encoder == "small"
+        self.backbone = ResNet10() if image_shapes else None
         self.actor = Actor(state_dim, EE_DIM, cfg, len(image_shapes) * cfg.image_latent_dim)
         self.encoder = Encoder(state_dim, cfg.state_latent_dim, image_shapes, cfg, self.backbone)
         self.critic = CriticEnsemble(cfg.num_critics, self.encoder.out_dim + EE_DIM, cfg.hidden_dim)

@@ -333,6 +333,10 @@ class ScriptedExpert:
         phase = int(aligned and obs["state"][5] >= self.CLOSED_BELOW)
         return phase, self.cfg.success_lift_m + np.linalg.norm(grasp - tool)
 
+    def read(self, obs):
+        """As a teleop device (teleop.Teleop): its action, and "intervene" held while it wants control."""
+        return self.act(obs), {"intervene"} if self.wants_control(obs) else set()
+
     def wants_control(self, obs):
         """Call once per step: True while the expert should act instead of the policy.
 

@@ -1,4 +1,4 @@
-"""The human in the loop: gamepad, keyboard or leader arm -> intervention action and episode events.
+"""The human in the loop: gamepad or leader arm -> intervention action and episode events.
 
 Place in the loop: before every env.step, the loop asks `teleop.poll(policy_act, obs)` whether the
 human is acting now and with what action. While the intervene button is held (RB, as in LeRobot;
@@ -6,15 +6,14 @@ hil-serl's SpaceMouse intervenes on any motion), the human's action replaces the
 transition is stored with intervened=True, which sends it to the demo buffer too. Button presses
 become events: success, failure, re-record, emergency stop (torque off at once), quit.
 
-Every device (gamepad, keyboard, leader arm, or the sim's scripted expert standing in for the
+Every device (gamepad, leader arm, or the sim's scripted expert standing in for the
 human) gives the same two things: act, in the policy's action space (float32 (4,): EE delta x, y,
 z in [-1, 1], gripper -1 close / 0 stay / +1 open), and held, the set of controls held down now.
 Raw axes and buttons map to them in pure functions, tested without a device. Seen from behind the
 arm: left stick up = +x (away from the base), left stick left = +y, right stick up = +z.
 
 Commands: `python teleop.py record` records demos (cfg.demos, cfg.demo_episodes); `label` records
-camera frames labelled success or not for the reward classifier (cfg.frames, cfg.success_frames);
-`pad` prints the numbers of a pad's sticks and buttons.
+camera frames labelled success or not for the reward classifier (cfg.frames, cfg.success_frames).
 """
 
 import os
@@ -34,8 +33,8 @@ EVENTS = ("success", "failure", "rerecord", "estop", "quit")   # pressed once, a
 
 # --- gamepad: layouts and the pure mapping ---------------------------------------------------------
 # Axis and button numbers as pygame 2 documents them ("Common Controller Axis Mappings") for the
-# "Xbox 360 Controller" and the "PS4 Controller". Other pads and drivers may differ: `python teleop.py
-# pad` prints the numbers, --gamepad_map remaps.
+# "Xbox 360 Controller" and the "PS4 Controller". Other pads and drivers may differ: pygame's
+# `python -m pygame.examples.joystick` shows the numbers, --gamepad_map remaps.
 # Triggers are axes that rest at -1. Controls as in LeRobot: hold RB (R1) to intervene, LT/RT close/open,
 # Y success, A failure, X re-record; we add B (circle) = emergency stop, Start (options) = quit.
 LAYOUTS = {
@@ -78,20 +77,6 @@ def gripper_command(held):
     return float(("open" in held) - ("close" in held))
 
 
-# --- keyboard: the same controls on keys (needs the operator's window to have focus) -------------------
-KEYS = {"x+": pygame.K_UP, "x-": pygame.K_DOWN, "y+": pygame.K_LEFT, "y-": pygame.K_RIGHT,
-        "z+": pygame.K_w, "z-": pygame.K_s, "close": pygame.K_c, "open": pygame.K_o,
-        "intervene": pygame.K_SPACE, "success": pygame.K_RETURN, "failure": pygame.K_BACKSPACE,
-        "rerecord": pygame.K_r, "estop": pygame.K_ESCAPE, "quit": pygame.K_q}
-
-
-def keyboard_action(pressed, speed):
-    """Set of pressed pygame key codes -> (act, held). Pure, like gamepad_action."""
-    held = {name for name, key in KEYS.items() if key in pressed}
-    moves = [speed * ((axis + "+" in held) - (axis + "-" in held)) for axis in "xyz"]
-    return np.array([*moves, gripper_command(held)], np.float32), held - {"x+", "x-", "y+", "y-", "z+", "z-"}
-
-
 # --- devices: each turns its input into (act, held) ---------------------------------------------------
 def has_display():
     """True where a window can open: Windows, macOS, or X11/Wayland with a display set."""
@@ -128,44 +113,28 @@ class Gamepad:
             kind = "axis" if name in AXES else "button"
             if number >= counts[kind]:
                 raise ValueError(f"gamepad '{self.name}' has {counts[kind]} {kind}s but '{name}' is {kind} {number}; "
-                                 f"remap with --gamepad_map {name}=N (python teleop.py pad shows the numbers)")
+                                 f"remap with --gamepad_map {name}=N (python -m pygame.examples.joystick shows the numbers)")
 
     def read(self, obs):
-        quit_pressed = pump()
         axes = [self.joystick.get_axis(i) for i in range(self.joystick.get_numaxes())]
         buttons = [self.joystick.get_button(i) for i in range(self.joystick.get_numbuttons())]
-        act, held = gamepad_action(axes, buttons, self.layout, self.zone, self.speed)
-        return act, held | quit_pressed
+        return gamepad_action(axes, buttons, self.layout, self.zone, self.speed)
 
 
-class Keyboard:
-    """The keys of KEYS, read from the operator's window (it must have the focus)."""
+class Keys:
+    """The buttons on keys, for a leader arm without a gamepad: they arrive through the operator's
+    window, which must have the focus. Moving the arm is the leader's job; act is zero."""
 
-    def __init__(self, cfg):
-        self.speed = cfg.teleop_speed
-        if pygame.display.get_surface() is None:   # keys arrive only through a window
+    KEYS = {"intervene": pygame.K_SPACE, "success": pygame.K_RETURN, "failure": pygame.K_BACKSPACE,
+            "rerecord": pygame.K_r, "estop": pygame.K_ESCAPE, "quit": pygame.K_q}
+
+    def __init__(self):
+        if pygame.display.get_surface() is None:
             pygame.display.set_mode((480, 40))
 
     def read(self, obs):
-        quit_pressed = pump()
-        state = pygame.key.get_pressed()
-        act, held = keyboard_action({key for key in KEYS.values() if state[key]}, self.speed)
-        return act, held | quit_pressed
-
-
-class Expert:
-    """sim.py's scripted expert as the human: its action, and "intervene" held while it wants control."""
-
-    def __init__(self, cfg, world, seed=None):
-        from sim import ScriptedExpert   # lazily: only the sim has one
-        self.expert = ScriptedExpert(cfg, world, seed)
-
-    def reset(self):
-        self.expert.reset()
-
-    def read(self, obs):
-        held = pump() | ({"intervene"} if self.expert.wants_control(obs) else set())
-        return self.expert.act(obs), held
+        pressed = pygame.key.get_pressed()
+        return np.zeros(ACT_DIM, np.float32), {name for name, key in self.KEYS.items() if pressed[key]}
 
 
 class LeaderArm:
@@ -203,11 +172,12 @@ class Teleop:
     """One question per step: is the human acting now, and with what action.
 
     `device` gives the action and the buttons; a `leader` arm, when present, gives the action
-    instead (the buttons still come from the gamepad or keyboard). `torque_off` is called the
+    instead (the buttons still come from the gamepad, or from keys). `torque_off` is called the
     moment emergency stop is pressed. Reads are at least `period_s` apart.
     """
 
     def __init__(self, device, leader=None, torque_off=None, period_s=0.0):
+        start_pygame()   # SDL delivers the devices' input (and the window's close button)
         self.device, self.leader, self.torque_off = device, leader, torque_off
         self.held = set()   # the controls held at the last read
         self.period_s, self.next_s = period_s, 0.0
@@ -222,7 +192,9 @@ class Teleop:
         # A human needs real time, also in the sim, which otherwise runs as fast as it can.
         time.sleep(max(0.0, self.next_s - time.perf_counter()))
         self.next_s = time.perf_counter() + self.period_s
+        quit_pressed = pump()
         act, held = self.device.read(obs)
+        held |= quit_pressed
         events = {name for name in EVENTS if name in held and name not in self.held}
         self.held = held
         if "estop" in events:
@@ -241,10 +213,9 @@ class Teleop:
 
 # --- the operator's window ---------------------------------------------------------------------------------
 class OperatorWindow:
-    """Camera views, who is acting, episode, step, return, recent success and intervention rates.
-
-    Drawn where a display exists (and cfg.show_window); every episode also prints one status line,
-    which is all a headless run shows.
+    """The cameras, framed orange while the human acts and green while the policy does, with the
+    episode, step, return and recent rates in the title bar. Drawn where a display exists (and
+    cfg.show_window); every episode also prints one status line, which is all a headless run shows.
     """
 
     VIEW_PX = 256   # each camera view is drawn this many pixels wide and high
@@ -252,12 +223,9 @@ class OperatorWindow:
     def __init__(self, cfg, visible=None, recent=20):
         self.cfg = cfg
         self.visible = cfg.show_window and has_display() if visible is None else visible
-        if self.visible:   # at once: the keyboard's keys arrive through this window
+        if self.visible:   # at once: keys arrive through this window
             start_pygame()
-            pygame.display.set_caption("hilserl-so101")
-            views = max(2, len(cfg.cameras.split(",")))
-            self.screen = pygame.display.set_mode((views * self.VIEW_PX, self.VIEW_PX + 150))
-            self.fonts = pygame.font.Font(None, 44), pygame.font.Font(None, 24)
+            self.screen = pygame.display.set_mode((max(2, len(cfg.cameras.split(","))) * self.VIEW_PX, self.VIEW_PX))
         self.episode, self.steps, self.ret, self.human_steps = 1, 0, 0.0, 0
         self.successes, self.intervention_rates = [], []
         self.recent = recent
@@ -285,26 +253,15 @@ class OperatorWindow:
         self.episode, self.steps, self.ret, self.human_steps = self.episode + 1, 0, 0.0, 0
 
     def draw(self, frames, human):
-        size, (big, small) = self.VIEW_PX, self.fonts
-        who, colour = ("HUMAN", (255, 140, 0)) if human else ("POLICY", (60, 200, 90))
+        size, (recent_success, recent_intervention) = self.VIEW_PX, self.rates()
         self.screen.fill((25, 25, 25))
-        for i, (name, frame) in enumerate(frames.items()):
+        for i, frame in enumerate(frames.values()):
             view = pygame.surfarray.make_surface(np.ascontiguousarray(frame.transpose(1, 0, 2)))
             self.screen.blit(pygame.transform.scale(view, (size, size)), (i * size, 0))
-            self.screen.blit(small.render(name, True, (255, 255, 0)), (i * size + 6, 6))
-        if not frames:
-            self.screen.blit(small.render("no camera frames (run with --use_images true)", True, (200, 200, 200)), (10, 10))
-        pygame.draw.rect(self.screen, colour, (0, 0, self.screen.get_width(), size), width=4)
-        recent_success, recent_intervention = self.rates()
-        self.screen.blit(big.render(who, True, colour), (10, size + 10))
-        lines = (f"episode {self.episode}   step {self.steps}/{self.cfg.episode_steps}   return {self.ret:.2f}",
-                 f"recent success {recent_success:.0%}   intervened {self.human_steps / max(self.steps, 1):.0%} "
-                 f"this episode, {recent_intervention:.0%} recent",
-                 "hold RB/R1 (space): take over   LT/RT (c/o): close/open gripper",
-                 "Y success   A failure   X re-record   B E-STOP   Start quit")
-        for row, text in enumerate(lines):
-            x, y = (150, size + 20) if row == 0 else (10, size + 30 + 26 * row)
-            self.screen.blit(small.render(text, True, (230, 230, 230)), (x, y))
+        pygame.draw.rect(self.screen, (255, 140, 0) if human else (60, 200, 90), self.screen.get_rect(), width=6)
+        pygame.display.set_caption(f"{'HUMAN' if human else 'policy'} | episode {self.episode} step {self.steps}/"
+                                   f"{self.cfg.episode_steps} return {self.ret:.2f} | last {self.recent}: success "
+                                   f"{recent_success:.0%}, intervened {recent_intervention:.0%}")
         pygame.display.flip()
 
 
@@ -322,27 +279,23 @@ def make_env(cfg, seed=None):
 
 def make_teleop(cfg, env):
     """The device cfg.teleop names. auto: the leader arm if cfg.leader_port, else the scripted expert
-    in the sim, else a gamepad if one is plugged in, else the keyboard."""
+    in the sim, else the gamepad. A leader arm takes its buttons from a gamepad, or from keys."""
     start_pygame()
     choice = cfg.teleop
     if choice == "auto":
-        choice = ("leader" if cfg.leader_port else "expert" if not cfg.port
-                  else "gamepad" if pygame.joystick.get_count() else "keyboard")
+        choice = "leader" if cfg.leader_port else "expert" if not cfg.port else "gamepad"
     if choice == "expert":
         if cfg.port:
             raise ValueError("--teleop expert: the scripted expert only exists in the sim; drop --port")
-        return Teleop(Expert(cfg, env.world, cfg.seed))
-    if choice not in ("gamepad", "keyboard", "leader"):
-        raise ValueError(f"--teleop {choice!r}: expected auto, gamepad, keyboard, leader or expert")
-    if choice == "gamepad" or (choice == "leader" and pygame.joystick.get_count()):
-        if not pygame.joystick.get_count():
-            raise ValueError("--teleop gamepad: no gamepad found; plug one in or use --teleop keyboard")
+        from sim import ScriptedExpert   # lazily: only the sim has one
+        return Teleop(ScriptedExpert(cfg, env.world, cfg.seed))
+    if pygame.joystick.get_count():
         device = Gamepad(cfg)
         print(f"gamepad '{device.name}': layout {device.layout}")
-    elif has_display():
-        device = Keyboard(cfg)   # its keys come through the operator's window, which must be open
+    elif choice == "leader" and has_display():
+        device = Keys()   # through the operator's window, which must be open
     else:
-        raise ValueError("keyboard control needs a display for the operator's window; plug in a gamepad")
+        raise ValueError("no gamepad found: plug one in (a leader arm without one needs a display for its keys)")
     leader = LeaderArm(cfg) if choice == "leader" else None
     return Teleop(device, leader, torque_off=env.arm.close, period_s=1.0 / cfg.control_hz)
 
@@ -376,7 +329,7 @@ def record_episode(env, teleop, window, obs):
 
 def wait_for_start(teleop, obs):
     """Real arm: the human resets the scene, then presses intervene; False if they quit instead."""
-    print("reset the scene, then press intervene (RB/R1, space) to start the episode", flush=True)
+    print("reset the scene, then press intervene (RB/R1, or space) to start the episode", flush=True)
     released = False   # a press, not a button still held from the last episode
     while True:
         _, intervene, events = teleop.read(obs)
@@ -476,19 +429,6 @@ def label_frames(cfg, path, success_frames):
 
 
 # --- command line ------------------------------------------------------------------------------------------
-def show_pad():
-    """Print the number of each button pressed and axis moved, for --gamepad_map. Ctrl-C stops."""
-    start_pygame()
-    if not pygame.joystick.get_count():
-        raise SystemExit("no gamepad found: plug one in (on Linux it shows up as /dev/input/js*)")
-    print(f"'{pygame.joystick.Joystick(0).get_name()}': press buttons, move sticks and triggers")
-    while True:
-        for event in pygame.event.get():
-            if event.type == pygame.JOYBUTTONDOWN or (event.type == pygame.JOYAXISMOTION and abs(event.value) > 0.5):
-                print(f"button {event.button}" if event.type == pygame.JOYBUTTONDOWN else f"axis {event.axis} {event.value:+.1f}")
-        time.sleep(0.01)
-
-
 def main():
     cfg, words = load_config()
     try:
@@ -496,11 +436,9 @@ def main():
             print(f"{cfg.demos}: {record_demos(cfg, cfg.demos, cfg.demo_episodes)} episodes")
         elif words == ["label"]:
             print(f"{cfg.frames}: {label_frames(cfg, cfg.frames, cfg.success_frames)} success frames")
-        elif words == ["pad"]:
-            show_pad()
         else:
             raise SystemExit("usage: python teleop.py record [--demos PATH --demo_episodes N --port PORT] "
-                             "| label [--frames PATH --success_frames N --port PORT] | pad")
+                             "| label [--frames PATH --success_frames N --port PORT]")
     except (ValueError, OSError, EmergencyStop) as error:   # one line a user can act on
         raise SystemExit(f"error: {error}") from None
 
