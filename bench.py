@@ -1,13 +1,11 @@
 """Measurement, beside the spine: one control step's learning, and the robot's side of the loop.
 
-    python bench.py [update] [images] [bus] [sim]      all four sections, or those named
-update: state only, eager (hilserl.py) and compiled (fast.py), against the floor and a plain
-reference learner, in 5 rounds (this machine's speed drifts: each round measures the matmul rate
-right before timing, and the round with the median share of the floor is reported), with two
-figures that hold on any device: operator calls per control step (at this size a GPU waits on
-kernel launches) and the bytes Adam and the target update move (bound by memory bandwidth).
-images: the same with two cameras. bus: one round trip against the servo emulator. sim: control
-steps per second. Settings as everywhere: --device cuda, --utd_ratio 10, ...
+    python bench.py [update] [images] [bus] [sim]      all four, or those named; settings as everywhere
+update: eager (hilserl.py) and compiled (fast.py) against the matmul floor and a plain reference
+learner, in 5 rounds (the speed here drifts: the round with the median share of the floor is shown),
+with two figures that hold on any device: operator calls (a GPU at this size waits on kernel
+launches) and the bytes Adam and the target update move. images: the same with two cameras. bus:
+one round trip on the servo emulator. sim: control steps per second.
 """
 
 import copy
@@ -234,11 +232,10 @@ def bench_update(cfg, device, rounds=5):
 
 
 def bench_images(cfg, device, slots=4_000):
-    """Two cameras. resnet10: the update reads cached features, here random numbers (the backbone's
-    cost per frame is timed apart, and what running it in every update would cost is derived)."""
+    """Two cameras: the update reads the frozen backbone's cached features, here random numbers."""
     rng, size = np.random.default_rng(cfg.seed), cfg.image_size
     frame = np.zeros((size, size, 3), np.uint8)
-    agent, optimizers, demo, _, batches = setup(
+    agent, optimizers, _, _, batches = setup(
         cfg, {"state": np.zeros(STATE_DIM, np.float32), "front": frame, "wrist": frame}, slots, rng, device)
     print(f"images: {device_name(device)}; two {size}x{size} cameras, ResNet-10 features; "
           f"utd_ratio {cfg.utd_ratio}, batch {cfg.batch_size}")
@@ -247,12 +244,6 @@ def bench_images(cfg, device, slots=4_000):
     print(f"  hilserl (eager): {timed(spine, device) * 1e3:7.1f} ms per control step")
     learner = fast.Learner(agent, optimizers, cfg, batches())
     print(f"  compiled (fast.py): {timed(lambda: learner(batches()), device) * 1e3:7.1f} ms per control step")
-    if agent.backbone is not None:
-        two = torch.from_numpy(demo.arrays["front"][:2]).to(device)
-        frame_s = timed(lambda: agent.backbone(two), device) / 2
-        per_step = cfg.utd_ratio * cfg.batch_size * 2 * 2   # updates x rows x (obs, next_obs) x cameras
-        print(f"  backbone: {frame_s * 1e3:.1f} ms per frame (batch of 2); run in every update instead of cached "
-              f"it would add ~{per_step * frame_s:.1f} s per control step ({per_step} frames)")
 
 
 def bench_bus(cfg, n=2000):
@@ -268,14 +259,9 @@ def bench_bus(cfg, n=2000):
 
 
 def bench_sim(cfg, steps=1000):
-    """Control steps per second: the physics tick alone, then SO101Env.step without and with cameras."""
+    """Control steps per second of SO101Env.step (bus, IK, physics), without and with cameras."""
     from sim import ScriptedExpert, make_sim
     arm, cameras, world = make_sim(cfg, cfg.seed)
-    start = time.perf_counter()
-    for _ in range(steps):
-        world.tick()
-    print(f"sim: physics only (SimWorld.tick, {world.substeps} x {world.model.opt.timestep * 1000:g} ms): "
-          f"{steps / (time.perf_counter() - start):6.0f} control steps/s")
     expert = ScriptedExpert(cfg, world, cfg.seed)
     with SO101Env(cfg, arm, cameras, world) as env:
         for use_images in (False, True):

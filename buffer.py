@@ -102,17 +102,17 @@ class ReplayBuffer:
         return batch
 
     # --- files -------------------------------------------------------------------------------
-    def save(self, path):
-        """Write the filled slots to `path` atomically: a temporary file, then a rename."""
+    def save(self, path, extra=None):
+        """Write the filled slots to `path` atomically, and `extra` arrays beside them (a run folder's log row)."""
         full = self.size == self.capacity
         order = (np.arange(self.size) + (self.cursor + 1 if full else 0)) % self.capacity   # oldest first
         arrays = {k: v[order] for k, v in self.arrays.items()}
         if self.size:
             arrays["valid"][-1] = False  # its next frame, if any, is not in the file
-        save_npz(path, arrays)
+        save_npz(path, {**arrays, **(extra or {})})
 
-    def load(self, path):
-        """Replace the contents with a file written by `save`, checking every key, shape and dtype."""
+    def read(self, path):
+        """The arrays of a file written by `save`, every key, shape, dtype and value checked against this buffer's."""
         try:   # no Python objects: a file of someone else's is data, never code
             with np.load(path) as data:
                 loaded = {k: data[k] for k in data.files}
@@ -123,9 +123,6 @@ class ReplayBuffer:
         if missing:
             raise ValueError(f"{path}: missing key '{missing[0]}'; expected keys {sorted(self.arrays)}")
         n = len(loaded["valid"])
-        if n > self.capacity:
-            raise ValueError(f"{path}: holds {n} slots but the buffer has {self.capacity}; "
-                             "raise --replay_capacity or --demo_capacity")
         for key, mine in self.arrays.items():
             theirs = loaded[key]
             if theirs.shape[1:] != mine.shape[1:] or theirs.dtype != mine.dtype or len(theirs) != n:
@@ -134,15 +131,32 @@ class ReplayBuffer:
                                  "image size or state?)")
             if theirs.dtype == np.float32 and not np.isfinite(theirs).all():   # NaN would poison every update
                 raise ValueError(f"{path}: key '{key}' holds NaN or infinite values; record it again or restore a copy")
+        return loaded
+
+    def load(self, path):
+        """Replace the contents with a file written by `save`."""
+        loaded = self.read(path)
+        n = len(loaded["valid"])
+        if n > self.capacity:
+            raise ValueError(f"{path}: holds {n} slots but the buffer has {self.capacity}; "
+                             "raise --replay_capacity or --demo_capacity")
         for key in self.arrays:
             self.arrays[key][:n] = loaded[key]
         self.arrays["valid"][n:] = False
         self.size, self.cursor, self.frame_pending = n, n % self.capacity, False
 
+    def extend(self, saved, intervened_only=False):
+        """Add, in order, the transitions of `read` arrays of a buffer that never wrapped (one episode)."""
+        for i in np.flatnonzero(saved["valid"] & (saved["intervened"] | (not intervened_only))):
+            obs = {k: saved[k][i] for k in self.image_keys + self.vector_keys}
+            next_obs = {**{k: saved[k][i + 1] for k in self.image_keys}, **{k: saved["next_" + k][i] for k in self.vector_keys}}
+            self.add(obs, saved["act"][i], saved["rew"][i], next_obs, saved["terminated"][i], saved["truncated"][i],
+                     saved["intervened"][i], saved["grasp_penalty"][i])
+
 
 def save_npz(path, arrays):
-    """np.savez atomically: a temporary file in the same folder, then a rename, so a crash or a
-    kill at any moment leaves either the old file or the new one, never half of one."""
+    """np.savez atomically: a temporary file in the same folder, on disk (fsync), then a rename, so a
+    crash, a kill or a power cut at any moment leaves either the old file or the new one, never half of one."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp.npz")
@@ -150,6 +164,8 @@ def save_npz(path, arrays):
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

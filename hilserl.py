@@ -17,6 +17,7 @@ update; fast.py makes the same functions fast (--compile) and is tested against 
 import csv
 import dataclasses
 import functools
+import io
 import json
 import os
 import pathlib
@@ -247,11 +248,13 @@ def start_run(cfg, obs, folder):
     try:   # a missing, corrupt or mismatched file: one line that names it
         if cfg.resume:
             progress = load_checkpoint(folder, agent, optimizers)
-            online.load(folder / "online.npz")
             demo.load(folder / "demo.npz")
-            if (folder / "log.csv").exists():
-                rows = [{k: int(v) if v.lstrip("-").isdigit() else float(v) for k, v in r.items() if v}
-                        for r in csv.DictReader(open(folder / "log.csv"))]
+            for path in sorted(folder.glob("episodes/episode_*.npz")):   # also those after the checkpoint: none is lost
+                saved = online.read(path)
+                online.extend(saved)
+                demo.extend(saved, intervened_only=True)                # as the loop added them
+                rows.append({k[4:]: saved[k].item() for k in saved if k.startswith("log/")})
+            progress.update({k: rows[-1][k] if rows else 0 for k in ("episode", "env_steps")})   # one row per episode
             print(f"resumed {folder} at episode {progress['episode']}, {progress['env_steps']} steps")
         else:
             if agent.backbone is not None:
@@ -276,6 +279,7 @@ def run_episode(run, env, teleop, obs, window):
     """One episode: act (the policy, or the human), step the env, store, learn. Returns its log row and events."""
     cfg, agent = run.cfg, run.agent
     ret, human_steps, timings, stats, features = 0.0, 0, [], {}, {}
+    episode = ReplayBuffer(cfg.episode_steps + 2, obs, ACT_DIM)   # its transitions, for the run folder
     updates_before, start = run.progress["updates"], time.perf_counter()
     while True:
         t0 = time.perf_counter()
@@ -289,6 +293,7 @@ def run_episode(run, env, teleop, obs, window):
         t2 = time.perf_counter()
         transition = (obs, act, rew, next_obs, terminated, truncated, intervened, info["grasp_penalty"])
         slot = run.online.add(*transition)
+        episode.add(*transition)
         features = run.online_features.add(slot) if run.online_features else {}   # next_obs's, for the next act
         if intervened:                          # a human correction is a demonstration too (hil-serl)
             slot = run.demo.add(*transition)
@@ -319,11 +324,12 @@ def run_episode(run, env, teleop, obs, window):
            "updates_per_s": (run.progress["updates"] - updates_before) / seconds,
            **{k: v.item() for k, v in stats.items()},                                   # SYNC POINT: logging
            **dict(zip(("time/act_ms", "time/robot_ms", "time/update_ms"), (1e3 * np.mean(x) for x in zip(*timings))))}
-    return row, events
+    return row, events, episode
 
 
-def end_episode(run, row, window):
-    """The episode's bookkeeping: the log, the operator's line, the diagnosis, a checkpoint now and then."""
+def end_episode(run, row, episode, window):
+    """The episode's bookkeeping: its file, the log, the operator's line, the diagnosis, a checkpoint now and then."""
+    episode.save(run.folder / "episodes" / f"episode_{row['episode']:06d}.npz", {"log/" + k: np.array(v) for k, v in row.items()})
     run.rows.append(row)
     write_log(run.folder / "log.csv", run.rows)
     window.end_episode(row["success"], f"  |  {row['env_steps']} steps, {row['updates_per_s']:.0f} updates/s")
@@ -336,7 +342,10 @@ def end_episode(run, row, window):
 def train(cfg, env, teleop, folder):
     obs = env.reset(seed=cfg.seed)
     run = start_run(cfg, obs, folder)
-    (folder / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))   # once everything loaded
+    if not cfg.resume:   # what every resume starts from: the demos as they were, and the untrained agent
+        run.demo.save(folder / "demo.npz")
+        save_checkpoint(run)
+    write_atomically(folder / "config.json", json.dumps(dataclasses.asdict(cfg), indent=1))   # once everything loaded
     window = OperatorWindow(cfg)    # drawn where there is a display; prints a line per episode anyway
     window.episode = run.progress["episode"] + 1
     try:
@@ -345,8 +354,8 @@ def train(cfg, env, teleop, folder):
             teleop.reset()
             if cfg.port and not wait_for_start(teleop, obs):   # the human resets the scene first
                 break
-            row, events = run_episode(run, env, teleop, obs, window)
-            end_episode(run, row, window)
+            row, events, episode = run_episode(run, env, teleop, obs, window)
+            end_episode(run, row, episode, window)
             if "quit" in events:
                 break
     except NonFiniteUpdate as error:   # a poisoned agent is not saved: the last checkpoint stays as it was
@@ -381,9 +390,8 @@ def evaluate(cfg, env, folder):
 
 # --- the run folder: config.json, checkpoint.pt with both buffers, log.csv, curves.png ------------
 def save_checkpoint(run):
-    """Buffers first, then the agent (a stop in between loses at most the current episode), then the curves."""
-    run.online.save(run.folder / "online.npz")
-    run.demo.save(run.folder / "demo.npz")
+    """The agent, its optimizers and counters, atomically, then the curves. The buffers need no saving:
+    a resume rebuilds them from demo.npz and the episode files."""
     torch.save({"agent": run.agent.state_dict(), "progress": run.progress,
                 "optimizers": {k: o.state_dict() for k, o in run.optimizers.items()}}, run.folder / "checkpoint.pt.tmp")
     os.replace(run.folder / "checkpoint.pt.tmp", run.folder / "checkpoint.pt")     # atomic
@@ -415,12 +423,18 @@ def load_checkpoint(folder, agent, optimizers=None):
 
 
 def write_log(path, rows):
-    """The whole log, rewritten atomically after every episode (a few hundred rows at most)."""
-    keys = list(dict.fromkeys(k for r in rows for k in r))
+    """The whole log, rewritten after every episode (a few hundred rows at most)."""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, list(dict.fromkeys(k for r in rows for k in r)))
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomically(path, text.getvalue())
+
+
+def write_atomically(path, text):
+    """A new file or the old one, never half of one, whenever the process stops."""
     with open(f"{path}.tmp", "w", newline="") as f:
-        writer = csv.DictWriter(f, keys)
-        writer.writeheader()
-        writer.writerows(rows)
+        f.write(text)
     os.replace(f"{path}.tmp", path)
 
 

@@ -25,6 +25,7 @@ import math  # noqa: E402
 import re  # noqa: E402
 import runpy  # noqa: E402
 import signal  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -641,14 +642,19 @@ class TestLoop:
         steps = int(rows[-1]["env_steps"])
         assert steps >= 200 and {"loss/critic", "q/mean", "alpha", "intervention_rate"} <= set(rows[-1])
         assert (run / "curves.png").stat().st_size > 10_000 and (run / "checkpoint.pt").exists()
-        online, demo = (buffer.ReplayBuffer(2000, {"state": np.zeros(12, np.float32)}, 4) for _ in range(2))
-        online.load(run / "online.npz")
+        demo = buffer.ReplayBuffer(2000, {"state": np.zeros(12, np.float32)}, 4)
         demo.load(run / "demo.npz")
-        human = int(online.arrays["intervened"][online.arrays["valid"]].sum())
-        assert len(online) == steps and 0 < human < steps           # the expert corrected some steps, not all
-        assert len(demo) == len(recorded) + human                   # every corrected step is also a demo
+        assert len(demo) == len(recorded)                           # the demos as the run started
+        episodes = [dict(np.load(p)) for p in sorted(run.glob("episodes/episode_*.npz"))]
+        assert [int(e["log/episode"]) for e in episodes] == list(range(1, len(rows) + 1))
+        human = sum(int(e["intervened"][e["valid"]].sum()) for e in episodes)
+        assert sum(int(e["valid"].sum()) for e in episodes) == steps and 0 < human < steps   # the expert corrected some
         logged = sum(float(r["intervention_rate"]) * int(r["length"]) for r in rows)
         assert round(logged) == human
+        start = hilserl.start_run(hilserl.load_run_config(["--resume", str(run)]), {"state": np.zeros(12, np.float32)}, run)
+        assert len(start.online) == steps and len(start.demo) == len(recorded) + human   # a corrected step is a demo too
+        assert start.rows == [{k: (int(v) if k in ("episode", "env_steps", "length") else float(v))
+                               for k, v in r.items() if v} for r in rows]
 
         monkeypatch.setattr("sys.argv", ["hilserl.py", "--resume", str(run), "--max_env_steps", "300"])
         hilserl.main()
@@ -771,6 +777,38 @@ class TestRunFolder:
             hilserl.load_checkpoint(tmp_path, make_agent(cfg), {"critic": hilserl.make_optimizers(agent, cfg)["critic"]})
         assert hilserl.load_checkpoint(tmp_path, make_agent(cfg)) == {}   # evaluating needs the agent only
 
+
+    def test_ten_kill_9s_at_random_moments_lose_at_most_the_episode_in_progress(self, tmp_path):
+        import subprocess
+        run, out = tmp_path / "run", tmp_path / "out.txt"
+        small = ["--hidden_dim", "16", "--state_latent_dim", "8", "--batch_size", "16", "--utd_ratio", "1",
+                 "--training_starts", "10", "--episode_steps", "20", "--checkpoint_every", "3", "--demo_episodes", "2",
+                 "--demo_keep_failed", "true"]
+        def start(*args):
+            return subprocess.Popen([sys.executable, "hilserl.py", *args, *small], stdout=open(out, "w"),
+                                    stderr=subprocess.STDOUT, cwd=os.path.dirname(os.path.abspath(__file__)))
+        def episodes_on_disk():
+            return [int(p.stem.split("_")[1]) for p in sorted(run.glob("episodes/episode_*.npz"))]
+        rng = np.random.default_rng(0)
+        process = start("--demos", str(tmp_path / "demos.npz"), "--run_dir", str(run))
+        while not (run / "config.json").exists():                                      # from here on it can resume
+            assert process.poll() is None, out.read_text()
+            time.sleep(0.05)
+        for kill in range(10):
+            if kill:
+                process = start("--resume", str(run))
+            time.sleep(rng.uniform(0.0, 5.0))                                          # start-up, episodes, saves
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            printed = [int(m) for m in re.findall(r"^episode +(\d+) .* updates/s$", out.read_text(), re.M)]   # training's
+            on_disk = episodes_on_disk()
+            assert on_disk == list(range(1, len(on_disk) + 1))                         # no gap, no episode twice
+            assert not printed or printed[-1] <= len(on_disk) <= printed[-1] + 1       # only the one in progress is lost
+        process = start("--resume", str(run), "--max_env_steps", str(20 * len(episodes_on_disk()) + 50))
+        assert process.wait() == 0, out.read_text()
+        rows = list(csv.DictReader(open(run / "log.csv")))
+        assert [int(r["episode"]) for r in rows] == episodes_on_disk() == list(range(1, len(rows) + 1))
+        assert [int(r["env_steps"]) for r in rows] == list(np.cumsum([int(r["length"]) for r in rows]))
 
     def test_an_existing_run_folder_is_refused_before_anything_is_written(self, tmp_path, monkeypatch):
         (tmp_path / "run").mkdir()
