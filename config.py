@@ -98,7 +98,6 @@ class Config:
     teleop_speed: float = 1.0            # full stick or a held key = this fraction of the largest action (ee_step_m per step)
     leader_port: str = ""                # serial port of an SO-101 leader arm used to intervene; empty = none
     leader_calibration: str = "so101_leader_calibration.json"  # the leader arm's calibration file (ours or LeRobot's)
-    show_window: bool = True             # open the operator's window when a display exists; headless prints a line per episode
     demo_keep_failed: bool = False       # also keep demo episodes not marked successful (hil-serl keeps successes only)
 
 

@@ -33,7 +33,7 @@ from classifier import load_classifier
 from config import Config, diagnose, load_run_config, warnings_for
 from networks import Agent, load_resnet10, pick_device, resnet10_weights
 from robot import ACT_DIM, EE_DIM, BusError, ServoError
-from teleop import EmergencyStop, OperatorWindow, make_env, make_teleop, record_demos, wait_for_start
+from teleop import EmergencyStop, StatusLine, make_env, make_teleop, record_demos, wait_for_start
 
 
 TARGET_ENTROPY = -ACT_DIM / 2   # -|A|/2, the gripper counted as one action dimension (hil-serl's hybrid agent): -2
@@ -275,7 +275,7 @@ def start_run(cfg, obs, folder):
     return run
 
 
-def run_episode(run, env, teleop, obs, window):
+def run_episode(run, env, teleop, obs, status):
     """One episode: act (the policy, or the human), step the env, store, learn. Returns its log row and events."""
     cfg, agent = run.cfg, run.agent
     ret, human_steps, timings, stats, features = 0.0, 0, [], {}, {}
@@ -311,7 +311,7 @@ def run_episode(run, env, teleop, obs, window):
             act_ms, robot_ms, update_ms = (1e3 * np.mean(x) for x in zip(*timings))
             print(f"warning: the loop cannot keep {cfg.control_hz} Hz: act {act_ms:.0f} ms, robot {robot_ms:.0f} ms, "
                   f"{cfg.utd_ratio} updates {update_ms:.0f} ms per step; lower --utd_ratio or train on a GPU")
-        window.show(next_obs, intervened, rew)
+        status.count(intervened, rew)
         obs, ret = next_obs, ret + rew
         human_steps += intervened
         run.progress["env_steps"] += 1
@@ -327,12 +327,12 @@ def run_episode(run, env, teleop, obs, window):
     return row, events, episode
 
 
-def end_episode(run, row, episode, window):
+def end_episode(run, row, episode, status):
     """The episode's bookkeeping: its file, the log, the operator's line, the diagnosis, a checkpoint now and then."""
     episode.save(run.folder / "episodes" / f"episode_{row['episode']:06d}.npz", {"log/" + k: np.array(v) for k, v in row.items()})
     run.rows.append(row)
     write_log(run.folder / "log.csv", run.rows)
-    window.end_episode(row["success"], f"  |  {row['env_steps']} steps, {row['updates_per_s']:.0f} updates/s")
+    status.end_episode(row["success"], f"  |  {row['env_steps']} steps, {row['updates_per_s']:.0f} updates/s")
     if row["episode"] % 20 == 0 and (hint := diagnose(run.rows, run.cfg)):
         print("diagnosis: " + hint)
     if row["episode"] % run.cfg.checkpoint_every == 0:
@@ -346,16 +346,16 @@ def train(cfg, env, teleop, folder):
         run.demo.save(folder / "demo.npz")
         save_checkpoint(run)
     write_atomically(folder / "config.json", json.dumps(dataclasses.asdict(cfg), indent=1))   # once everything loaded
-    window = OperatorWindow(cfg)    # drawn where there is a display; prints a line per episode anyway
-    window.episode = run.progress["episode"] + 1
+    status = StatusLine()
+    status.episode = run.progress["episode"] + 1
     try:
         while not cfg.max_env_steps or run.progress["env_steps"] < cfg.max_env_steps:
             obs = env.reset() if run.progress["episode"] or cfg.resume else obs
             teleop.reset()
             if cfg.port and not wait_for_start(teleop, obs):   # the human resets the scene first
                 break
-            row, events, episode = run_episode(run, env, teleop, obs, window)
-            end_episode(run, row, episode, window)
+            row, events, episode = run_episode(run, env, teleop, obs, status)
+            end_episode(run, row, episode, status)
             if "quit" in events:
                 break
     except NonFiniteUpdate as error:   # a poisoned agent is not saved: the last checkpoint stays as it was

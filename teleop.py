@@ -96,7 +96,7 @@ def start_pygame():
 
 
 def pump():
-    """Let SDL read its devices; the window's close button counts as quit."""
+    """Let SDL read its devices; closing the keys' window counts as quit."""
     return {"quit"} if any(event.type == pygame.QUIT for event in pygame.event.get()) else set()
 
 
@@ -122,8 +122,8 @@ class Gamepad:
 
 
 class Keys:
-    """The buttons on keys, for a leader arm without a gamepad: they arrive through the operator's
-    window, which must have the focus. Moving the arm is the leader's job; act is zero."""
+    """The buttons on keys, for a leader arm without a gamepad: they arrive through a small window,
+    which must have the focus. Moving the arm is the leader's job; act is zero."""
 
     KEYS = {"intervene": pygame.K_SPACE, "success": pygame.K_RETURN, "failure": pygame.K_BACKSPACE,
             "rerecord": pygame.K_r, "estop": pygame.K_ESCAPE, "quit": pygame.K_q}
@@ -177,7 +177,7 @@ class Teleop:
     """
 
     def __init__(self, device, leader=None, torque_off=None, period_s=0.0):
-        start_pygame()   # SDL delivers the devices' input (and the window's close button)
+        start_pygame()   # SDL delivers the devices' input
         self.device, self.leader, self.torque_off = device, leader, torque_off
         self.held = set()   # the controls held at the last read
         self.period_s, self.next_s = period_s, 0.0
@@ -211,58 +211,29 @@ class Teleop:
         return (act if intervened else np.asarray(policy_act, np.float32)), intervened, events
 
 
-# --- the operator's window ---------------------------------------------------------------------------------
-class OperatorWindow:
-    """The cameras, framed orange while the human acts and green while the policy does, with the
-    episode, step, return and recent rates in the title bar. Drawn where a display exists (and
-    cfg.show_window); every episode also prints one status line, which is all a headless run shows.
-    """
+# --- the operator's status line -----------------------------------------------------------------------
+class StatusLine:
+    """Counts each episode's steps, return and human steps, and prints one line per episode with the
+    recent success and intervention rates: what the operator reads between episodes."""
 
-    VIEW_PX = 256   # each camera view is drawn this many pixels wide and high
-
-    def __init__(self, cfg, visible=None, recent=20):
-        self.cfg = cfg
-        self.visible = cfg.show_window and has_display() if visible is None else visible
-        if self.visible:   # at once: keys arrive through this window
-            start_pygame()
-            self.screen = pygame.display.set_mode((max(2, len(cfg.cameras.split(","))) * self.VIEW_PX, self.VIEW_PX))
+    def __init__(self, recent=20):
         self.episode, self.steps, self.ret, self.human_steps = 1, 0, 0.0, 0
         self.successes, self.intervention_rates = [], []
         self.recent = recent
 
-    def rates(self):
-        """(recent success rate, recent intervention rate) over the last `recent` episodes."""
-        s, i = self.successes[-self.recent:], self.intervention_rates[-self.recent:]
-        return (float(np.mean(s)) if s else 0.0), (float(np.mean(i)) if i else 0.0)
-
-    def show(self, obs, human, rew):
-        """Count one step and, when visible, draw it."""
+    def count(self, human, rew):
         self.steps, self.ret, self.human_steps = self.steps + 1, self.ret + rew, self.human_steps + human
-        if self.visible:
-            self.draw({k: v for k, v in obs.items() if v.dtype == np.uint8}, human)
 
     def end_episode(self, success, extra=""):
-        """Print the episode's status line (with `extra` at its end) and start counting the next one."""
+        """Print the episode's line (with `extra` at its end) and start counting the next one."""
         rate = self.human_steps / max(self.steps, 1)
         self.successes.append(float(success))
         self.intervention_rates.append(rate)
-        recent_success, recent_intervention = self.rates()
+        recent_success, recent_intervention = (np.mean(x[-self.recent:]) for x in (self.successes, self.intervention_rates))
         print(f"episode {self.episode:4d}  steps {self.steps:3d}  return {self.ret:7.2f}  "
               f"success {'yes' if success else 'no '}  intervened {rate:4.0%}  |  last {len(self.successes[-self.recent:])}: "
               f"success {recent_success:4.0%}  intervened {recent_intervention:4.0%}{extra}", flush=True)
         self.episode, self.steps, self.ret, self.human_steps = self.episode + 1, 0, 0.0, 0
-
-    def draw(self, frames, human):
-        size, (recent_success, recent_intervention) = self.VIEW_PX, self.rates()
-        self.screen.fill((25, 25, 25))
-        for i, frame in enumerate(frames.values()):
-            view = pygame.surfarray.make_surface(np.ascontiguousarray(frame.transpose(1, 0, 2)))
-            self.screen.blit(pygame.transform.scale(view, (size, size)), (i * size, 0))
-        pygame.draw.rect(self.screen, (255, 140, 0) if human else (60, 200, 90), self.screen.get_rect(), width=6)
-        pygame.display.set_caption(f"{'HUMAN' if human else 'policy'} | episode {self.episode} step {self.steps}/"
-                                   f"{self.cfg.episode_steps} return {self.ret:.2f} | last {self.recent}: success "
-                                   f"{recent_success:.0%}, intervened {recent_intervention:.0%}")
-        pygame.display.flip()
 
 
 # --- building it -------------------------------------------------------------------------------------------
@@ -293,7 +264,7 @@ def make_teleop(cfg, env):
         device = Gamepad(cfg)
         print(f"gamepad '{device.name}': layout {device.layout}")
     elif choice == "leader" and has_display():
-        device = Keys()   # through the operator's window, which must be open
+        device = Keys()
     else:
         raise ValueError("no gamepad found: plug one in (a leader arm without one needs a display for its keys)")
     leader = LeaderArm(cfg) if choice == "leader" else None
@@ -301,7 +272,7 @@ def make_teleop(cfg, env):
 
 
 # --- recording demos ---------------------------------------------------------------------------------------
-def record_episode(env, teleop, window, obs):
+def record_episode(env, teleop, status, obs):
     """One episode in which the human (or the expert) drives every step -> (transitions, outcome).
 
     outcome: "success", "failure", "rerecord" or "quit". On the real arm the human's success button
@@ -314,16 +285,16 @@ def record_episode(env, teleop, window, obs):
             return transitions, "quit" if "quit" in events else "rerecord"
         if "failure" in events and transitions:
             transitions[-1] = (*transitions[-1][:5], True, *transitions[-1][6:])   # truncated: the human ended it
-            window.end_episode(False)
+            status.end_episode(False)
             return transitions, "failure"
         if "success" in events and isinstance(env.world, RealWorld):
             env.world.succeeded = True
         next_obs, rew, terminated, truncated, info = env.step(act)
         transitions.append((obs, act, rew, next_obs, terminated, truncated, True, info["grasp_penalty"]))
-        window.show(next_obs, True, rew)
+        status.count(True, rew)
         obs = next_obs
         if terminated or truncated:
-            window.end_episode(info["success"])
+            status.end_episode(info["success"])
             return transitions, "success" if info["success"] else "failure"
 
 
@@ -347,7 +318,7 @@ def record_demos(cfg, path, episodes):
     """
     env = make_env(cfg, cfg.seed)
     with env:
-        teleop, window = make_teleop(cfg, env), OperatorWindow(cfg)
+        teleop, status = make_teleop(cfg, env), StatusLine()
         obs = env.reset()
         demos = ReplayBuffer(cfg.demo_capacity, obs, ACT_DIM)
         if os.path.exists(path):
@@ -358,7 +329,7 @@ def record_demos(cfg, path, episodes):
                 obs = env.reset(seed=cfg.seed + 1000 * (demos.num_episodes + 1) + failures)
             if cfg.port and not wait_for_start(teleop, obs):
                 break
-            transitions, outcome = record_episode(env, teleop, window, obs)
+            transitions, outcome = record_episode(env, teleop, status, obs)
             if outcome == "quit":
                 break
             if outcome == "success" or (outcome == "failure" and cfg.demo_keep_failed):
@@ -388,7 +359,7 @@ def label_frames(cfg, path, success_frames):
     """
     cfg.use_images = True
     with make_env(cfg, cfg.seed) as env:
-        teleop, window = make_teleop(cfg, env), OperatorWindow(cfg)
+        teleop, status = make_teleop(cfg, env), StatusLine()
         obs = env.reset()
         cameras = [k for k, v in obs.items() if v.dtype == np.uint8]
         recorded = {}
@@ -413,7 +384,7 @@ def label_frames(cfg, path, success_frames):
                 labels.append("success" in teleop.held or bool(env.world.success()))   # the sim: its physics
                 for k in cameras:
                     frames[k].append(obs[k])
-                window.show(obs, True, float(labels[-1]))
+                status.count(True, float(labels[-1]))
             if labels and "rerecord" not in events:   # re-record: the human mislabelled; drop the episode
                 positives += sum(labels)
                 for k in cameras:
@@ -421,7 +392,7 @@ def label_frames(cfg, path, success_frames):
                 recorded.setdefault("success", []).append(np.array(labels))
                 recorded.setdefault("episode", []).append(np.full(len(labels), episode))
                 save_npz(path, {k: np.concatenate(v) for k, v in recorded.items()})
-                window.end_episode(any(labels), f"  |  {path}: {positives}/{success_frames} success frames")
+                status.end_episode(any(labels), f"  |  {path}: {positives}/{success_frames} success frames")
                 episode += 1
             obs = env.reset()
             teleop.reset()

@@ -687,8 +687,8 @@ class TestLoop:
     def test_compile_happens_before_the_first_episode_and_never_again(self, tmp_path, monkeypatch):
         torch._dynamo.reset()                                         # forget graphs other tests compiled
         graphs = lambda: torch._dynamo.utils.counters["stats"]["unique_graphs"]
-        before_loop, window = [], hilserl.OperatorWindow              # the window opens as the loop starts
-        monkeypatch.setattr(hilserl, "OperatorWindow", lambda cfg: before_loop.append(graphs()) or window(cfg))
+        before_loop, status = [], hilserl.StatusLine                 # made as the loop starts
+        monkeypatch.setattr(hilserl, "StatusLine", lambda: before_loop.append(graphs()) or status())
         small = ["--hidden_dim", "32", "--state_latent_dim", "16", "--batch_size", "16", "--utd_ratio", "2",
                  "--training_starts", "20", "--demo_episodes", "2", "--episode_steps", "30", "--compile", "true"]
         monkeypatch.setattr("sys.argv", ["hilserl.py", "--demos", str(tmp_path / "demos.npz"), "--run_dir",
@@ -1546,11 +1546,11 @@ def leader_at(tmp_path, joints):
 
 def record_cfg(**overrides):
     # Short episodes, every one kept, so the number of episodes on disk is known in advance.
-    return Config(episode_steps=12, demo_keep_failed=True, show_window=False, **overrides)
+    return Config(episode_steps=12, demo_keep_failed=True, **overrides)
 
 
 def label_cfg(**overrides):
-    return Config(episode_steps=40, image_size=32, show_window=False, **overrides)
+    return Config(episode_steps=40, image_size=32, **overrides)
 
 
 class TestTeleop:
@@ -1638,17 +1638,17 @@ class TestTeleop:
         pygame.event.post(pygame.event.Event(pygame.QUIT))                           # the window's close button
         assert teleop.Teleop(keys).read(None)[2] == {"quit"}
 
-    def test_operator_window_renders_offscreen_and_prints_a_line_per_episode(self, tmp_path, capsys):
-        teleop.start_pygame()
-        window = teleop.OperatorWindow(Config(), visible=True)
-        frame = np.zeros((64, 64, 3), np.uint8)
-        for human in (True, False, False, True):
-            window.show({"state": np.zeros(9, np.float32), "front": frame, "wrist": frame}, human, -0.05)
-        window.end_episode(success=True)
-        pygame.image.save(window.screen, str(tmp_path / "window.png"))
-        assert (tmp_path / "window.png").stat().st_size > 1000
-        line = capsys.readouterr().out
-        assert "episode    1" in line and "intervened  50%" in line and "success yes" in line
+    def test_the_status_line_counts_the_episode_and_the_recent_rates(self, capsys):
+        status = teleop.StatusLine(recent=2)
+        for success, human in ((False, (True, False, False, True)), (True, (True,)), (True, (False, False))):
+            for h in human:
+                status.count(h, -0.05)
+            status.end_episode(success)
+        lines = capsys.readouterr().out.splitlines()
+        assert lines[0].startswith("episode    1  steps   4  return   -0.20  success no   intervened  50%  |  last 1: "
+                                   "success   0%  intervened  50%")
+        assert lines[2].startswith("episode    3  steps   2  return   -0.10  success yes  intervened   0%  |  last 2: "
+                                   "success 100%  intervened  50%")
 
     def test_leader_action_is_the_clipped_tool_difference_in_action_units(self, tmp_path):
         from robot import HOME_RAD, forward_kinematics
@@ -1686,7 +1686,7 @@ class TestTeleop:
 
     def test_record_demos_with_the_expert_keeps_successful_episodes(self, tmp_path):
         from buffer import ReplayBuffer
-        cfg = Config(show_window=False)
+        cfg = Config()
         path = str(tmp_path / "demos.npz")
         assert teleop.record_demos(cfg, path, episodes=2) == 2
         demos = ReplayBuffer(cfg.demo_capacity, {"state": np.zeros(12, np.float32)}, 4)
@@ -1697,7 +1697,7 @@ class TestTeleop:
 
     def test_a_continued_recording_repeats_no_scene_and_a_hopeless_one_gives_up(self, tmp_path):
         from buffer import ReplayBuffer
-        cfg, path = Config(show_window=False), str(tmp_path / "demos.npz")
+        cfg, path = Config(), str(tmp_path / "demos.npz")
         teleop.record_demos(cfg, path, episodes=2)
         teleop.record_demos(cfg, path, episodes=4)                                     # as after a kill
         demos = ReplayBuffer(cfg.demo_capacity, {"state": np.zeros(12, np.float32)}, 4)
@@ -1707,7 +1707,7 @@ class TestTeleop:
         cubes = {tuple(np.round(s[-3:], 4)) for s in firsts}                           # cube relative to the gripper
         assert demos.num_episodes == 4 and len(cubes) == 4
         with pytest.raises(SystemExit, match=r"3 episodes in a row failed, so recording stopped; .* keeps its 4 episodes"):
-            teleop.record_demos(Config(show_window=False, episode_steps=5, demo_max_failures=3), path, episodes=6)
+            teleop.record_demos(Config(episode_steps=5, demo_max_failures=3), path, episodes=6)
 
     def test_an_exception_mid_episode_leaves_the_finished_episodes_intact(self, tmp_path, monkeypatch):
         from buffer import ReplayBuffer
@@ -1771,7 +1771,7 @@ class TestTeleop:
         from buffer import ReplayBuffer
         path = tmp_path / "demos.npz"
         command = [sys.executable, "teleop.py", "record", "--demos", str(path), "--demo_episodes", "1000",
-                   "--episode_steps", "12", "--demo_keep_failed", "true", "--show_window", "false"]
+                   "--episode_steps", "12", "--demo_keep_failed", "true"]
         recorder = subprocess.Popen(command, cwd=os.path.dirname(os.path.abspath(__file__)),
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:
@@ -1809,12 +1809,12 @@ class TestTeleop:
     @pytest.mark.parametrize("button", ["success", "failure"])
     def test_on_the_real_arm_the_human_ends_the_episode(self, button):
         from robot import FeetechBus, RealWorld, ServoEmulator, SO101, SO101Env, chain_calibration
-        cfg = Config(control_hz=200.0, show_window=False)
+        cfg = Config(control_hz=200.0)
         env = SO101Env(cfg, SO101(FeetechBus(ServoEmulator()), chain_calibration()), {}, RealWorld(cfg))
         obs = env.reset()
         still = np.zeros(4, np.float32)
         t = teleop.Teleop(Scripted((still, set()), (still, set()), (still, {button}), (still, set())))
-        transitions, outcome = teleop.record_episode(env, t, teleop.OperatorWindow(cfg), obs)
+        transitions, outcome = teleop.record_episode(env, t, teleop.StatusLine(), obs)
         assert outcome == button
         if button == "success":   # the press makes the next step the terminal, rewarded one
             assert len(transitions) == 3 and transitions[-1][4] and transitions[-1][2] == cfg.reward_success
