@@ -88,25 +88,6 @@ class ReferenceLearner:
             self.update(b, with_actor=i == self.cfg.utd_ratio - 1)
 
 
-def control_step_flops(state_dim, cfg):
-    """Matrix-multiply FLOPs of one control step's learning (2 per multiply-add; elementwise work ignored).
-
-    A linear layer on n rows costs 2 n in out forward, as much again for the gradient of its
-    input and for the gradient of its weights, when those are needed.
-    """
-    B, U, E, H, L, A = cfg.batch_size, cfg.utd_ratio, cfg.num_critics, cfg.hidden_dim, cfg.state_latent_dim, EE_DIM
-    def fwd(rows, dims):
-        return sum(2 * rows * i * o for i, o in zip(dims[:-1], dims[1:]))
-    encoder, critic = fwd(B, [state_dim, L]), E * fwd(B, [L + A, H, H, 1])
-    grasp, actor = fwd(B, [L, H, H, 3]), fwd(B, [state_dim, L, H, H, 2 * A])
-    per_critic_update = (
-        encoder + critic + encoder + grasp + grasp         # targets: target enc, critics; online enc, grasp; target grasp
-        + 2 * encoder + 3 * critic + 3 * grasp)            # online: encoder fwd + weight grads; critics, grasp fwd + 2 bwd
-    actor_update = (3 * actor - fwd(B, [state_dim, L])     # the state needs no gradient
-                    + encoder + 2 * critic)       # critics: fwd + input grads (for the action), no weight grads
-    return U * per_critic_update + U * actor + actor_update   # U*actor: next actions for every batch
-
-
 def state_bytes(agent, cfg):
     """Bytes Adam and the target update read and write per control step, at least: per float32
     parameter, Adam reads it, its gradient and two moments and writes three (28 B); the target
@@ -203,11 +184,13 @@ def bench_update(cfg, device, rounds=5):
     rng = np.random.default_rng(cfg.seed)
     agent, optimizers, demo, online, batches = setup(cfg, {"state": np.zeros(STATE_DIM, np.float32)}, 20_000, rng, device)
     reference = ReferenceLearner(STATE_DIM, cfg, device)
-    flops = control_step_flops(STATE_DIM, cfg)
+    spine, ref = lambda: hilserl.learn(agent, optimizers, cfg, batches()), lambda: reference.learn(demo, online, rng)
+    with torch.utils.flop_counter.FlopCounterMode(display=False) as counter:   # the matmuls learn runs (a test checks
+        spine()                                                                # them against the layers' sizes)
+    flops = counter.get_total_flops()
     print(f"update: {device_name(device)}; torch {torch.__version__}; utd_ratio {cfg.utd_ratio}, batch {cfg.batch_size}, "
           f"{cfg.num_critics} critics, hidden {cfg.hidden_dim}; one control step = {flops / 1e9:.2f} GFLOP of matmuls")
     print(f"  optimizer and target state read and written per control step: {state_bytes(agent, cfg) / 1e6:.1f} MB")
-    spine, ref = lambda: hilserl.learn(agent, optimizers, cfg, batches()), lambda: reference.learn(demo, online, rng)
 
     def median_round(fn):   # (share of the floor, matmul rate, seconds, reference seconds, all shares)
         rows = []

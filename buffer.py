@@ -113,15 +113,11 @@ class ReplayBuffer:
 
     def read(self, path):
         """The arrays of a file written by `save`, every key, shape, dtype and value checked against this buffer's."""
-        try:   # no Python objects: a file of someone else's is data, never code
-            with np.load(path) as data:
-                loaded = {k: data[k] for k in data.files}
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile):
-            raise ValueError(f"{path}: not a readable .npz replay file (missing, truncated, corrupt or holding "
-                             "Python objects); record it again or restore a copy") from None
-        missing = sorted(set(self.arrays) - set(loaded))
-        if missing:
-            raise ValueError(f"{path}: missing key '{missing[0]}'; expected keys {sorted(self.arrays)}")
+        loaded = read_npz(path)
+        odd = sorted(set(self.arrays) ^ {k for k in loaded if not k.startswith("log/")})   # log/: a run folder's
+        if odd:
+            raise ValueError(f"{path}: {'unexpected' if odd[0] in loaded else 'missing'} key '{odd[0]}'; expected "
+                             f"keys {sorted(self.arrays)} (recorded with other cameras or state?)")
         n = len(loaded["valid"])
         for key, mine in self.arrays.items():
             theirs = loaded[key]
@@ -152,6 +148,17 @@ class ReplayBuffer:
             next_obs = {**{k: saved[k][i + 1] for k in self.image_keys}, **{k: saved["next_" + k][i] for k in self.vector_keys}}
             self.add(obs, saved["act"][i], saved["rew"][i], next_obs, saved["terminated"][i], saved["truncated"][i],
                      saved["intervened"][i], saved["grasp_penalty"][i])
+
+
+def read_npz(path):
+    """{name: array} of an .npz file, or one line saying it cannot be read. No Python objects: a file
+    of someone else's is data, never code."""
+    try:
+        with np.load(path) as data:
+            return {k: data[k] for k in data.files}
+    except (OSError, ValueError, EOFError, TypeError, zipfile.BadZipFile):   # TypeError: an .npy, not an .npz
+        raise ValueError(f"{path}: not a readable .npz file (missing, truncated, corrupt or holding Python "
+                         "objects); record it again or restore a copy") from None
 
 
 def save_npz(path, arrays):

@@ -8,10 +8,15 @@ frozen ResNet-10 and image heads.
     python classifier.py --frames data/frames.npz --classifier data/classifier.pt
 """
 
+import dataclasses
+import os
+import pickle
+
 import numpy as np
 import torch
 import torch.nn as nn
 
+from buffer import read_npz
 from config import load_config
 from networks import ImageHead, ResNet10, load_resnet10, pick_device, resnet10_weights
 
@@ -50,15 +55,12 @@ def classifier_data(path):
 
     Every fifth episode is held out whole, as neighbouring frames look nearly the same.
     """
-    try:
-        data = np.load(path)
-    except (OSError, ValueError) as error:
-        raise SystemExit(f"error: {path}: not a readable .npz file ({error})") from None
-    with data:
-        if "success" not in data.files or "episode" not in data.files:
-            raise SystemExit(f"error: {path} holds no labelled frames; record them with python teleop.py label --frames {path}")
-        frames = {k: data[k] for k in data.files if k not in ("success", "episode")}
-        return frames, data["success"].astype(np.float32), data["episode"] % 5 == 4
+    data = read_npz(path)
+    labels, episodes = data.pop("success", None), data.pop("episode", None)
+    if labels is None or episodes is None or not data or any(f.shape[1:] != (*f.shape[1:3], 3) or f.dtype != np.uint8
+                                                              or len(f) != len(labels) for f in data.values()):
+        raise ValueError(f"{path} holds no labelled frames; record them with python teleop.py label --frames {path}")
+    return data, labels.astype(np.float32), episodes % 5 == 4
 
 
 def backbone_features(backbone, frames, device, chunk=256):
@@ -95,8 +97,8 @@ def precision_recall(classifier, features, labels, idx):
 
 
 def train_classifier(cfg):
-    if not cfg.classifier:
-        raise SystemExit("error: give --classifier PATH, the file to write the classifier to")
+    if not cfg.classifier or not os.access(os.path.dirname(os.path.abspath(cfg.classifier)), os.W_OK):
+        raise ValueError(f"--classifier {cfg.classifier!r}: give a file in a folder that can be written to")
     device = pick_device(cfg)
     torch.manual_seed(cfg.seed)
     frames, labels, held_out = classifier_data(cfg.frames)
@@ -106,23 +108,33 @@ def train_classifier(cfg):
     features = {k: backbone_features(classifier.backbone, f, device) for k, f in frames.items()}
     train_idx, test_idx = np.flatnonzero(~held_out), np.flatnonzero(held_out)
     if not len(test_idx):
-        raise SystemExit(f"error: {cfg.frames} has fewer than 5 episodes; every fifth is held out to test on")
+        raise ValueError(f"{cfg.frames} has fewer than 5 episodes; every fifth is held out to test on")
     fit_classifier(classifier, features, labels, train_idx, cfg.classifier_steps, np.random.default_rng(cfg.seed))
     precision, recall = precision_recall(classifier, features, labels, test_idx)
     print(f"{cfg.frames}: {int(labels.sum())} success frames of {len(labels)}; held out "
           f"{len(test_idx)} frames ({int(labels[test_idx].sum())} successes): precision {precision:.0%}, "
           f"recall {recall:.0%} at threshold {cfg.classifier_threshold}")
-    torch.save({"image_shapes": shapes, "classifier": classifier.state_dict()}, cfg.classifier)
+    torch.save({"image_shapes": shapes, "hidden_dim": cfg.hidden_dim, "image_latent_dim": cfg.image_latent_dim,
+                "classifier": classifier.state_dict()}, cfg.classifier + ".tmp")
+    os.replace(cfg.classifier + ".tmp", cfg.classifier)   # atomically
     print(f"wrote {cfg.classifier}; use it with --classifier {cfg.classifier} --use_images true")
 
 
 def load_classifier(cfg, device):
     """The classifier in cfg.classifier, for an env whose observations hold its cameras' frames."""
     if not cfg.use_images:
-        raise SystemExit(f"error: --classifier {cfg.classifier} judges camera frames; add --use_images true")
-    saved = torch.load(cfg.classifier, map_location=device)
-    classifier = RewardClassifier(saved["image_shapes"], cfg).to(device)
-    classifier.load_state_dict(saved["classifier"])
+        raise ValueError(f"--classifier {cfg.classifier} judges camera frames; add --use_images true")
+    try:   # weights only (torch's default): never unpickle what this project did not write
+        saved = torch.load(cfg.classifier, map_location=device)
+        sizes = {k: saved[k] for k in ("hidden_dim", "image_latent_dim")}   # as it was trained
+        classifier = RewardClassifier(saved["image_shapes"], dataclasses.replace(cfg, **sizes)).to(device)
+        classifier.load_state_dict(saved["classifier"])
+    except (OSError, EOFError, RuntimeError, KeyError, TypeError, pickle.UnpicklingError):
+        raise ValueError(f"--classifier {cfg.classifier}: not a classifier that python classifier.py wrote") from None
+    cameras = {item.split("=")[0]: (cfg.image_size, cfg.image_size, 3) for item in cfg.cameras.split(",")}
+    if any(cameras.get(name) != tuple(shape) for name, shape in saved["image_shapes"].items()):
+        raise ValueError(f"--classifier {cfg.classifier}: trained on frames {saved['image_shapes']}, these "
+                         f"settings make {cameras}; train it again on frames labelled with these settings")
     return classifier
 
 
@@ -130,4 +142,7 @@ if __name__ == "__main__":
     cfg, words = load_config()
     if words:
         raise SystemExit("usage: python classifier.py --frames data/frames.npz --classifier data/classifier.pt")
-    train_classifier(cfg)
+    try:
+        train_classifier(cfg)
+    except ValueError as error:   # a file that is not what it should be, or weights that do not fit
+        raise SystemExit(f"error: {error}") from None

@@ -12,6 +12,7 @@ Any field can be overridden on the command line: `python hilserl.py --utd_ratio 
 import dataclasses
 import json
 import os
+import re
 import sys
 
 
@@ -117,6 +118,9 @@ RANGES = {
 CHOICES = {"teleop": ("auto", "gamepad", "leader", "expert"),
            "gamepad_layout": ("auto", "xbox", "playstation")}
 BOXES = {"workspace_m": "x0,x1,y0,y1,z0,z1", "cube_area_m": "x0,x1,y0,y1"}   # each low < its high
+ROI = r"\w+=\d+:\d+:[1-9]\d*:[1-9]\d*"   # a regular expression for each format, and how to say it
+FORMATS = {"cameras": (r"\w+=[^,=]+(,\w+=[^,=]+)*", "name=index-or-path, comma separated"),
+           "camera_roi": (rf"({ROI}(,{ROI})*)?", "name=x:y:w:h in pixels (w and h at least 1), comma separated")}
 
 
 def check(cfg):
@@ -136,6 +140,12 @@ def check(cfg):
             values = []
         if len(values) != len(layout.split(",")) or any(lo >= hi for lo, hi in zip(values[0::2], values[1::2])):
             raise ValueError(f"--{name} {getattr(cfg, name)!r}: must be {layout} in metres, each low below its high")
+    for name, (pattern, say) in FORMATS.items():
+        if not re.fullmatch(pattern, getattr(cfg, name)):
+            raise ValueError(f"--{name} {getattr(cfg, name)!r}: must be {say}")
+    unknown = {i.split("=")[0] for i in cfg.camera_roi.split(",") if i} - {i.split("=")[0] for i in cfg.cameras.split(",")}
+    if unknown:
+        raise ValueError(f"--camera_roi {cfg.camera_roi!r}: no camera {unknown.pop()!r} in --cameras {cfg.cameras!r}")
     if cfg.batch_size % 2:
         raise ValueError(f"--batch_size {cfg.batch_size}: must be even (half demo, half online)")
     if cfg.actor_std_min > cfg.actor_std_max:
@@ -238,7 +248,9 @@ def load_run_config(args):
             saved = json.load(f)
         known = {f.name for f in dataclasses.fields(Config)}    # settings a newer version dropped are ignored
         saved = Config(**{k: v for k, v in saved.items() if k in known})
-    except (OSError, ValueError, AttributeError):
+        if any(type(getattr(saved, k)) is not type(getattr(Config, k)) for k in known):
+            raise ValueError("a setting of the wrong type")
+    except (OSError, ValueError, AttributeError, TypeError):
         raise SystemExit(f"error: {path}: missing or not a config.json that hilserl.py wrote; pass a run folder "
                          "(runs/...), or restore its config.json") from None
     return load_config(args, dataclasses.replace(saved, resume=cfg.resume, eval=cfg.eval))[0]

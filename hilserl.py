@@ -32,7 +32,7 @@ from buffer import ReplayBuffer, sample_batches
 from classifier import load_classifier
 from config import Config, diagnose, load_run_config, warnings_for
 from networks import Agent, load_resnet10, pick_device, resnet10_weights
-from robot import ACT_DIM, EE_DIM, BusError, ServoError
+from robot import ACT_DIM, EE_DIM, RobotError
 from teleop import EmergencyStop, StatusLine, make_env, make_teleop, record_demos, wait_for_start
 
 
@@ -245,24 +245,23 @@ def start_run(cfg, obs, folder):
     agent = Agent(len(obs["state"]), cfg, image_shapes(obs)).to(device)
     optimizers = make_optimizers(agent, cfg)
     progress, rows = {"episode": 0, "env_steps": 0, "updates": 0}, []
-    try:   # a missing, corrupt or mismatched file: one line that names it
-        if cfg.resume:
-            progress = load_checkpoint(folder, agent, optimizers)
-            demo.load(folder / "demo.npz")
-            for path in sorted(folder.glob("episodes/episode_*.npz")):   # also those after the checkpoint: none is lost
-                saved = online.read(path)
-                online.extend(saved)
-                demo.extend(saved, intervened_only=True)                # as the loop added them
-                rows.append({k[4:]: saved[k].item() for k in saved if k.startswith("log/")})
-            progress.update({k: rows[-1][k] if rows else 0 for k in ("episode", "env_steps")})   # one row per episode
-            print(f"resumed {folder} at episode {progress['episode']}, {progress['env_steps']} steps")
-        else:
-            if agent.backbone is not None:
-                load_resnet10(agent.backbone, resnet10_weights(cfg))
-            demo.load(cfg.demos)
-            print(f"{cfg.demos}: {demo.num_episodes} demo episodes, {len(demo)} transitions")
-    except ValueError as error:
-        raise SystemExit(f"error: {error}") from None
+    if cfg.resume:
+        progress = load_checkpoint(folder, agent, optimizers)
+        demo.load(folder / "demo.npz")
+        for path in sorted(folder.glob("episodes/episode_*.npz")):   # also those after the checkpoint: none is lost
+            saved = online.read(path)
+            online.extend(saved)
+            demo.extend(saved, intervened_only=True)                # as the loop added them
+            rows.append({k[4:]: saved[k].item() for k in saved if k.startswith("log/")})
+        progress.update({k: rows[-1][k] if rows else 0 for k in ("episode", "env_steps")})   # one row per episode
+        print(f"resumed {folder} at episode {progress['episode']}, {progress['env_steps']} steps")
+    else:
+        if agent.backbone is not None:
+            load_resnet10(agent.backbone, resnet10_weights(cfg))
+        demo.load(cfg.demos)
+        if not len(demo):
+            raise ValueError(f"{cfg.demos} holds no transitions; record demos into another file")
+        print(f"{cfg.demos}: {demo.num_episodes} demo episodes, {len(demo)} transitions")
     for line in warnings_for(cfg, None if cfg.resume else demo.num_episodes):
         print(line)
     features = [FrameFeatures(b, agent.backbone, device) if agent.backbone is not None else None for b in (demo, online)]
@@ -405,11 +404,12 @@ def load_checkpoint(folder, agent, optimizers=None):
         raise SystemExit(f"error: {path} does not exist; is {folder} a run folder of hilserl.py?")
     try:   # weights only, as torch does by default: never unpickle what this project did not write
         state = torch.load(path, map_location=next(agent.parameters()).device)
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError):
+        agent_state, progress = state["agent"], state["progress"]
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, KeyError, TypeError, IndexError):
         raise SystemExit(f"error: {path}: not a readable checkpoint (truncated, corrupt or not written by "
                          "hilserl.py)") from None
     try:
-        agent.load_state_dict(state["agent"])
+        agent.load_state_dict(agent_state)
     except RuntimeError as error:   # other network sizes, cameras or state than this run's
         raise SystemExit(f"error: {path} does not fit the network these settings make ({str(error).splitlines()[-1].strip()}); "
                          f"resume and evaluate with the settings in {folder / 'config.json'}") from None
@@ -419,7 +419,7 @@ def load_checkpoint(folder, agent, optimizers=None):
         except (KeyError, ValueError) as error:
             raise SystemExit(f"error: {path}: the {name} optimizer's state does not fit this agent ({error!r}); "
                              f"evaluate it (--eval {folder}) or start a new run") from None
-    return state["progress"]
+    return progress
 
 
 def write_log(path, rows):
@@ -464,36 +464,35 @@ def plot_runs(folders, out_path):
 def main():
     cfg = load_run_config(sys.argv[1:])
     pick_device(cfg)   # a device that is not there: one line now, not a traceback later
-    if cfg.plot:
-        *folders, out_path = cfg.plot.split(",")
-        if not folders or not all(os.path.exists(os.path.join(f, "log.csv")) for f in folders):
-            raise SystemExit(f"error: --plot {cfg.plot}: takes run folders with a log.csv, then the PNG to write: "
-                             "runs/A,runs/B,out.png")
-        return plot_runs(folders, out_path)
-    if cfg.eval:
-        with make_env(cfg, cfg.seed + 10_000) as env:    # other cube positions than in training
-            return evaluate(cfg, env, pathlib.Path(cfg.eval))
-    folder = pathlib.Path(cfg.resume or cfg.run_dir or time.strftime("runs/%Y%m%d-%H%M%S"))
-    if not cfg.resume and folder.exists() and any(folder.iterdir()):   # never write over a run
-        raise SystemExit(f"error: {folder} already holds a run; continue it with --resume {folder} or pick another "
-                         "--run_dir")
-    if not cfg.resume and not os.path.exists(cfg.demos):
-        if cfg.port:
-            raise SystemExit(f"error: {cfg.demos} does not exist; record demos first: "
-                             f"python teleop.py record --port {cfg.port} --demos {cfg.demos}")
-        print(f"{cfg.demos} does not exist: the scripted expert records {cfg.demo_episodes} demo episodes first")
-        record_demos(cfg, cfg.demos, cfg.demo_episodes)
-    folder.mkdir(parents=True, exist_ok=True)
-    print(f"run folder: {folder}")
-    try:
+    folder = pathlib.Path(cfg.eval or cfg.resume or cfg.run_dir or time.strftime("runs/%Y%m%d-%H%M%S"))
+    try:   # what a user can fix (a file, a setting, the arm's power or cables) is one line that says what
+        if cfg.plot:
+            *folders, out_path = cfg.plot.split(",")
+            if not folders or not out_path.endswith(".png") or not all(os.path.exists(f"{f}/log.csv") for f in folders):
+                raise ValueError(f"--plot {cfg.plot}: takes run folders with a log.csv, then the PNG to write: "
+                                 "runs/A,runs/B,out.png")
+            return plot_runs(folders, out_path)
+        if cfg.eval:
+            with make_env(cfg, cfg.seed + 10_000) as env:    # other cube positions than in training
+                return evaluate(cfg, env, folder)
+        if not cfg.resume and folder.exists() and any(folder.iterdir()):   # never write over a run
+            raise ValueError(f"{folder} already holds a run; continue it with --resume {folder} or pick another --run_dir")
+        if not cfg.resume and not os.path.exists(cfg.demos):
+            if cfg.port:
+                raise ValueError(f"{cfg.demos} does not exist; record demos first: "
+                                 f"python teleop.py record --port {cfg.port} --demos {cfg.demos}")
+            print(f"{cfg.demos} does not exist: the scripted expert records {cfg.demo_episodes} demo episodes first")
+            record_demos(cfg, cfg.demos, cfg.demo_episodes)
+        folder.mkdir(parents=True, exist_ok=True)
+        print(f"run folder: {folder}")
         with make_env(cfg, cfg.seed) as env:   # SAFETY: torque off however the run ends
             if cfg.classifier:
                 env.classifier = load_classifier(cfg, pick_device(cfg)).success
             train(cfg, env, make_teleop(cfg, env), folder)
-    except (BusError, ServoError, EmergencyStop) as error:   # the message names the servo and what to do
+    except (ValueError, OSError, RobotError, EmergencyStop) as error:
         raise SystemExit(f"error: {error}") from None
     except KeyboardInterrupt:   # Ctrl-C: train() has saved the checkpoint on its way out
-        raise SystemExit(f"stopped; continue with: python hilserl.py --resume {folder}") from None
+        raise SystemExit("stopped" if cfg.eval else f"stopped; continue with: python hilserl.py --resume {folder}") from None
 
 
 if __name__ == "__main__":

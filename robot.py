@@ -3,21 +3,16 @@
 This file is the bottom of the control loop. `SO101Env.step(act)` turns an end-effector delta into
 joint goals (workspace clip -> IK -> calibrated limits -> per-step jump limit), writes them in one
 SYNC_WRITE, waits for the control tick, reads the joints back in one SYNC_READ, grabs the camera
-frames and returns the next observation. Everything below it is plain Python on a serial port:
-
-  kinematics     the arm's chain (from the published SO-101 model), FK and damped least-squares IK
-  packets        the Feetech STS protocol: checksum, sign-magnitude registers, instruction/status packets
-  ServoEmulator  six STS3215 servos answering packets byte-exactly, for tests and for sim.py
-  FeetechBus     PING/READ/WRITE/SYNC_READ/SYNC_WRITE with timeouts and bounded retries
-  SO101          connect, configure, calibration, ticks <-> radians, safe goals, torque off on exit
-  Camera         OpenCV capture in a thread (newest frame, no buffered latency), crop, resize, RGB
-  SO101Env       reset/step as hilserl.py and teleop.py use it, on the real arm or on sim.py
-Run `python robot.py --port /dev/ttyACM0 status` first, then `calibrate`; bench.py times the bus.
+frames and returns the next observation. Below it, in this order, plain Python on a serial port:
+kinematics, the Feetech STS packets, ServoEmulator (six servos answering byte-exactly, for the tests
+and sim.py), FeetechBus, calibration, SO101 (the arm: safe goals, torque off on exit), cameras.
+Run `python robot.py --port /dev/ttyACM0 status` first, then `calibrate`.
 """
 
 import dataclasses
 import json
 import math
+import os
 import signal
 import threading
 import time
@@ -139,10 +134,9 @@ def inverse_kinematics(q_rad, target_pos, iters=200, tol_m=1e-4, damping=0.02):
     return q
 
 
-def parse_workspace(text, dims=3):
-    """cfg.workspace_m "x0,x1,y0,y1,z0,z1" (cfg.cube_area_m: dims=2) -> (low, high) in metres."""
+def parse_workspace(text):
+    """cfg.workspace_m "x0,x1,y0,y1,z0,z1" (or cfg.cube_area_m "x0,x1,y0,y1"), checked by config.py -> (low, high) m."""
     values = [float(v) for v in text.split(",")]
-    assert len(values) == 2 * dims, f"expected {2 * dims} numbers x0,x1,y0,y1,.., got {text!r}"
     return np.array(values[0::2]), np.array(values[1::2])
 
 
@@ -265,10 +259,6 @@ class ServoEmulator:
         self._faults.setdefault(servo_id, []).extend([fault] * times)
 
     # --- the pyserial side
-    @property
-    def in_waiting(self):
-        return len(self._outgoing)
-
     def reset_input_buffer(self):
         self._outgoing.clear()
 
@@ -342,11 +332,15 @@ class ServoEmulator:
 
 # ------------------------------------------------------------------------------------------------
 # The bus: one transaction = one instruction out, the expected status packets back.
-class BusError(RuntimeError):
+class RobotError(RuntimeError):
+    """Something of the arm's a user can fix (power, cables, a camera, the calibration): one line."""
+
+
+class BusError(RobotError):
     """A servo did not answer properly after every retry."""
 
 
-class ServoError(RuntimeError):
+class ServoError(RobotError):
     """A servo answered with error bits set (they stay latched until its power is cycled)."""
 
 
@@ -477,8 +471,9 @@ RECALIBRATE = "recalibrate with python robot.py --port PORT calibrate"
 
 
 def save_calibration(path, calibration):
-    with open(path, "w") as f:
+    with open(f"{path}.tmp", "w") as f:   # atomically: a stop while writing keeps the old calibration
         json.dump({name: dataclasses.asdict(c) for name, c in calibration.items()}, f, indent=4)
+    os.replace(f"{path}.tmp", path)
 
 
 def load_calibration(path):
@@ -494,7 +489,7 @@ def load_calibration(path):
         try:
             c = calibration[name] = JointCalibration(**{k: int(data[name][k]) for k in
                                                         ("id", "drive_mode", "homing_offset", "range_min", "range_max")})
-        except (KeyError, TypeError, ValueError) as error:   # a joint or field missing, null or not a number
+        except (KeyError, TypeError, ValueError, OverflowError) as error:   # a joint or field missing, null or not a number
             raise SystemExit(f"error: calibration {path}: joint {name!r}: field {error} missing or not a number - "
                              f"{RECALIBRATE}") from None
         if c.id != servo_id or not 0 <= c.range_min < c.range_max <= 4095 or abs(c.homing_offset) > 2047:
@@ -658,7 +653,7 @@ class Camera:
         self.name, self.source, self.size, self.roi, self.timeout_s = name, source, size, roi, timeout_s
         self.capture = cv2.VideoCapture(source)
         if not self.capture.isOpened():
-            raise RuntimeError(f"camera {name!r} ({source}) cannot be opened: check it is plugged in, not "
+            raise RobotError(f"camera {name!r} ({source}) cannot be opened: check it is plugged in, not "
                                f"used by another program, and the index or path in --cameras")
         self._frame, self._stamp, self._running = None, 0.0, True
         self._thread = threading.Thread(target=self._grab, daemon=True)
@@ -666,8 +661,11 @@ class Camera:
         deadline = time.monotonic() + timeout_s
         while self._frame is None:  # fail now, not in the first step, if no frame comes
             if time.monotonic() > deadline:
-                raise RuntimeError(f"camera {name!r} ({source}) opened but sent no frame in {timeout_s} s")
+                raise RobotError(f"camera {name!r} ({source}) opened but sent no frame in {timeout_s} s")
             time.sleep(0.005)
+        height, width = self._frame.shape[:2]
+        if roi and (roi[0] + roi[2] > width or roi[1] + roi[3] > height):
+            raise RobotError(f"--camera_roi {name}={':'.join(map(str, roi))} reaches outside its {width}x{height} frames")
 
     def _grab(self):
         while self._running:
@@ -678,7 +676,7 @@ class Camera:
 
     def read(self):
         if not self._thread.is_alive() or time.monotonic() - self._stamp > self.timeout_s:
-            raise RuntimeError(f"camera {self.name!r} ({self.source}) stopped delivering frames: "
+            raise RobotError(f"camera {self.name!r} ({self.source}) stopped delivering frames: "
                                f"check its cable and that no other program uses it")
         return process_frame(self._frame, self.roi, self.size)
 
@@ -830,7 +828,7 @@ def calibrate(arm, ask=input):
     offsets = arm.read_ticks() - 2047
     for name, servo_id, offset in zip(JOINTS, IDS, offsets):
         if abs(offset) > 2047:
-            raise RuntimeError(f"joint {name!r} reads {offset + 2047}, beyond one turn: power-cycle the arm and retry")
+            raise RobotError(f"joint {name!r} reads {offset + 2047}, beyond one turn: power-cycle the arm and retry")
         arm.bus.write(servo_id, "Homing_Offset", int(offset))
     low, high = arm.read_ticks(), arm.read_ticks()
     prompt = threading.Thread(target=ask, args=("Move every joint through its whole range, then press ENTER ",),
@@ -844,7 +842,7 @@ def calibrate(arm, ask=input):
     calibration = {}
     for name, servo_id, offset, lo, hi in zip(JOINTS, IDS, offsets, low, high):
         if lo >= hi:
-            raise RuntimeError(f"joint {name!r} did not move: run calibrate again and move it end to end")
+            raise RobotError(f"joint {name!r} did not move: run calibrate again and move it end to end")
         calibration[name] = JointCalibration(servo_id, 0, int(offset), int(lo), int(hi))
     return calibration
 
@@ -882,12 +880,15 @@ def main():
     bus = open_bus(cfg.port, cfg)
     if command == "status":
         return print_status(bus)
-    with SO101(bus, None, cfg.max_joint_step_rad) as arm:
-        arm.connect()
-        arm.configure()
-        arm.calibration = calibrate(arm)
-        arm.configure()  # writes the new offsets and limits to the servos
-    save_calibration(cfg.calibration, arm.calibration)
+    try:
+        with SO101(bus, None, cfg.max_joint_step_rad) as arm:
+            arm.connect()
+            arm.configure()
+            arm.calibration = calibrate(arm)
+            arm.configure()  # writes the new offsets and limits to the servos
+        save_calibration(cfg.calibration, arm.calibration)
+    except (RobotError, EOFError, OSError) as error:   # EOFError: the terminal closed at a prompt
+        raise SystemExit(f"error: calibration not saved: {error or 'no answer at the prompt'}") from None
     print(f"saved {cfg.calibration}; torque is off")
 
 

@@ -149,7 +149,7 @@ class SimWorld:
         self.cube_geom = model.geom("cube").id
         self.pad_geoms = (model.geom("fixed_pad").id, model.geom("moving_pad").id)
         self.tool_site = model.site("tool").id
-        self.cube_low, self.cube_high = parse_workspace(cfg.cube_area_m, dims=2)
+        self.cube_low, self.cube_high = parse_workspace(cfg.cube_area_m)
         self.rng = np.random.default_rng(seed)
         self.reset_scene(seed)
 

@@ -24,10 +24,10 @@ os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
 import numpy as np
 import pygame
 
-from buffer import ReplayBuffer, save_npz
+from buffer import ReplayBuffer, read_npz, save_npz
 from config import load_config
-from robot import (ACT_DIM, SO101, FeetechBus, RealWorld, SO101Env, forward_kinematics, load_calibration,
-                   make_cameras, open_bus)
+from robot import (ACT_DIM, SO101, FeetechBus, RealWorld, RobotError, SO101Env, forward_kinematics,
+                   load_calibration, make_cameras, open_bus)
 
 EVENTS = ("success", "failure", "rerecord", "estop", "quit")   # pressed once, acted on once
 
@@ -51,8 +51,6 @@ def gamepad_layout(pad_name, layout="auto", remap=""):
     """The layout for a pad: by name unless `layout` names one, then `remap` ("name=number,...") on top."""
     if layout == "auto":   # SDL names the Sony pads it drives itself "PS4 Controller" / "PS5 Controller"
         layout = "playstation" if "PS4" in pad_name or "PS5" in pad_name else "xbox"
-    if layout not in LAYOUTS:
-        raise ValueError(f"--gamepad_layout {layout!r}: expected auto, {', '.join(LAYOUTS)}")
     controls = dict(LAYOUTS[layout])
     for item in filter(None, remap.split(",")):
         name, _, number = item.partition("=")
@@ -69,12 +67,8 @@ def gamepad_action(axes, buttons, layout, zone, speed):
     sticks = np.sign(sticks) * np.maximum(np.abs(sticks) - zone, 0.0) / (1.0 - zone)
     held = {name for name, number in layout.items() if name not in AXES and buttons[number]}
     held |= {name for name in ("close", "open") if axes[layout[name]] > TRIGGER_PRESSED}
-    return np.append(np.clip(speed * sticks, -1, 1), gripper_command(held)).astype(np.float32), held
-
-
-def gripper_command(held):
-    """-1 close, +1 open, 0 stay (hil-serl's coding); both at once means stay."""
-    return float(("open" in held) - ("close" in held))
+    gripper = ("open" in held) - ("close" in held)   # -1 close, +1 open, 0 stay (hil-serl); both at once: stay
+    return np.append(np.clip(speed * sticks, -1, 1), gripper).astype(np.float32), held
 
 
 # --- devices: each turns its input into (act, held) ---------------------------------------------------
@@ -245,7 +239,7 @@ def make_env(cfg, seed=None):
     arm = SO101(open_bus(cfg.port, cfg), load_calibration(cfg.calibration), cfg.max_joint_step_rad)
     arm.connect()
     arm.configure()
-    return SO101Env(cfg, arm, make_cameras(cfg), RealWorld(cfg))
+    return SO101Env(cfg, arm, make_cameras(cfg) if cfg.use_images else {}, RealWorld(cfg))
 
 
 def make_teleop(cfg, env):
@@ -364,14 +358,13 @@ def label_frames(cfg, path, success_frames):
         cameras = [k for k, v in obs.items() if v.dtype == np.uint8]
         recorded = {}
         if os.path.exists(path):
-            with np.load(path) as data:
-                recorded = {k: [data[k]] for k in data.files}
+            recorded = {k: [v] for k, v in read_npz(path).items()}
             if sorted(recorded) != sorted(cameras + ["episode", "success"]) or \
                     any(recorded[k][0].shape[1:] != obs[k].shape for k in cameras):
                 raise ValueError(f"{path}: frames of other cameras or another size; label into another --frames file")
         positives = int(recorded["success"][0].sum()) if recorded else 0
         episode = int(recorded["episode"][0].max()) + 1 if recorded else 0
-        events = set()
+        events, failures = set(), 0   # failures: episodes in a row without a success frame
         while positives < success_frames and "quit" not in events:
             if cfg.port and not wait_for_start(teleop, obs):
                 break
@@ -394,6 +387,9 @@ def label_frames(cfg, path, success_frames):
                 save_npz(path, {k: np.concatenate(v) for k, v in recorded.items()})
                 status.end_episode(any(labels), f"  |  {path}: {positives}/{success_frames} success frames")
                 episode += 1
+            if (failures := 0 if any(labels) else failures + 1) >= cfg.demo_max_failures:
+                raise ValueError(f"{failures} episodes in a row showed no success, so labelling stopped; {path} keeps "
+                                 f"its {positives} success frames (too short an --episode_steps {cfg.episode_steps}?)")
             obs = env.reset()
             teleop.reset()
     return positives
@@ -410,7 +406,7 @@ def main():
         else:
             raise SystemExit("usage: python teleop.py record [--demos PATH --demo_episodes N --port PORT] "
                              "| label [--frames PATH --success_frames N --port PORT]")
-    except (ValueError, OSError, EmergencyStop) as error:   # one line a user can act on
+    except (ValueError, OSError, RobotError, EmergencyStop) as error:   # one line a user can act on
         raise SystemExit(f"error: {error}") from None
 
 
