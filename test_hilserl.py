@@ -2063,3 +2063,84 @@ class TestImages:
             assert env.step(np.zeros(4, np.float32))[2]                                # ends the episode as a success
             env.classifier = classifier.load_classifier(cfg, torch.device("cpu")).success
             assert isinstance(env.step(np.zeros(4, np.float32))[2], bool)
+
+
+# =================================================================================================
+# TestBadInput: every command's answer to input a user can get wrong: one line, never a traceback.
+# =================================================================================================
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory):
+    """Files a user could pass by mistake, by name: {name: path}."""
+    d = tmp_path_factory.mktemp("bad")
+    state = {"state": np.zeros(12, np.float32)}
+    demos = buffer.ReplayBuffer(50, state, 4)
+    for t in range(20):
+        demos.add(state, np.zeros(4, np.float32), 0.0, state, t % 10 == 9, False, True)
+    demos.save(d / "demos.npz")
+    buffer.ReplayBuffer(5, state, 4).save(d / "empty.npz")
+    (d / "cut.npz").write_bytes((d / "demos.npz").read_bytes()[:300])
+    (d / "garbage").write_text("not what it should be")
+    with open(d / "array.npy", "wb") as f:
+        np.save(f, np.zeros(3))
+    frames = np.zeros((10, 32, 32, 3), np.uint8)
+    np.savez(d / "frames.npz", front=frames, wrist=frames, success=np.arange(10) % 2 == 0, episode=np.arange(10))
+    for name, config, checkpoint in (("null_config", {"hidden_dim": None}, None), ("foreign_checkpoint", {}, {})):
+        (d / name).mkdir()
+        (d / name / "config.json").write_text(json.dumps(config))
+        if checkpoint is not None:
+            torch.save(checkpoint, d / name / "checkpoint.pt")
+    (d / "run").mkdir()
+    (d / "run" / "log.csv").write_text("episode,env_steps\n1,10\n")
+    robot.save_calibration(d / "calibration.json", robot.chain_calibration())
+    master, servant = os.openpty()                                    # a serial port where no servo answers
+    return {**{p.name.split(".")[0]: str(p) for p in d.iterdir()}, "dir": str(d), "silent_port": os.ttyname(servant)}
+
+
+BAD_INPUT = [   # (command line, the one line it answers); {name}: a file of bad_files
+    ("hilserl.py --utd_ratio 0", "--utd_ratio 0: must be >= 1"),
+    ("hilserl.py --device cuda:3", "--device 'cuda:3': not here"),
+    ("hilserl.py --cameras front", "--cameras 'front': must be name=index-or-path"),
+    ("hilserl.py --camera_roi back=0:0:10:10", "no camera 'back' in --cameras"),
+    ("hilserl.py train", "unexpected 'train'"),
+    ("hilserl.py --demos {array} --run_dir {dir}/r1", "array.npy: not a readable .npz file"),
+    ("hilserl.py --demos {cut} --run_dir {dir}/r2", "cut.npz: not a readable .npz file"),
+    ("hilserl.py --demos {empty} --run_dir {dir}/r3", "empty.npz holds no transitions"),
+    ("hilserl.py --demos {demos} --run_dir {dir}/run", "already holds a run; continue it with --resume"),
+    ("hilserl.py --demos {demos} --run_dir /proc/no/run", "No such file or directory"),
+    ("hilserl.py --demos {demos} --run_dir {dir}/r4 --classifier {garbage}", "judges camera frames; add --use_images true"),
+    ("hilserl.py --demos {demos} --run_dir {dir}/r5 --teleop gamepad", "no gamepad found"),
+    ("hilserl.py --resume {null_config}", "missing or not a config.json that hilserl.py wrote"),
+    ("hilserl.py --eval {foreign_checkpoint}", "checkpoint.pt: not a readable checkpoint"),
+    ("hilserl.py --plot {run},{run}/log.csv", "then the PNG to write"),
+    ("hilserl.py --plot {dir}/nowhere,out.png", "then the PNG to write"),
+    ("teleop.py record --demos {array}", "array.npy: not a readable .npz file"),
+    ("teleop.py label --frames {cut} --image_size 32", "cut.npz: not a readable .npz file"),
+    ("teleop.py record --port {silent_port} --calibration {garbage}", "calibration"),
+    ("teleop.py record --port {silent_port} --calibration {calibration}", "shoulder_pan (id 1) does not answer"),
+    ("hilserl.py --port {silent_port} --calibration {calibration} --demos {demos} --run_dir {dir}/r6", "does not answer"),
+    ("teleop.py dance", "usage: python teleop.py record"),
+    ("robot.py --port {dir}/no_such_port status", "cannot open"),
+    ("robot.py --port {silent_port} calibrate", "calibration not saved: SO-101: shoulder_pan (id 1) does not answer"),
+    ("classifier.py --frames {cut} --classifier {dir}/c.pt", "cut.npz: not a readable .npz file"),
+    ("classifier.py --frames {frames} --classifier /proc/no/c.pt", "give a file in a folder that can be written to"),
+    ("classifier.py --frames {frames} --classifier {dir}/c.pt --resnet_weights {garbage}", "not a readable .safetensors"),
+    ("classifier.py --frames {demos} --classifier {dir}/c.pt", "holds no labelled frames"),
+    ("bench.py sprint", "usage: python bench.py"),
+]
+
+
+class TestBadInput:
+    """Every command's answer to input a user can get wrong: one line, never a traceback."""
+
+    @pytest.mark.parametrize("command, says", BAD_INPUT, ids=[c for c, _ in BAD_INPUT])
+    def test_bad_input_is_one_line_without_a_traceback(self, command, says, bad_files, monkeypatch, capsys):
+        script, *args = command.format(**bad_files).split()
+        monkeypatch.setattr("sys.argv", [script, *args])
+        with pytest.raises(SystemExit) as exit_info:
+            runpy.run_path(script, run_name="__main__")
+        out, err = capsys.readouterr()
+        answer = err.strip() if isinstance(exit_info.value.code, int) else str(exit_info.value)   # load_config prints
+        print(out, err, answer)                                                  # for -rP | grep -c Traceback
+        assert says in answer and "\n" not in answer and "Traceback" not in out + err
