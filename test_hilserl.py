@@ -870,6 +870,23 @@ class TestRunFolder:
             with pytest.raises(SystemExit, match="takes run folders with a log.csv, then the PNG to write"):
                 hilserl.main()
 
+    def test_a_classifier_keeps_its_own_sizes_and_refuses_other_frames(self, tmp_path):
+        cfg = Config(classifier=str(tmp_path / "c.pt"), use_images=True, image_size=32, hidden_dim=16, image_latent_dim=8)
+        trained = classifier.RewardClassifier({"front": (32, 32, 3)}, cfg)
+        torch.save({"image_shapes": {"front": (32, 32, 3)}, "hidden_dim": 16, "image_latent_dim": 8,
+                    "classifier": trained.state_dict()}, cfg.classifier)
+        loaded = classifier.load_classifier(dataclasses.replace(cfg, hidden_dim=256, image_latent_dim=256), "cpu")
+        assert all(torch.equal(p, q) for p, q in zip(loaded.state_dict().values(), trained.state_dict().values()))
+        with pytest.raises(ValueError, match=r"trained on frames \{'front': \(32, 32, 3\)\}, these settings make"):
+            classifier.load_classifier(dataclasses.replace(cfg, image_size=64), "cpu")
+        with pytest.raises(ValueError, match="not a classifier that python classifier.py wrote"):
+            classifier.load_classifier(dataclasses.replace(cfg, classifier=str(tmp_path / "missing.pt")), "cpu")
+
+    def test_a_config_json_with_a_setting_of_the_wrong_type_is_one_line(self, tmp_path):
+        (tmp_path / "config.json").write_text(json.dumps({"hidden_dim": 16.5}))
+        with pytest.raises(SystemExit, match="config.json: missing or not a config.json that hilserl.py wrote"):
+            config.load_run_config(["--resume", str(tmp_path)])
+
     def test_a_classifier_without_camera_frames_is_one_line(self):
         with pytest.raises(ValueError, match="--classifier c.pt judges camera frames; add --use_images true"):
             classifier.load_classifier(Config(classifier="c.pt"), torch.device("cpu"))
@@ -1367,6 +1384,17 @@ class TestRobot:
             camera.read()
         camera.close()
 
+    def test_a_camera_region_outside_the_frame_is_refused_when_the_camera_opens(self, tmp_path):
+        import cv2
+        path = str(tmp_path / "clip.avi")
+        writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"MJPG"), 10, (64, 48))
+        for _ in range(30):
+            writer.write(np.zeros((48, 64, 3), np.uint8))
+        writer.release()
+        robot.Camera("front", path, 16, roi=(0, 0, 64, 48)).close()                # the whole frame fits
+        with pytest.raises(robot.RobotError, match=r"--camera_roi front=10:0:64:48 reaches outside its 64x48 frames"):
+            robot.Camera("front", path, 16, roi=(10, 0, 64, 48))
+
     # --- command line ---------------------------------------------------------------------------------
     def test_status_only_reads(self, capsys):
         emulator, bus = make_bus()
@@ -1778,6 +1806,13 @@ class TestTeleop:
         with np.load(path) as data:
             np.testing.assert_array_equal(data["success"], [False, True, True, False, True, True])
             np.testing.assert_array_equal(data["episode"], [0, 0, 0, 0, 0, 1])
+
+    def test_labelling_gives_up_after_episodes_in_a_row_without_success(self, tmp_path):
+        path = str(tmp_path / "frames.npz")
+        with pytest.raises(ValueError, match="3 episodes in a row showed no success, so labelling stopped; .*frames.npz "
+                                             "keeps its 0 success frames"):
+            teleop.label_frames(dataclasses.replace(label_cfg(demo_max_failures=3), episode_steps=3), path, 5)
+        assert len(np.load(path)["success"]) == 9                                    # what was labelled is kept
 
     def test_labelling_into_a_file_of_other_frames_is_a_one_line_error(self, tmp_path):
         path = str(tmp_path / "frames.npz")
