@@ -180,7 +180,7 @@ def setup(cfg, example, slots, rng, device):
 
 
 def bench_update(cfg, device, rounds=5):
-    """The eager spine is timed first: fast.Learner changes the agent (its compiled graphs keep its tensors)."""
+    """The eager spine is timed first: fast.Learner changes the process (keep_freed_memory) and the agent."""
     rng = np.random.default_rng(cfg.seed)
     agent, optimizers, demo, online, batches = setup(cfg, {"state": np.zeros(STATE_DIM, np.float32)}, 20_000, rng, device)
     reference = ReferenceLearner(STATE_DIM, cfg, device)
