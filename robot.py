@@ -223,7 +223,8 @@ FACTORY_TABLE = {  # power-on values (ST3215 sheet, firmware 3.10)
     "Torque_Limit": 1000, "Present_Position": 2048, "Goal_Position": 2048,
     "Present_Voltage": 74, "Present_Temperature": 25,
 }
-FAULTS = ("drop", "bad_checksum", "truncate", "garbage")
+FAULTS = ("drop", "bad_checksum", "truncate", "garbage", "late")   # late: the reply comes LATE_S after the request
+LATE_S = 0.03
 
 
 class ServoEmulator:
@@ -232,7 +233,8 @@ class ServoEmulator:
     An ideal servo: with torque on, a goal is reached at once (clamped to the position limits).
     sim.py replaces that with physics by writing Present_Position after each physics step.
     Faults for tests: inject(id, fault, times) makes that servo's next replies misbehave; a
-    servo left out of `ids` never answers; set(id, "Status", bits) latches error bits.
+    servo left out of `ids` never answers; set(id, "Status", bits) latches error bits. read() waits
+    up to pyserial's `timeout` for a late reply, as a serial port does.
     """
 
     def __init__(self, ids=IDS):
@@ -243,6 +245,7 @@ class ServoEmulator:
         self.timeout = None  # pyserial's; the bus sets it and a test reads it back
         self.received = []  # every instruction packet, for tests to inspect the wire
         self._incoming, self._outgoing = bytearray(), bytearray()  # bytes to the servos, bytes from them
+        self._late = []   # (time it arrives, bytes) of late replies
         self._faults = {}
 
     # --- register access for sim.py and tests
@@ -263,6 +266,10 @@ class ServoEmulator:
         self._outgoing.clear()
 
     def read(self, size=1):
+        if not self._outgoing and self._late:   # wait for a late reply, as long as the timeout allows
+            time.sleep(max(0.0, min(self._late[0][0] - time.monotonic(), self.timeout or 0.0)))
+        while self._late and self._late[0][0] <= time.monotonic():
+            self._outgoing += self._late.pop(0)[1]
         data = bytes(self._outgoing[:size])
         del self._outgoing[:size]
         return data
@@ -327,7 +334,10 @@ class ServoEmulator:
             status = status[:-2]
         elif fault == "garbage":
             status = b"\xff" + status  # a stray FF is the hardest case: FF FF FF id ...
-        self._outgoing += status
+        if fault == "late":
+            self._late.append((time.monotonic() + LATE_S, status))
+        else:
+            self._outgoing += status
 
 
 # ------------------------------------------------------------------------------------------------
@@ -399,6 +409,10 @@ class FeetechBus:
                 break
             except _BadReply as bad:
                 failure = bad
+                # The reply may only be late (a slow USB adapter): let the line go quiet for latency_s
+                # and drop what came, or it would pass for the answer to the next try or request.
+                while self._read(256, time.monotonic() + self.latency_s):
+                    pass
         else:
             servo_id, problem = failure.args
             raise BusError(f"servo {servo_id} ({_joint_of(servo_id)}) {problem} to {what} after "
@@ -527,14 +541,14 @@ class SO101:
     """The SO-101 follower on a FeetechBus: connect, configure, torque, joints in, safe goals out.
 
     Use it as a context manager: torque goes off when the block ends, whatever ends it (an
-    exception, Ctrl-C, or SIGTERM, which is turned into SystemExit so that the block unwinds).
+    exception, Ctrl-C, or SIGTERM and SIGHUP, which are turned into SystemExit so that the block unwinds).
     """
 
     def __init__(self, bus, calibration, max_step_rad=0.1):
         self.bus, self.calibration = bus, calibration
         self.max_step_ticks = max_step_rad * TICKS_PER_RAD
         self.last_ticks = None  # the latest positions read; the per-step jump limit starts from them
-        self._old_sigterm = None
+        self._old_handlers = {}
 
     def connect(self):
         """Ping every servo and check it is an STS3215 (model 777)."""
@@ -588,35 +602,38 @@ class SO101:
 
     def write_joints(self, joints):
         """Send goals (5 rad + gripper opening) in one SYNC_WRITE, after the safety clips."""
+        if not np.isfinite(joints).all():   # SAFETY: NaN would become a goal at one end of a joint's range
+            raise RobotError(f"goal {np.round(joints, 3).tolist()} is not finite: nothing sent, torque goes off")
         self.bus.sync_write("Goal_Position", dict(zip(IDS, self.safe_goal(joints_to_ticks(joints, self.calibration)))))
 
     def safe_goal(self, ticks):
-        c = self.calibration
-        # SAFETY: never beyond the calibrated range of a joint.
-        ticks = np.clip(ticks, [c[n].range_min for n in JOINTS], [c[n].range_max for n in JOINTS])
         # SAFETY: an arm joint moves at most max_step_rad per step from where it was last read. The
         # gripper is exempt so it can close in one step: its torque is limited in configure().
         last = self.read_ticks() if self.last_ticks is None else self.last_ticks
         ticks[:5] = np.clip(ticks[:5], last[:5] - self.max_step_ticks, last[:5] + self.max_step_ticks)
-        return ticks.astype(int)
+        # SAFETY: never beyond the calibrated range of a joint, checked last: an arm that starts outside
+        # its range is brought back into it, not sent further out within the jump limit.
+        c = self.calibration
+        return np.clip(ticks, [c[n].range_min for n in JOINTS], [c[n].range_max for n in JOINTS]).astype(int)
 
     def close(self):
         self.torque(False)
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._old_sigterm = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+        if threading.current_thread() is threading.main_thread():   # SIGHUP: a closed terminal, a dropped SSH
+            for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", signal.SIGTERM)):
+                self._old_handlers[sig] = signal.signal(sig, _exit_on_signal)
         return self
 
     def __exit__(self, *exc):
         try:
             self.close()  # SAFETY: torque off on every way out of the block
         finally:
-            if self._old_sigterm is not None:
-                signal.signal(signal.SIGTERM, self._old_sigterm)
+            for sig, handler in self._old_handlers.items():
+                signal.signal(sig, handler)
 
 
-def _exit_on_sigterm(signum, frame):
+def _exit_on_signal(signum, frame):
     raise SystemExit(f"signal {signum}: turning torque off")
 
 
@@ -799,7 +816,7 @@ class SO101Env:
         self.__exit__(None, None, None)  # SAFETY: torque off, cameras released, as a with block does
 
     def __enter__(self):
-        self.arm.__enter__()  # SIGTERM handling
+        self.arm.__enter__()  # SIGTERM and SIGHUP handling
         return self
 
     def __exit__(self, *exc):

@@ -1122,6 +1122,32 @@ class TestRobot:
                      "id is 3", "1000000 baud"):
             assert part in message
 
+    def test_a_late_reply_never_answers_a_later_request(self):
+        emulator, bus = make_bus(retries=1)
+        emulator.set(3, "Present_Position", 1234)
+        emulator.set(3, "Present_Load", 77)
+        emulator.inject(3, "late", times=2)             # both tries: each reply comes 30 ms after its request
+        with pytest.raises(robot.BusError, match="did not answer"):
+            bus.read(3, "Present_Position")
+        assert bus.read(3, "Present_Load") == 77         # not the late 1234
+        emulator.inject(3, "late")                      # one late try, then the retry answers, once
+        assert bus.read(3, "Present_Position") == 1234 and bus.read(3, "Present_Load") == 77
+
+    def test_soak_with_five_percent_faults_returns_no_wrong_value(self):
+        emulator, bus = make_bus(retries=2)
+        rng = np.random.default_rng(0)
+        wrong = failed = 0
+        for n in range(300):
+            servo_id, value = int(rng.integers(1, 7)), int(rng.integers(0, 4096))
+            emulator.set(servo_id, "Present_Position", value)
+            if rng.random() < 0.05:
+                emulator.inject(servo_id, str(rng.choice(robot.FAULTS)))
+            try:
+                wrong += bus.read(servo_id, "Present_Position") != value
+            except robot.BusError:
+                failed += 1
+        assert wrong == 0 and failed == 0
+
     def test_sync_read_retries_when_one_servo_drops_its_reply(self):
         emulator, bus = make_bus()
         emulator.inject(5, "drop")
@@ -1261,15 +1287,32 @@ class TestRobot:
         last = emulator.received[-1]
         assert last[4] == robot.SYNC_WRITE and last[5] == 40  # the last packet sent was torque off
 
-    def test_sigterm_inside_the_loop_turns_torque_off(self):
+    @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])   # SIGHUP: a closed terminal, a dropped SSH
+    def test_sigterm_or_sighup_inside_the_loop_turns_torque_off(self, sig):
         emulator, arm = make_arm()
         arm.torque(True)
         with pytest.raises(SystemExit):
             with arm:
-                os.kill(os.getpid(), signal.SIGTERM)
+                os.kill(os.getpid(), sig)
                 time.sleep(1)
         assert all(emulator.get(i, "Torque_Enable") == 0 for i in IDS)
-        assert signal.getsignal(signal.SIGTERM) is not robot._exit_on_sigterm
+        assert signal.getsignal(sig) is not robot._exit_on_signal
+
+    def test_an_arm_outside_its_range_gets_goals_inside_it(self):
+        emulator, arm = make_arm()
+        c = arm.calibration["elbow_flex"]
+        emulator.set(3, "Present_Position", c.range_max + 200)                      # started beyond its limit
+        arm.read_ticks()
+        goal = arm.safe_goal(robot.joints_to_ticks(np.zeros(6), arm.calibration) + [0, 0, 400, 0, 0, 0])
+        assert goal[2] == c.range_max                                                 # the limit, not beyond
+
+    def test_a_goal_that_is_not_finite_is_refused_and_nothing_is_sent(self):
+        emulator, arm = make_arm()
+        sent = len(emulator.received)
+        for bad in (np.nan, np.inf):
+            with pytest.raises(robot.RobotError, match="is not finite: nothing sent"):
+                arm.write_joints(np.array([0.0, bad, 0.0, 0.0, 0.0, 0.5]))
+        assert len(emulator.received) == sent
 
     # --- kinematics -----------------------------------------------------------------------------------
     def test_forward_kinematics_at_zero_matches_the_model(self):
