@@ -14,6 +14,7 @@ bootstraps from the first frame of the next one.
 """
 
 import os
+import pathlib
 import tempfile
 import zipfile
 
@@ -148,6 +149,25 @@ class ReplayBuffer:
             next_obs = {**{k: saved[k][i + 1] for k in self.image_keys}, **{k: saved["next_" + k][i] for k in self.vector_keys}}
             self.add(obs, saved["act"][i], saved["rew"][i], next_obs, saved["terminated"][i], saved["truncated"][i],
                      saved["intervened"][i], saved["grasp_penalty"][i])
+
+
+def load_episodes(folder, online, demo):
+    """A run folder's episode files, in order, into the online buffer, and their human steps into the
+    demo buffer, as the loop added them -> the episodes' log rows."""
+    rows = []
+    for path in sorted(pathlib.Path(folder).glob("episode_*.npz")):
+        saved = online.read(path)
+        online.extend(saved)
+        demo.extend(saved, intervened_only=True)
+        rows.append({k[4:]: saved[k].item() for k in saved if k.startswith("log/")})
+    return rows
+
+
+def write_atomically(path, text):
+    """A text file, new or as it was, never half of one, whenever the process stops."""
+    with open(f"{path}.tmp", "w", newline="") as f:
+        f.write(text)
+    os.replace(f"{path}.tmp", path)
 
 
 def read_npz(path):

@@ -28,7 +28,7 @@ import time
 import numpy as np
 import torch
 
-from buffer import ReplayBuffer, sample_batches
+from buffer import ReplayBuffer, load_episodes, sample_batches, write_atomically
 from classifier import load_classifier
 from config import Config, diagnose, load_run_config, warnings_for
 from networks import Agent, load_resnet10, pick_device, resnet10_weights
@@ -154,11 +154,8 @@ def to_device(arrays, device):
 
 class FrameFeatures:
     """The frozen ResNet-10's features of every frame in a replay buffer, kept on the device in float16.
-
-    Row i of `table[camera]` holds the features of the frame in the buffer's slot i: the backbone
-    runs once per stored frame, never in an update (where it would cost ~12 TFLOP per control step
-    at 20 updates of batch 256 and two cameras). The price: no random-shift augmentation here.
-    """
+    Row i of `table[camera]` holds the features of the frame in the buffer's slot i: the backbone runs
+    once per stored frame, never in an update (~12 TFLOP a control step: 20 updates of 256 rows, 2 cameras)."""
 
     def __init__(self, buffer, backbone, device):
         self.buffer, self.backbone = buffer, backbone
@@ -248,11 +245,7 @@ def start_run(cfg, obs, folder):
     if cfg.resume:
         progress = load_checkpoint(folder, agent, optimizers)
         demo.load(folder / "demo.npz")
-        for path in sorted(folder.glob("episodes/episode_*.npz")):   # also those after the checkpoint: none is lost
-            saved = online.read(path)
-            online.extend(saved)
-            demo.extend(saved, intervened_only=True)                # as the loop added them
-            rows.append({k[4:]: saved[k].item() for k in saved if k.startswith("log/")})
+        rows = load_episodes(folder / "episodes", online, demo)   # also those after the checkpoint: none is lost
         progress.update({k: rows[-1][k] if rows else 0 for k in ("episode", "env_steps")})   # one row per episode
         print(f"resumed {folder} at episode {progress['episode']}, {progress['env_steps']} steps")
     else:
@@ -274,8 +267,20 @@ def start_run(cfg, obs, folder):
     return run
 
 
+def learn_now(run, out):
+    """utd_ratio updates once there is data enough: their stats and seconds into `out`. Any not finite stops the run."""
+    begin = time.perf_counter()
+    if len(run.online) >= run.cfg.training_starts:
+        out["stats"] = stats = run.learn_step(run.batches())
+        run.progress["updates"] += run.cfg.utd_ratio
+        if not torch.isfinite(torch.stack(list(stats.values()))).all():   # SYNC POINT: once a step
+            name, value = next((k, v.item()) for k, v in stats.items() if not torch.isfinite(v))
+            raise NonFiniteUpdate(f"the update's {name} is {value} in episode {run.progress['episode'] + 1}")
+    out["seconds"] = time.perf_counter() - begin
+
+
 def run_episode(run, env, teleop, obs, status):
-    """One episode: act (the policy, or the human), step the env, store, learn. Returns its log row and events."""
+    """One episode: read, act (policy or human), write the goal, learn while the arm moves, store -> row, events, transitions."""
     cfg, agent = run.cfg, run.agent
     ret, human_steps, timings, stats, features = 0.0, 0, [], {}, {}
     episode = ReplayBuffer(cfg.episode_steps + 2, obs, ACT_DIM)   # its transitions, for the run folder
@@ -286,10 +291,10 @@ def run_episode(run, env, teleop, obs, status):
         act, intervened, events = teleop.poll(policy_act, obs)
         if "success" in events:
             env.world.succeeded = True          # the human says the task is done (real robot)
-        t1 = time.perf_counter()
-        next_obs, rew, terminated, truncated, info = env.step(act)
+        t1, learned = time.perf_counter(), {"stats": stats}   # the updates run while the arm moves to the goal:
+        next_obs, rew, terminated, truncated, info = env.step(act, lambda: learn_now(run, learned))   # in the tick's wait
         truncated = truncated or bool(events & {"failure", "rerecord", "quit"})
-        t2 = time.perf_counter()
+        stats, update_s = learned["stats"], learned["seconds"]
         transition = (obs, act, rew, next_obs, terminated, truncated, intervened, info["grasp_penalty"])
         slot = run.online.add(*transition)
         episode.add(*transition)
@@ -298,13 +303,7 @@ def run_episode(run, env, teleop, obs, status):
             slot = run.demo.add(*transition)
             if run.demo_features:
                 run.demo_features.add(slot)
-        if len(run.online) >= cfg.training_starts:
-            stats = run.learn_step(run.batches())
-            run.progress["updates"] += cfg.utd_ratio
-            if not torch.isfinite(torch.stack(list(stats.values()))).all():   # SYNC POINT: once a step
-                name, value = next((k, v.item()) for k, v in stats.items() if not torch.isfinite(v))
-                raise NonFiniteUpdate(f"the update's {name} is {value} in episode {run.progress['episode'] + 1}")
-        timings.append((t1 - t0, t2 - t1, time.perf_counter() - t2))
+        timings.append((t1 - t0, time.perf_counter() - t1 - update_s, update_s))
         if cfg.port and info["overrun_s"] > 0 and not run.warned_slow:
             run.warned_slow = True
             act_ms, robot_ms, update_ms = (1e3 * np.mean(x) for x in zip(*timings))
@@ -351,7 +350,7 @@ def train(cfg, env, teleop, folder):
         while not cfg.max_env_steps or run.progress["env_steps"] < cfg.max_env_steps:
             obs = env.reset() if run.progress["episode"] or cfg.resume else obs
             teleop.reset()
-            if cfg.port and not wait_for_start(teleop, obs):   # the human resets the scene first
+            if cfg.port and (obs := wait_for_start(teleop, env, obs)) is None:   # the human resets the scene first
                 break
             row, events, episode = run_episode(run, env, teleop, obs, status)
             end_episode(run, row, episode, status)
@@ -361,14 +360,17 @@ def train(cfg, env, teleop, folder):
         raise SystemExit(f"error: {error}; training stopped and saved nothing since the last checkpoint "
                          "(usual causes: --lr too high, rewards far out of scale)") from None
     except BaseException:              # Ctrl-C, SIGTERM, a bus error: save, losing at most this episode
+        env.arm.close()                # SAFETY: torque off first: saving takes seconds
         save_checkpoint(run)
         raise
+    env.arm.close()
     save_checkpoint(run)
     return run.rows
 
 
-def evaluate(cfg, env, folder):
-    """The deterministic policy, no learning, no interventions: success rate and mean length."""
+def evaluate(cfg, env, folder, teleop=None):
+    """The deterministic policy, no learning, no interventions: success rate and mean length. On a real
+    arm `teleop` brings the human's buttons: start (once the scene is reset), success, failure, e-stop."""
     device = pick_device(cfg)
     obs = env.reset(seed=cfg.seed + 10_000)               # other cube positions than in training
     agent = Agent(len(obs["state"]), cfg, image_shapes(obs)).to(device)
@@ -376,14 +378,19 @@ def evaluate(cfg, env, folder):
     episodes = []   # (success, length)
     for episode in range(cfg.eval_episodes):
         obs = env.reset() if episode else obs
+        if teleop is not None and (obs := wait_for_start(teleop, env, obs)) is None:
+            break
         for length in range(1, cfg.episode_steps + 1):
             act = agent.act(obs_to_tensors(obs, device), deterministic=True)[0].cpu().numpy()   # SYNC POINT
+            events = teleop.read(obs)[2] if teleop is not None else set()   # the e-stop raises EmergencyStop
+            if "success" in events:
+                env.world.succeeded = True
             obs, _, terminated, truncated, _ = env.step(act)
-            if terminated or truncated:
+            if terminated or truncated or "failure" in events:
                 break
         episodes.append((terminated, length))
-    success, length = np.mean(episodes, axis=0)
-    print(f"eval {folder}: success {success:.0%} over {cfg.eval_episodes} episodes, mean length {length:.1f} steps")
+    success, length = np.mean(episodes, axis=0) if episodes else (0.0, 0.0)
+    print(f"eval {folder}: success {success:.0%} over {len(episodes)} episodes, mean length {length:.1f} steps")
     return float(success), float(length)
 
 
@@ -431,13 +438,6 @@ def write_log(path, rows):
     write_atomically(path, text.getvalue())
 
 
-def write_atomically(path, text):
-    """A new file or the old one, never half of one, whenever the process stops."""
-    with open(f"{path}.tmp", "w", newline="") as f:
-        f.write(text)
-    os.replace(f"{path}.tmp", path)
-
-
 def plot_runs(folders, out_path):
     """Learning curves against environment steps, one line per run folder, into one PNG."""
     import matplotlib
@@ -472,22 +472,22 @@ def main():
                 raise ValueError(f"--plot {cfg.plot}: takes run folders with a log.csv, then the PNG to write: "
                                  "runs/A,runs/B,out.png")
             return plot_runs(folders, out_path)
-        if cfg.eval:
-            with make_env(cfg, cfg.seed + 10_000) as env:    # other cube positions than in training
-                return evaluate(cfg, env, folder)
-        if not cfg.resume and folder.exists() and any(folder.iterdir()):   # never write over a run
+        new_run = not (cfg.eval or cfg.resume)
+        if new_run and folder.exists() and any(folder.iterdir()):   # never write over a run
             raise ValueError(f"{folder} already holds a run; continue it with --resume {folder} or pick another --run_dir")
-        if not cfg.resume and not os.path.exists(cfg.demos):
+        if new_run and not os.path.exists(cfg.demos):
             if cfg.port:
                 raise ValueError(f"{cfg.demos} does not exist; record demos first: "
                                  f"python teleop.py record --port {cfg.port} --demos {cfg.demos}")
             print(f"{cfg.demos} does not exist: the scripted expert records {cfg.demo_episodes} demo episodes first")
             record_demos(cfg, cfg.demos, cfg.demo_episodes)
-        folder.mkdir(parents=True, exist_ok=True)
-        print(f"run folder: {folder}")
-        with make_env(cfg, cfg.seed) as env:   # SAFETY: torque off however the run ends
+        with make_env(cfg, cfg.seed + 10_000 * bool(cfg.eval)) as env:   # SAFETY: torque off however it ends
             if cfg.classifier:
                 env.classifier = load_classifier(cfg, pick_device(cfg)).success
+            if cfg.eval:   # on a real arm, the human's buttons still start, end and stop episodes
+                return evaluate(cfg, env, folder, make_teleop(cfg, env) if cfg.port else None)
+            folder.mkdir(parents=True, exist_ok=True)
+            print(f"run folder: {folder}")
             train(cfg, env, make_teleop(cfg, env), folder)
     except (ValueError, OSError, RobotError, EmergencyStop) as error:
         raise SystemExit(f"error: {error}") from None

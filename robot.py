@@ -704,8 +704,15 @@ class Camera:
 
 
 def make_cameras(cfg):
-    return {name: Camera(name, source, cfg.image_size, roi)
-            for name, (source, roi) in parse_cameras(cfg.cameras, cfg.camera_roi).items()}
+    cameras = {}
+    try:
+        for name, (source, roi) in parse_cameras(cfg.cameras, cfg.camera_roi).items():
+            cameras[name] = Camera(name, source, cfg.image_size, roi)
+    except BaseException:   # those already open are released: a capture thread left at exit aborts the process
+        for camera in cameras.values():
+            camera.close()
+        raise
+    return cameras
 
 
 # ------------------------------------------------------------------------------------------------
@@ -779,7 +786,8 @@ class SO101Env:
         self.ee_start = self.ee_target = forward_kinematics(self.joints[:5])[0]
         return self._observe()
 
-    def step(self, act):
+    def step(self, act, while_moving=None):
+        """while_moving(): what to do between writing the goal and the control tick (the loop learns)."""
         # The EE target integrates the commands rather than restarting from the measured pose:
         # otherwise the servos' steady gravity sag is subtracted again every step and the arm sinks.
         # SAFETY: it leads the measured EE by 3 steps at most, so a blocked arm is not pushed ever harder.
@@ -792,9 +800,10 @@ class SO101Env:
         flipped = gripper != self.gripper_target
         self.gripper_target = gripper
         self.arm.write_joints(np.append(self.q_target, self.gripper_target))
+        if while_moving is not None:
+            while_moving()
         overrun_s = self.world.tick()
-        self.joints = self.arm.read_joints()
-        obs = self._observe()
+        obs = self.observe()
         self.steps += 1
         # The world's signal (the human's button; the sim's physics) or a reward classifier's (hil-serl)
         success = bool(self.world.success()) or (self.classifier is not None and self.classifier(obs))
@@ -803,6 +812,11 @@ class SO101Env:
         info = {"success": success, "grasp_penalty": self.cfg.grasp_penalty if flipped else 0.0,
                 "overrun_s": overrun_s}
         return obs, rew, success, truncated, info
+
+    def observe(self):
+        """Read the joints (and the cameras) now: the step's result, or the scene a human has just reset."""
+        self.joints = self.arm.read_joints()
+        return self._observe()
 
     def _observe(self):
         ee = forward_kinematics(self.joints[:5])[0]

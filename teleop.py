@@ -292,14 +292,17 @@ def record_episode(env, teleop, status, obs):
             return transitions, "success" if info["success"] else "failure"
 
 
-def wait_for_start(teleop, obs):
-    """Real arm: the human resets the scene, then presses intervene; False if they quit instead."""
+def wait_for_start(teleop, env, obs):
+    """Real arm: the human resets the scene, then presses intervene -> the scene as they left it, the
+    episode's first observation (None if they quit instead)."""
     print("reset the scene, then press intervene (RB/R1, or space) to start the episode", flush=True)
     released = False   # a press, not a button still held from the last episode
     while True:
         _, intervene, events = teleop.read(obs)
-        if "quit" in events or (intervene and released):
-            return "quit" not in events
+        if "quit" in events:
+            return None
+        if intervene and released:
+            return env.observe()
         released = released or not intervene
 
 
@@ -321,7 +324,7 @@ def record_demos(cfg, path, episodes):
         while demos.num_episodes < episodes:
             if continued:   # the sim's scenes seeded per kept episode and try: none the file holds comes back
                 obs = env.reset(seed=cfg.seed + 1000 * (demos.num_episodes + 1) + failures)
-            if cfg.port and not wait_for_start(teleop, obs):
+            if cfg.port and (obs := wait_for_start(teleop, env, obs)) is None:
                 break
             transitions, outcome = record_episode(env, teleop, status, obs)
             if outcome == "quit":
@@ -366,7 +369,7 @@ def label_frames(cfg, path, success_frames):
         episode = int(recorded["episode"][0].max()) + 1 if recorded else 0
         events, failures = set(), 0   # failures: episodes in a row without a success frame
         while positives < success_frames and "quit" not in events:
-            if cfg.port and not wait_for_start(teleop, obs):
+            if cfg.port and (obs := wait_for_start(teleop, env, obs)) is None:
                 break
             frames, labels = {k: [] for k in cameras}, []
             for _ in range(cfg.episode_steps):

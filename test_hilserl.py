@@ -17,6 +17,7 @@ os.environ["SDL_VIDEODRIVER"] = "dummy"     # before pygame starts
 os.environ["SDL_AUDIODRIVER"] = "dummy"
 
 import collections  # noqa: E402
+import contextlib  # noqa: E402
 import copy  # noqa: E402
 import csv  # noqa: E402
 import dataclasses  # noqa: E402
@@ -707,6 +708,24 @@ class TestLoop:
         assert saved["progress"]["updates"] <= 40                                       # from before the poison
         assert all(torch.isfinite(p).all() for p in saved["agent"].values())
 
+    @pytest.mark.parametrize("ending", ["max_env_steps", "ctrl_c"])
+    def test_torque_goes_off_before_the_last_checkpoint_is_written(self, ending, tmp_path, monkeypatch):
+        envs, make_env, save, run_episode = [], hilserl.make_env, hilserl.save_checkpoint, hilserl.run_episode
+        torque = []                                          # torque on at each save of the checkpoint?
+        monkeypatch.setattr(hilserl, "make_env", lambda *a: envs.append(make_env(*a)) or envs[-1])
+        monkeypatch.setattr(hilserl, "save_checkpoint", lambda run: torque.append(
+            any(envs[-1].arm.bus.port.get(i, "Torque_Enable") for i in IDS)) or save(run))
+        if ending == "ctrl_c":
+            monkeypatch.setattr(hilserl, "run_episode", lambda run, *a: (_ for _ in ()).throw(KeyboardInterrupt())
+                                if run.progress["episode"] == 2 else run_episode(run, *a))
+        small = ["--hidden_dim", "16", "--state_latent_dim", "8", "--batch_size", "16", "--utd_ratio", "1",
+                 "--training_starts", "20", "--demo_episodes", "2", "--episode_steps", "30", "--checkpoint_every", "1"]
+        monkeypatch.setattr("sys.argv", ["hilserl.py", "--demos", str(tmp_path / "d.npz"), "--run_dir",
+                                         str(tmp_path / "run"), "--max_env_steps", "90", *small])
+        with pytest.raises(SystemExit) if ending == "ctrl_c" else contextlib.nullcontext():
+            hilserl.main()
+        assert torque[0] and torque[-1] is False                      # on while training, off before the last save
+
     def test_compile_happens_before_the_first_episode_and_never_again(self, tmp_path, monkeypatch):
         torch._dynamo.reset()                                         # forget graphs other tests compiled
         graphs = lambda: torch._dynamo.utils.counters["stats"]["unique_graphs"]
@@ -994,6 +1013,16 @@ LEROBOT_JSON = {  # a follower calibration file as LeRobot writes it
     "wrist_roll": {"id": 5, "drive_mode": 0, "homing_offset": -1997, "range_min": 0, "range_max": 4095},
     "gripper": {"id": 6, "drive_mode": 0, "homing_offset": 1232, "range_min": 2039, "range_max": 3475},
 }
+
+
+def write_clip(path, frames=30):
+    """A 64x48 MJPG video that OpenCV opens as a camera; returns its path as a string."""
+    import cv2
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (64, 48))
+    for _ in range(frames):
+        writer.write(np.zeros((48, 64, 3), np.uint8))
+    writer.release()
+    return str(path)
 
 
 class FakeWorld:
@@ -1428,15 +1457,17 @@ class TestRobot:
         camera.close()
 
     def test_a_camera_region_outside_the_frame_is_refused_when_the_camera_opens(self, tmp_path):
-        import cv2
-        path = str(tmp_path / "clip.avi")
-        writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"MJPG"), 10, (64, 48))
-        for _ in range(30):
-            writer.write(np.zeros((48, 64, 3), np.uint8))
-        writer.release()
+        path = write_clip(tmp_path / "clip.avi")
         robot.Camera("front", path, 16, roi=(0, 0, 64, 48)).close()                # the whole frame fits
         with pytest.raises(robot.RobotError, match=r"--camera_roi front=10:0:64:48 reaches outside its 64x48 frames"):
             robot.Camera("front", path, 16, roi=(10, 0, 64, 48))
+
+    def test_cameras_opened_before_one_that_fails_are_released(self, tmp_path, monkeypatch):
+        closed, close = [], robot.Camera.close
+        monkeypatch.setattr(robot.Camera, "close", lambda self: closed.append(self.name) or close(self))
+        with pytest.raises(robot.RobotError, match="camera 'wrist'"):
+            robot.make_cameras(Config(cameras=f"front={write_clip(tmp_path / 'clip.avi')},wrist=/nonexistent/video9"))
+        assert closed == ["front"]                                                   # no capture thread left behind
 
     # --- command line ---------------------------------------------------------------------------------
     def test_status_only_reads(self, capsys):
@@ -1901,11 +1932,42 @@ class TestTeleop:
         with pytest.raises(ValueError, match="no gamepad found: .* needs a display"):   # headless: no keys either
             teleop.make_teleop(Config(teleop="leader", leader_port="/dev/null"), env)
 
-    def test_the_real_arm_waits_for_a_fresh_intervene_press_before_an_episode(self):
+    def test_the_real_arm_waits_for_a_fresh_intervene_press_then_observes_the_scene_anew(self):
+        emulator, env = make_env()
+        stale = env.reset()
         still_held = [(HUMAN, {"intervene"})] * 3 + [(HUMAN, set()), (HUMAN, {"intervene"})]
         t = teleop.Teleop(Scripted(*still_held))
-        assert teleop.wait_for_start(t, None) is True and t.device.steps == []
-        assert teleop.wait_for_start(teleop.Teleop(Scripted((HUMAN, set()), (HUMAN, {"quit"}))), None) is False
+        emulator.set(1, "Present_Position", 2100)                                   # the human nudged the arm
+        obs = teleop.wait_for_start(t, env, stale)
+        assert t.device.steps == [] and obs["state"][0] == pytest.approx(52 / TICKS_PER_RAD) != stale["state"][0]
+        assert teleop.wait_for_start(teleop.Teleop(Scripted((HUMAN, set()), (HUMAN, {"quit"}))), env, stale) is None
+
+    def test_evaluating_on_a_real_arm_takes_the_humans_start_success_and_stop(self, tmp_path):
+        from robot import RealWorld
+        cfg = Config(control_hz=200.0, eval_episodes=3, episode_steps=5)
+        emulator, arm = make_arm()
+        env = robot.SO101Env(cfg, arm, {}, RealWorld(cfg))
+        agent = Agent(9, cfg)
+        torch.save({"agent": agent.state_dict(), "progress": {}}, tmp_path / "checkpoint.pt")
+        press = [(HUMAN, set()), (HUMAN, {"intervene"})]                            # start an episode
+        t = teleop.Teleop(Scripted(*press, (HUMAN, set()), (HUMAN, {"success"}),     # episode 1: success at step 2
+                                   *press, *[(HUMAN, set())] * 5,                   # episode 2: runs out
+                                   *press, (HUMAN, {"estop"})), torque_off=arm.close)
+        with pytest.raises(teleop.EmergencyStop):
+            hilserl.evaluate(cfg, env, tmp_path, t)
+        assert all(emulator.get(i, "Torque_Enable") == 0 for i in IDS)
+        t = teleop.Teleop(Scripted(*press, (HUMAN, set()), (HUMAN, {"success"}), *press, (HUMAN, {"failure"}),
+                                   (HUMAN, {"quit"})))
+        assert hilserl.evaluate(cfg, env, tmp_path, t) == (0.5, 1.5)                # the third start: quit
+
+    def test_the_loop_learns_between_writing_the_goal_and_the_tick(self, monkeypatch):
+        emulator, env = make_env()
+        env.reset()
+        order = []
+        monkeypatch.setattr(env.world, "tick", lambda: order.append(("tick", len(emulator.received))) or 0.0)
+        env.step(np.zeros(4, np.float32), lambda: order.append(("learn", len(emulator.received))))
+        writes = [i for i, p in enumerate(emulator.received) if p[4] == robot.SYNC_WRITE]
+        assert [name for name, _ in order] == ["learn", "tick"] and order[0][1] == writes[-1] + 1
 
     @pytest.mark.parametrize("button", ["success", "failure"])
     def test_on_the_real_arm_the_human_ends_the_episode(self, button):
