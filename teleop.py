@@ -16,6 +16,7 @@ Commands: `python teleop.py record` records demos (cfg.demos, cfg.demo_episodes)
 camera frames labelled success or not for the reward classifier (cfg.frames, cfg.success_frames).
 """
 
+import atexit
 import os
 import sys
 import time
@@ -26,7 +27,7 @@ import pygame
 
 from buffer import ReplayBuffer, read_npz, save_npz
 from config import load_config
-from robot import (ACT_DIM, SO101, FeetechBus, RealWorld, RobotError, SO101Env, forward_kinematics,
+from robot import (ACT_DIM, IDS, SO101, FeetechBus, RealWorld, RobotError, SO101Env, forward_kinematics,
                    load_calibration, make_cameras, open_bus)
 
 EVENTS = ("success", "failure", "rerecord", "estop", "quit")   # pressed once, acted on once
@@ -132,26 +133,40 @@ class Keys:
 
 
 class LeaderArm:
-    """An SO-101 leader arm on a second bus: the follower's tool goes where the leader's tool is.
-
-    The action is the tool-position difference in EE-delta units, clipped to [-1, 1]: the follower
-    tracks the leader through the same env.step as the policy (workspace box, IK, joint limits), at
-    most ee_step_m per step, so the stored action is exactly the EE delta the follower was given.
-    Only the position is followed: the IK keeps the gripper pointing down, whatever the leader's wrist.
+    """An SO-101 leader arm on a second bus. While intervene is held, the follower's tool follows the
+    leader tool's motion since the press, not its absolute pose, so taking over never lurches. The
+    action is that motion in EE-delta units, clipped to [-1, 1], through the same env.step as the
+    policy: the stored action is exactly the EE delta the follower was given. Only the position is
+    followed: the IK keeps the gripper pointing down, whatever the leader's wrist. While the policy
+    acts, the leader tracks the follower, weakly torqued, so it is where the follower is when taken.
     """
+
+    TRACKING_TORQUE = 150   # Torque_Limit (0.1 % of stall) while tracking: a hand overrides it easily
 
     def __init__(self, cfg, port=None):
         bus = open_bus(cfg.leader_port, cfg) if port is None else FeetechBus(port, cfg.baudrate, cfg.read_retries, cfg.bus_latency_s)
-        self.arm = SO101(bus, load_calibration(cfg.leader_calibration))
+        self.arm = SO101(bus, load_calibration(cfg.leader_calibration), cfg.max_joint_step_rad)
         self.arm.connect()
-        self.arm.configure()   # SAFETY: leaves the torque off; a leader is moved by hand
-        self.ee_step_m = cfg.ee_step_m
+        self.arm.configure()   # SAFETY: leaves the torque off
+        for servo_id in IDS:
+            bus.write(servo_id, "Torque_Limit", self.TRACKING_TORQUE)
+        atexit.register(self.arm.close)   # SAFETY: torque off when the program ends, however it ends
+        self.ee_step_m, self.anchor, self.tracking = cfg.ee_step_m, None, False
 
-    def action(self, obs):
-        leader = self.arm.read_joints()   # 5 rad + gripper opening
-        target, follower = forward_kinematics(leader[:5])[0], forward_kinematics(obs["state"][:5])[0]
+    def action(self, obs, intervening):
+        leader = self.arm.read_joints()   # 5 rad + gripper opening; also where the goals' jump limit counts from
+        tool, follower = forward_kinematics(leader[:5])[0], forward_kinematics(obs["state"][:5])[0]
+        if not intervening:   # the policy acts: the leader follows the follower's joints
+            if not self.tracking:
+                self.arm.torque(True)
+            self.anchor, self.tracking = None, True
+            self.arm.write_joints(obs["state"][:6])
+            return np.zeros(ACT_DIM, np.float32)
+        if self.anchor is None:   # the press: free the leader; from here on the follower moves as it does
+            self.arm.torque(False)
+            self.anchor, self.tracking = tool - follower, False
         act = np.zeros(ACT_DIM, np.float32)
-        act[:3] = np.clip((target - follower) / self.ee_step_m, -1, 1)
+        act[:3] = np.clip((tool - self.anchor - follower) / self.ee_step_m, -1, 1)
         closed, follower_closed = leader[5] < 0.5, obs["state"][5] < 0.5
         act[3] = 0.0 if closed == follower_closed else (-1.0 if closed else 1.0)   # command only a change
         return act
@@ -196,7 +211,7 @@ class Teleop:
                 self.torque_off()   # SAFETY: first, before anything else can send a goal
             raise EmergencyStop("emergency stop pressed: torque is off; move the arm by hand to a safe pose")
         if self.leader is not None:
-            act = self.leader.action(obs)
+            act = self.leader.action(obs, "intervene" in held)
         return act, "intervene" in held, events
 
     def poll(self, policy_act, obs):

@@ -1775,38 +1775,54 @@ class TestTeleop:
         assert lines[2].startswith("episode    3  steps   2  return   -0.10  success yes  intervened   0%  |  last 2: "
                                    "success 100%  intervened  50%")
 
-    def test_leader_action_is_the_clipped_tool_difference_in_action_units(self, tmp_path):
-        from robot import HOME_RAD, forward_kinematics
+    def test_taking_over_with_the_leader_never_lurches_and_follows_its_motion(self, tmp_path):
+        from robot import HOME_RAD, forward_kinematics, inverse_kinematics, joints_to_ticks
         cfg = Config()
-        follower = np.append(HOME_RAD, [1.0, 0, 0, 0]).astype(np.float32)          # gripper open
-        near = HOME_RAD + [0.0, 0.0, 0.0, 0.02, 0.0]                                  # a few mm away
-        leader, _ = leader_at(tmp_path, np.append(near, 0.0))                         # leader gripper closed
-        act = leader.action({"state": follower})
-        expected = (forward_kinematics(near)[0] - forward_kinematics(HOME_RAD)[0]) / cfg.ee_step_m
-        np.testing.assert_allclose(act[:3], expected, atol=0.05)                      # ticks quantise the pose
-        assert act[3] == -1.0                                                         # close, the follower is open
-        far, _ = leader_at(tmp_path, np.append(HOME_RAD + [0.3, 0.2, -0.2, 0.0, 0.0], 1.0))
-        act = far.action({"state": follower})
-        assert np.abs(act[:3]).max() == 1.0 and act[3] == 0.0                          # clipped; both open: stay
+        follower = {"state": np.append(HOME_RAD, [1.0, 0, 0, 0]).astype(np.float32)}          # gripper open
+        far = HOME_RAD + [0.3, 0.2, -0.2, 0.0, 0.0]
+        leader, emulator = leader_at(tmp_path, np.append(far, 0.0))                   # left elsewhere, closed
+        act = leader.action(follower, intervening=True)                               # the press
+        np.testing.assert_allclose(act[:3], 0.0, atol=1e-6)                           # no jump towards the leader
+        assert act[3] == -1.0 and all(emulator.get(i, "Torque_Enable") == 0 for i in IDS)   # close; leader free
+        pressed = forward_kinematics(leader.arm.read_joints()[:5])[0]
+        q = inverse_kinematics(far, forward_kinematics(far)[0] + [0.004, -0.003, 0.002])   # the hand moves it
+        for servo_id, ticks in zip(IDS, joints_to_ticks(np.append(q, 0.0), leader.arm.calibration)):
+            emulator.set(servo_id, "Present_Position", int(ticks))
+        act = leader.action(follower, intervening=True)
+        moved = forward_kinematics(leader.arm.read_joints()[:5])[0] - pressed
+        np.testing.assert_allclose(act[:3], moved / cfg.ee_step_m, atol=1e-6)       # the motion, in action units
 
-    def test_follower_tracks_the_leader_only_while_intervene_is_held(self, tmp_path):
-        from robot import HOME_RAD, SO101Env, forward_kinematics
+    def test_the_leader_tracks_the_follower_weakly_while_the_policy_acts(self, tmp_path):
+        from robot import HOME_RAD
+        follower = {"state": np.append(HOME_RAD, [1.0, 0, 0, 0]).astype(np.float32)}
+        leader, emulator = leader_at(tmp_path, np.append(HOME_RAD + [0.3, 0.2, -0.2, 0.0, 0.0], 0.0))
+        for _ in range(5):                                                            # 0.1 rad a step at most
+            np.testing.assert_array_equal(leader.action(follower, intervening=False), 0.0)
+        assert all(emulator.get(i, "Torque_Enable") == 1 and emulator.get(i, "Torque_Limit") == 150 for i in IDS)
+        np.testing.assert_allclose(leader.arm.read_joints(), follower["state"][:6], atol=2e-3)
+
+    def test_follower_moves_as_the_leader_moves_while_intervene_is_held(self, tmp_path):
+        from robot import HOME_RAD, SO101Env, forward_kinematics, inverse_kinematics, joints_to_ticks
         from sim import make_sim
         cfg = Config()
-        pose = HOME_RAD + [0.3, 0.2, -0.2, 0.0, 0.0]
-        leader, _ = leader_at(tmp_path, np.append(pose, 1.0))
-        held = [(np.zeros(4, np.float32), set())] * 5 + [(np.zeros(4, np.float32), {"intervene"})] * 25
-        t = teleop.Teleop(Scripted(*held), leader)
+        leader, emulator = leader_at(tmp_path, np.append(HOME_RAD + [0.3, 0.2, -0.2, 0.0, 0.0], 1.0))
+        zero = np.zeros(4, np.float32)
+        t = teleop.Teleop(Scripted(*[(zero, set())] * 5, *[(zero, {"intervene"})] * 35), leader)
         env = SO101Env(cfg, *make_sim(cfg, seed=0))
-        obs = start = env.reset()
-        for step in range(30):
-            act, intervened, _ = t.poll(np.zeros(4, np.float32), obs)
-            assert intervened == (step >= 5)
+        obs = env.reset()
+        for step in range(40):
+            if step == 5:                                                             # the press
+                pressed = forward_kinematics(obs["state"][:5])[0]
+            if step == 12:                                                            # the hand: 3 cm forward
+                q = leader.arm.read_joints()
+                q[:5] = inverse_kinematics(q[:5], forward_kinematics(q[:5])[0] + [0.03, 0, 0])
+                for servo_id, ticks in zip(IDS, joints_to_ticks(q, leader.arm.calibration)):
+                    emulator.set(servo_id, "Present_Position", int(ticks))
+            act, intervened, _ = t.poll(zero, obs)
             obs = env.step(act)[0]
-            if step == 4:
-                np.testing.assert_allclose(obs["state"][6:9], start["state"][6:9], atol=0.006)  # held (sags a few mm)
-        gap = forward_kinematics(pose)[0] - forward_kinematics(obs["state"][:5])[0]
-        assert np.linalg.norm(gap) < 0.01
+            if step == 11:                                                            # held where it was
+                assert np.linalg.norm(forward_kinematics(obs["state"][:5])[0] - pressed) < 0.006
+        np.testing.assert_allclose(forward_kinematics(obs["state"][:5])[0] - pressed, [0.03, 0, 0], atol=0.008)
         env.close()
 
     def test_record_demos_with_the_expert_keeps_successful_episodes(self, tmp_path):
