@@ -80,6 +80,9 @@ class Config:
     max_joint_step_rad: float = 0.1      # SAFETY: most an arm joint's goal may move in one control step (ours: 1 rad/s at 10 Hz)
     read_retries: int = 2                # bus retries after a missed or corrupt reply before the error names the servo (LeRobot PR #4207)
     bus_latency_s: float = 0.02          # added to a reply's wire time to make its timeout: USB + servo turnaround (raise for ESP32 boards: 17-28 ms)
+    max_temperature_c: float = 65.0      # SAFETY: stop when a servo is this hot (STS3215: cuts its own torque at 70 C, Max_Temperature_Limit)
+    min_voltage_v: float = 6.0           # SAFETY: stop when a servo's supply sags below this (the 7.4 V STS3215; about 10 for a 12 V arm)
+    overload_s: float = 1.5              # SAFETY: stop when an arm servo's load stays >= 80 % this long (STS3215 latches after 2 s)
 
     # --- sim (sim.py) -------------------------------------------------------------------------
     privileged_state: bool = True        # sim only: add the cube position to the state (never on a real arm)
@@ -111,7 +114,8 @@ RANGES = {
     "demo_capacity": ">= 2", "image_latent_dim": ">= 1", "classifier_threshold": ">= 0 and <= 1",
     "classifier_steps": ">= 1", "success_frames": ">= 1", "demo_episodes": ">= 1", "demo_max_failures": ">= 1", "baudrate": "> 0",
     "control_hz": "> 0", "episode_steps": ">= 1", "ee_step_m": "> 0", "image_size": ">= 32",
-    "max_joint_step_rad": "> 0", "read_retries": ">= 0", "bus_latency_s": ">= 0", "cube_size_m": "> 0",
+    "max_joint_step_rad": "> 0", "read_retries": ">= 0", "bus_latency_s": ">= 0",
+    "max_temperature_c": "> 0", "min_voltage_v": ">= 0", "overload_s": "> 0", "cube_size_m": "> 0",
     "success_lift_m": "> 0", "sim_timestep_s": "> 0", "expert_noise": ">= 0", "expert_patience": ">= 1",
     "dead_zone": ">= 0 and < 1", "teleop_speed": "> 0 and <= 1",
 }

@@ -320,7 +320,7 @@ def run_episode(run, env, teleop, obs, status):
     row = {"episode": run.progress["episode"], "env_steps": run.progress["env_steps"], "return": ret,
            "length": length, "success": float(terminated), "intervention_rate": human_steps / length,
            "updates_per_s": (run.progress["updates"] - updates_before) / seconds,
-           **{k: v.item() for k, v in stats.items()},                                   # SYNC POINT: logging
+           **{k: v.item() for k, v in stats.items()}, **env.health,   # SYNC POINT: logging; the servos' health
            **dict(zip(("time/act_ms", "time/robot_ms", "time/update_ms"), (1e3 * np.mean(x) for x in zip(*timings))))}
     return row, events, episode
 

@@ -163,6 +163,7 @@ REGISTERS = {
     "Present_Load": (60, 2, 10), "Present_Voltage": (62, 1, None), "Present_Temperature": (63, 1, None),
     "Status": (65, 1, None), "Moving": (66, 1, None), "Present_Current": (69, 2, 15),
     "Maximum_Acceleration": (85, 1, None),
+    "Health": (60, 4, None),   # ours: Present_Load, Present_Voltage and Present_Temperature in one read
 }
 # Bits of a status packet's error byte (and of the Status register), as Feetech names them.
 ERROR_BITS = {0x01: "input voltage", 0x02: "angle sensor", 0x04: "overheat",
@@ -596,6 +597,12 @@ class SO101:
         self.last_ticks = np.array(self.bus.sync_read("Present_Position", IDS))
         return self.last_ticks
 
+    def health(self):
+        """Every servo's (temperature C, supply V, load as a share of its maximum) from one SYNC_READ."""
+        raw = np.array(self.bus.sync_read("Health", IDS))
+        load = np.array([decode_sign(int(v) & 0xFFFF, REGISTERS["Present_Load"][2]) for v in raw]) / 1000
+        return (raw >> 24).astype(float), (raw >> 16 & 0xFF) / 10, np.abs(load)
+
     def read_joints(self):
         """5 arm angles (rad) and the gripper opening in [0, 1]."""
         return ticks_to_joints(self.read_ticks(), self.calibration)
@@ -767,6 +774,7 @@ class SO101Env:
         self.torque_on = False
         self.joints = None  # latest measured joints (5 rad + gripper opening)
         self.classifier = None  # obs -> bool, a reward classifier (hilserl.py sets it from --classifier)
+        self.health = {}        # this episode's hottest servo, lowest supply and highest load (the watchdog's)
         self.ee_start = self.ee_target = self.q_target = None  # set by reset(), as are gripper_target and steps
 
     def reset(self, seed=None):
@@ -783,6 +791,7 @@ class SO101Env:
             self.world.tick()
             self.joints = self.arm.read_joints()
         self.gripper_target, self.steps, self.q_target = 1.0, 0, self.joints[:5]
+        self.health, self.overloaded = {"servo/max_temperature_c": 0.0, "servo/min_voltage_v": 99.0, "servo/max_load": 0.0}, 0
         self.ee_start = self.ee_target = forward_kinematics(self.joints[:5])[0]
         return self._observe()
 
@@ -804,6 +813,7 @@ class SO101Env:
             while_moving()
         overrun_s = self.world.tick()
         obs = self.observe()
+        self.watch(*self.arm.health())
         self.steps += 1
         # The world's signal (the human's button; the sim's physics) or a reward classifier's (hil-serl)
         success = bool(self.world.success()) or (self.classifier is not None and self.classifier(obs))
@@ -812,6 +822,24 @@ class SO101Env:
         info = {"success": success, "grasp_penalty": self.cfg.grasp_penalty if flipped else 0.0,
                 "overrun_s": overrun_s}
         return obs, rew, success, truncated, info
+
+    def watch(self, temperature, voltage, load):
+        """SAFETY: the servo health watchdog. Stops the run (the env's exit turns torque off) when a servo
+        runs hot, its supply sags, or an arm joint's load stays at the overload level (a blocked or
+        overworked joint; the gripper squeezes by design, with its torque limited in configure())."""
+        self.overloaded = self.overloaded + 1 if load[:5].max() >= 0.8 else 0
+        for name, value in zip(self.health, (temperature.max(), voltage.min(), load.max())):
+            self.health[name] = (min if "min" in name else max)(self.health[name], float(value))
+        hot, sag, worst = temperature.argmax(), voltage.argmin(), load[:5].argmax()
+        for bad, what, do in (
+                (temperature[hot] >= self.cfg.max_temperature_c, f"{JOINTS[hot]} is at {temperature[hot]:.0f} C "
+                 f"(--max_temperature_c {self.cfg.max_temperature_c})", "let it cool and lighten its work"),
+                (voltage[sag] < self.cfg.min_voltage_v, f"{JOINTS[sag]}'s supply sagged to {voltage[sag]:.1f} V "
+                 f"(--min_voltage_v {self.cfg.min_voltage_v})", "charge or check the power supply and its cable"),
+                (self.overloaded / self.cfg.control_hz >= self.cfg.overload_s, f"{JOINTS[worst]} has been at "
+                 f"{load[worst]:.0%} load for {self.cfg.overload_s} s", "free the joint, check it is not blocked")):
+            if bad:
+                raise RobotError(f"servo health: {what}: stopping with torque off; {do}")
 
     def observe(self):
         """Read the joints (and the cameras) now: the step's result, or the scene a human has just reset."""

@@ -664,7 +664,7 @@ class TestLoop:
         assert recorded.num_episodes == 3 and recorded.arrays["intervened"][recorded.arrays["valid"]].all()
         rows = list(csv.DictReader(open(run / "log.csv")))
         steps = int(rows[-1]["env_steps"])
-        assert steps >= 200 and {"loss/critic", "q/mean", "alpha", "intervention_rate"} <= set(rows[-1])
+        assert steps >= 200 and {"loss/critic", "q/mean", "alpha", "intervention_rate", "servo/max_load"} <= set(rows[-1])
         assert (run / "curves.png").stat().st_size > 10_000 and (run / "checkpoint.pt").exists()
         demo = buffer.ReplayBuffer(2000, {"state": np.zeros(12, np.float32)}, 4)
         demo.load(run / "demo.npz")
@@ -1468,6 +1468,43 @@ class TestRobot:
         with pytest.raises(robot.RobotError, match="camera 'wrist'"):
             robot.make_cameras(Config(cameras=f"front={write_clip(tmp_path / 'clip.avi')},wrist=/nonexistent/video9"))
         assert closed == ["front"]                                                   # no capture thread left behind
+
+    # --- the servo health watchdog --------------------------------------------------------------------
+    def test_health_is_one_sync_read_of_temperature_voltage_and_load(self):
+        emulator, arm = make_arm()
+        emulator.set(2, "Present_Temperature", 41)
+        emulator.set(3, "Present_Voltage", 69)
+        emulator.set(4, "Present_Load", -500)                                       # sign bit 10: -50 %
+        sent = len(emulator.received)
+        temperature, voltage, load = arm.health()
+        assert len(emulator.received) == sent + 1
+        assert temperature[1] == 41 and voltage[2] == pytest.approx(6.9) and load[3] == pytest.approx(0.5)
+
+    @pytest.mark.parametrize("register, value, says", [
+        ("Present_Temperature", 66, r"wrist_flex is at 66 C \(--max_temperature_c 65.0\)"),
+        ("Present_Voltage", 58, r"wrist_flex's supply sagged to 5.8 V \(--min_voltage_v 6.0\)")])
+    def test_a_hot_servo_or_a_sagging_supply_stops_the_run_with_torque_off(self, register, value, says):
+        emulator, env = make_env()
+        with pytest.raises(robot.RobotError, match="servo health: " + says + ": stopping with torque off"):
+            with env:
+                env.reset()
+                env.step(np.zeros(4, np.float32))
+                emulator.set(4, register, value)
+                env.step(np.zeros(4, np.float32))
+        assert all(emulator.get(i, "Torque_Enable") == 0 for i in IDS)
+
+    def test_an_arm_joint_at_overload_stops_the_run_after_overload_s_and_the_gripper_never_does(self):
+        emulator, env = make_env(overload_s=1.5)                                     # 15 steps at 10 Hz
+        env.reset()
+        emulator.set(6, "Present_Load", 1000)                                        # the gripper squeezing
+        for _ in range(20):
+            env.step(np.zeros(4, np.float32))
+        emulator.set(2, "Present_Load", 850)
+        for _ in range(14):
+            env.step(np.zeros(4, np.float32))
+        assert env.health["servo/max_load"] == 1.0
+        with pytest.raises(robot.RobotError, match="shoulder_lift has been at 85% load for 1.5 s"):
+            env.step(np.zeros(4, np.float32))
 
     # --- command line ---------------------------------------------------------------------------------
     def test_status_only_reads(self, capsys):
