@@ -9,6 +9,7 @@ one round trip on the servo emulator. sim: control steps per second.
 """
 
 import copy
+import dataclasses
 import math
 import sys
 import time
@@ -21,7 +22,7 @@ import hilserl
 from buffer import ReplayBuffer, sample_batches
 from config import load_config
 from networks import Actor, Agent, Encoder, GraspCritic, mlp, pick_device
-from robot import ACT_DIM, EE_DIM, IDS, FeetechBus, ServoEmulator, SO101Env
+from robot import ACT_DIM, EE_DIM, IDS, BusError, FeetechBus, ServoEmulator, SO101Env
 
 STATE_DIM = 12   # the sim's state: 5 joints, gripper, EE position, cube relative to the EE
 torch._inductor.config.cpp.enable_kernel_profile = True   # compiled CPU kernels name themselves to the profiler
@@ -241,6 +242,26 @@ def bench_bus(cfg, n=2000):
           f"{wire_bytes} bytes at {cfg.baudrate} baud {wire_bytes * 10 / cfg.baudrate * 1e3:.3f} ms")
 
 
+def bench_soak(cfg, n=10_000):
+    """Transactions through the virtual arm's serial port with faults: every answer must be right or an error."""
+    import serial
+    from sim import VirtualArm
+    arm = VirtualArm(dataclasses.replace(cfg, serve_fault_rate=cfg.serve_fault_rate or 0.05))
+    bus, rng = FeetechBus(serial.Serial(arm.port, cfg.baudrate), cfg.baudrate, cfg.read_retries, cfg.bus_latency_s), np.random.default_rng(0)
+    known = {"Model_Number": 777, "Max_Position_Limit": 4095, "Protection_Current": 500, "Max_Torque_Limit": 1000}
+    wrong, errors, start = 0, 0, time.perf_counter()
+    for _ in range(n):   # factory values, two bytes each: a late reply taken for another request's shows as wrong
+        servo_id, name = int(rng.integers(1, 7)), str(rng.choice(list(known)))
+        try:
+            wrong += bus.read(servo_id, name) != known[name]
+        except BusError:
+            errors += 1
+    print(f"soak: {n} transactions through the virtual arm's port ({arm.port}), {arm.faults} faults injected "
+          f"({arm.faults / n:.1%}; drop, bad checksum, truncated, garbage, late): {wrong} wrong values, {errors} "
+          f"errors after {cfg.read_retries} retries, {time.perf_counter() - start:.1f} s")
+    arm.close()
+
+
 def bench_sim(cfg, steps=1000):
     """Control steps per second of SO101Env.step (bus, IK, physics), without and with cameras."""
     from sim import ScriptedExpert, make_sim
@@ -265,15 +286,15 @@ def bench_sim(cfg, steps=1000):
 def main():
     cfg, words = load_config()
     sections = words or ["update", "images", "bus", "sim"]
-    if set(sections) - {"update", "images", "bus", "sim"}:
-        raise SystemExit("usage: python bench.py [update] [images] [bus] [sim]   [--field value ...]")
+    if set(sections) - {"update", "images", "bus", "sim", "soak"}:
+        raise SystemExit("usage: python bench.py [update] [images] [bus] [sim] [soak]   [--field value ...]")
     device = pick_device(cfg)
     torch.manual_seed(cfg.seed)
     for section in sections:
         if section in ("update", "images"):
             (bench_update if section == "update" else bench_images)(cfg, device)
         else:
-            (bench_bus if section == "bus" else bench_sim)(cfg)
+            {"bus": bench_bus, "sim": bench_sim, "soak": bench_soak}[section](cfg)
 
 
 if __name__ == "__main__":

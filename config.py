@@ -93,6 +93,8 @@ class Config:
     sim_timestep_s: float = 0.002        # MuJoCo physics step; 50 per 10 Hz control step (SO-101 MJCF)
     expert_noise: float = 0.2            # std of Gaussian noise on the scripted expert's EE action, so demos vary
     expert_patience: int = 5             # steps the policy may move away from the cube or stall before the expert takes over
+    serve_fault_rate: float = 0.0        # sim.py serve: share of the virtual arm's replies dropped, corrupted, cut, garbled or late
+    serve_http_port: int = 8101          # sim.py serve: where its cameras and its scripted hand answer, on 127.0.0.1
 
     # --- teleop (teleop.py) -------------------------------------------------------------------
     teleop: str = "auto"                 # who intervenes: gamepad, leader, expert, or auto (see teleop.make_teleop)
@@ -117,6 +119,7 @@ RANGES = {
     "max_joint_step_rad": "> 0", "read_retries": ">= 0", "bus_latency_s": ">= 0",
     "max_temperature_c": "> 0", "min_voltage_v": ">= 0", "overload_s": "> 0", "cube_size_m": "> 0",
     "success_lift_m": "> 0", "sim_timestep_s": "> 0", "expert_noise": ">= 0", "expert_patience": ">= 1",
+    "serve_fault_rate": ">= 0 and <= 1", "serve_http_port": ">= 1",
     "dead_zone": ">= 0 and < 1", "teleop_speed": "> 0 and <= 1",
 }
 CHOICES = {"teleop": ("auto", "gamepad", "leader", "expert"),

@@ -18,6 +18,11 @@ takes over when the policy goes astray.
 
 import ctypes.util
 import os
+import select
+import threading
+import time
+import tty
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 # MuJoCo picks its OpenGL backend at import: EGL renders without a display; OSMesa is the fallback.
 os.environ.setdefault("MUJOCO_GL", "egl" if ctypes.util.find_library("EGL") else "osmesa")
@@ -25,8 +30,9 @@ os.environ.setdefault("MUJOCO_GL", "egl" if ctypes.util.find_library("EGL") else
 import mujoco  # noqa: E402
 import numpy as np  # noqa: E402
 
-from robot import (HOME_RAD, IDS, JOINTS, SO101, SO101_CHAIN, TICKS_PER_RAD, TOOL_POS, TOOL_QUAT,  # noqa: E402
-                   FeetechBus, ServoEmulator, chain_calibration, forward_kinematics,
+from config import load_config  # noqa: E402
+from robot import (FAULTS, HOME_RAD, IDS, JOINTS, SO101, SO101_CHAIN, TICKS_PER_RAD, TOOL_POS,  # noqa: E402
+                   TOOL_QUAT, FeetechBus, ServoEmulator, chain_calibration, forward_kinematics,
                    parse_workspace, quat_to_rot)
 
 # ------------------------------------------------------------------------------------------------
@@ -140,8 +146,11 @@ def _rad_to_encoder(q_rad):
 class SimWorld:
     """The world protocol (tick, reset_scene, extra_state, success) on MuJoCo physics."""
 
-    def __init__(self, cfg, model, emulator, seed=None):
+    def __init__(self, cfg, model, emulator, seed=None, assembly_ticks=(0,) * 6):
+        """assembly_ticks: where each servo's encoder sat when the arm was built, against the joint's
+        zero (by servo); the sim's own arm has none, a virtual arm as it arrives has some."""
         self.cfg, self.model, self.emulator = cfg, model, emulator
+        self.assembly_ticks = np.asarray(assembly_ticks)
         self.data = mujoco.MjData(model)
         self.substeps = round(1.0 / (cfg.control_hz * model.opt.timestep))  # 50 x 2 ms at 10 Hz
         self.servo_ids = [JOINTS.index(model.actuator(i).name) + 1 for i in range(model.nu)]
@@ -155,15 +164,19 @@ class SimWorld:
 
     def tick(self):
         """Advance the physics by one control period; simulated time never waits for the clock."""
+        return self.advance(self.substeps)
+
+    def advance(self, substeps):
+        """Goal registers -> MuJoCo, `substeps` physics steps, positions -> present registers."""
         for i, servo_id in enumerate(self.servo_ids):
             get = lambda name: self.emulator.get(servo_id, name)  # noqa: E731
             low, high = get("Min_Position_Limit"), get("Max_Position_Limit")
             goal = get("Goal_Position") if low == high == 0 else np.clip(get("Goal_Position"), low, high)
-            self.data.ctrl[i] = (goal + get("Homing_Offset") - 2048) / TICKS_PER_RAD
+            self.data.ctrl[i] = (goal + get("Homing_Offset") - self.assembly_ticks[servo_id - 1] - 2048) / TICKS_PER_RAD
             # Torque off makes the joint limp; Torque_Limit (0.1 %) scales the servo's stall torque.
             torque_nm = STALL_TORQUE_NM * get("Torque_Limit") / 1000 * (get("Torque_Enable") > 0)
             self.model.actuator_forcerange[i] = (-torque_nm, torque_nm)
-        mujoco.mj_step(self.model, self.data, nstep=self.substeps)
+        mujoco.mj_step(self.model, self.data, nstep=substeps)
         self._write_present()
         return 0.0
 
@@ -175,8 +188,9 @@ class SimWorld:
             offset = self.emulator.get(servo_id, "Homing_Offset")
             force = self.data.actuator_force[i]
             limit = max(self.model.actuator_forcerange[i, 1], 1e-9)
-            self.emulator.set(servo_id, "Present_Position", (_rad_to_encoder(joint_q[i]) - offset) % 4096)
-            self.emulator.set(servo_id, "Present_Velocity", int(round(joint_qd[i] * TICKS_PER_RAD)))
+            encoder = _rad_to_encoder(joint_q[i]) + self.assembly_ticks[servo_id - 1]
+            self.emulator.set(servo_id, "Present_Position", (encoder - offset) % 4096)
+            self.emulator.set(servo_id, "Present_Velocity", int(np.clip(joint_qd[i] * TICKS_PER_RAD, -32767, 32767)))
             self.emulator.set(servo_id, "Present_Load", int(round(np.clip(force / limit, -1, 1) * 1000)))
             self.emulator.set(servo_id, "Moving", int(abs(joint_qd[i]) * TICKS_PER_RAD > 20))
             # Voltage and temperature stay at the emulator's 7.4 V / 25 C: the sim has no battery or heat.
@@ -353,3 +367,129 @@ class ScriptedExpert:
         elif not self.in_control and len(self.history) > n and distance > self.history[-1 - n] - self.PROGRESS_M:
             self.in_control, self.takeover_phase = True, phase
         return self.in_control
+
+
+# ------------------------------------------------------------------------------------------------
+# The virtual SO-101: this twin in real time behind a pseudo-terminal that speaks the STS3215
+# protocol at the wire's pace, its two cameras served as MJPEG streams over HTTP on 127.0.0.1.
+# robot.py, teleop.py and hilserl.py drive it through --port and --cameras as they drive a real arm:
+#     python sim.py serve                 prints the --port and --cameras to pass; Ctrl-C stops it
+# It arrives uncalibrated, as a real arm does: each encoder sits where the build left it. A scripted
+# hand stands in for yours where calibrate asks you to move the joints: GET /hand?pose=centre holds
+# every joint at the middle of its range, sweep moves them through their ranges, free lets go.
+class VirtualArm:
+    FPS, FRAME = 15, (320, 240)   # the camera streams: frames a second, width x height
+    PERIOD_S = 0.01               # the physics thread advances this much time per step, on the clock
+
+    def __init__(self, cfg, seed=0):
+        self.cfg, self.rng = cfg, np.random.default_rng(seed)
+        model = mujoco.MjModel.from_xml_string(scene_xml(cfg))
+        model.vis.global_.offwidth, model.vis.global_.offheight = self.FRAME
+        self.emulator = ServoEmulator(IDS)   # factory settings: no offsets, no limits
+        self.world = SimWorld(cfg, model, self.emulator, seed, self.rng.integers(-300, 300, len(IDS)))
+        self.lock = threading.Lock()         # the bus, the physics and the cameras share the emulator and MjData
+        self.hand, self.frames, self.running, self.faults = "free", {}, True, 0   # faults: injected so far
+        self.controller, self._servant = os.openpty()
+        for fd in (self.controller, self._servant):
+            tty.setraw(fd)
+        self.port = os.ttyname(self._servant)
+        self.http = ThreadingHTTPServer(("127.0.0.1", cfg.serve_http_port), self._handler())
+        for target in (self._serve_bus, self._serve_physics, self._serve_cameras, self.http.serve_forever):
+            threading.Thread(target=target, daemon=True).start()
+
+    def _serve_bus(self):
+        """Bytes from the port to the emulated servos; their replies back after the servo's reply delay
+        (Return_Delay_Time, 2 us units) and the wire time at the baud rate, faulty at serve_fault_rate."""
+        while self.running:
+            ready = select.select([self.controller], [], [], 0.001)[0]
+            with self.lock:
+                if ready:
+                    if self.rng.random() < self.cfg.serve_fault_rate:
+                        self.faults += 1
+                        self.emulator.inject(int(self.rng.integers(1, 7)), str(self.rng.choice(FAULTS)))
+                    self.emulator.write(os.read(self.controller, 4096))
+                replies, delay_s = self.emulator.read(4096), 2e-6 * self.emulator.get(1, "Return_Delay_Time")
+            if replies:   # late ones too, once their time has come
+                time.sleep(delay_s + len(replies) * 10 / self.cfg.baudrate)
+                os.write(self.controller, replies)
+
+    def _serve_physics(self):
+        """PERIOD_S of physics every PERIOD_S of the clock; the hand, when it holds the arm, sets its joints."""
+        actuated = self.world.model.actuator_trnid[:, 0]
+        qpos, qvel = self.world.model.jnt_qposadr[actuated], self.world.model.jnt_dofadr[actuated]
+        low, high = self.world.model.jnt_range[actuated].T
+        start = next_s = time.monotonic()
+        while self.running:
+            with self.lock:
+                if self.hand != "free":   # sweep: each joint end to end, at its own pace; at most 6 rad/s
+                    share = np.sin((time.monotonic() - start) / (0.4 + 0.1 * np.arange(len(low)))) if \
+                        self.hand == "sweep" else np.zeros(len(low))
+                    step = np.clip((low + high) / 2 + share * (high - low) / 2 - self.world.data.qpos[qpos], -0.06, 0.06)
+                    self.world.data.qpos[qpos] += step
+                    self.world.data.qvel[qvel] = 0
+                    mujoco.mj_forward(self.world.model, self.world.data)   # held, not simulated: nothing stops a hand
+                    self.world._write_present()
+                else:
+                    self.world.advance(round(self.PERIOD_S / self.world.model.opt.timestep))
+            next_s += self.PERIOD_S
+            time.sleep(max(0.0, next_s - time.monotonic()))
+
+    def _serve_cameras(self):
+        """Both cameras FPS times a second, as JPEG for the streams (the renderer lives in this thread)."""
+        import cv2
+        renderer = mujoco.Renderer(self.world.model, self.FRAME[1], self.FRAME[0])
+        while self.running:
+            for name in ("front", "wrist"):
+                with self.lock:
+                    renderer.update_scene(self.world.data, camera=name)
+                self.frames[name] = cv2.imencode(".jpg", renderer.render()[:, :, ::-1])[1].tobytes()
+            time.sleep(1 / self.FPS)
+        renderer.close()
+
+    def _handler(self):
+        arm = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                path, _, query = self.path.strip("/").partition("?")
+                if path == "hand" and query.removeprefix("pose=") in ("centre", "sweep", "free"):
+                    arm.hand = query.removeprefix("pose=")
+                    self.send_response(200)
+                    return self.end_headers()
+                if path not in arm.frames:
+                    return self.send_error(404, "/front, /wrist or /hand?pose=centre|sweep|free")
+                self.send_response(200)
+                self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
+                self.end_headers()
+                while arm.running:
+                    jpeg = arm.frames[path]
+                    try:
+                        self.wfile.write(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n%s\r\n"
+                                         % (len(jpeg), jpeg))
+                    except (BrokenPipeError, ConnectionResetError):
+                        return
+                    time.sleep(1 / arm.FPS)
+
+            def log_message(self, *args):   # quiet: a request a frame would flood the terminal
+                pass
+        return Handler
+
+    def close(self):
+        self.running = False
+        self.http.shutdown()
+        self.http.server_close()
+
+
+if __name__ == "__main__":
+    cfg, words = load_config()
+    if words != ["serve"]:
+        raise SystemExit("usage: python sim.py serve [--serve_fault_rate 0.05] [--serve_http_port 8101]")
+    arm, url = VirtualArm(cfg, cfg.seed), f"http://127.0.0.1:{cfg.serve_http_port}"
+    print(f"a virtual SO-101, uncalibrated, on --port {arm.port} --cameras front={url}/front,wrist={url}/wrist\n"
+          f"its hand (calibrate asks you to move the joints): {url}/hand?pose=centre, sweep or free; Ctrl-C stops it",
+          flush=True)
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        arm.close()

@@ -2337,3 +2337,63 @@ class TestBadInput:
         answer = err.strip() if isinstance(exit_info.value.code, int) else str(exit_info.value)   # load_config prints
         print(out, err, answer)                                                  # for -rP | grep -c Traceback
         assert says in answer and "\n" not in answer and "Traceback" not in out + err
+
+
+# =================================================================================================
+# TestVirtualArm: sim.py serve, the real-arm path on a pseudo-terminal and camera streams.
+# =================================================================================================
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class TestVirtualArm:
+    """sim.py serve: the twin in real time behind a serial port and camera streams, driven as a real arm."""
+
+    def test_status_calibrate_and_a_real_time_env_with_streamed_cameras(self, capsys):
+        import urllib.request
+
+        import serial
+        from sim import VirtualArm
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        cfg = Config(serve_http_port=port, use_images=True, image_size=32, cameras=f"front={url}/front,wrist={url}/wrist")
+        virtual = VirtualArm(cfg)
+        hand = lambda pose: urllib.request.urlopen(f"{url}/hand?pose={pose}").read()   # noqa: E731
+        def owner(prompt):                                         # calibrate's prompts, answered by the scripted hand
+            hand("centre" if "middle" in prompt else "sweep")
+            time.sleep(1.5 if "middle" in prompt else 5.0)
+        try:
+            bus = FeetechBus(serial.Serial(virtual.port, cfg.baudrate), cfg.baudrate, 2, 0.02)
+            robot.print_status(bus)
+            assert len(re.findall(r" 25 +7\.4 ", capsys.readouterr().out)) == 6          # every servo answers
+            with robot.SO101(bus, None) as arm:
+                arm.connect()
+                arm.configure()
+                calibration = robot.calibrate(arm, owner)
+            hand("free")
+            for name, servo_id in zip(robot.JOINTS[:4], IDS):                           # centred where the build left it
+                assert abs(calibration[name].homing_offset - 1 - virtual.world.assembly_ticks[servo_id - 1]) <= 3
+                low, high = robot.SO101_CHAIN[servo_id][6]
+                assert calibration[name].range_max - calibration[name].range_min > 0.95 * (high - low) * TICKS_PER_RAD
+            env = SO101Env(cfg, robot.SO101(bus, calibration), robot.make_cameras(cfg), robot.RealWorld(cfg))
+            with env:
+                obs = env.reset()
+                assert obs["front"].shape == (32, 32, 3) and obs["front"].std() > 0                  # a rendered scene
+                np.testing.assert_allclose(obs["state"][:4], robot.HOME_RAD[:4], atol=0.05)
+                start = robot.forward_kinematics(obs["state"][:5])[0]
+                for _ in range(5):
+                    obs = env.step(np.array([1.0, 0, 0, 0], np.float32))[0]
+                assert robot.forward_kinematics(obs["state"][:5])[0][0] - start[0] > 0.03            # +x, on the clock
+            assert all(virtual.emulator.get(i, "Torque_Enable") == 0 for i in IDS)
+        finally:
+            virtual.close()
+
+    def test_a_soak_with_five_percent_faults_through_its_port_returns_no_wrong_value(self, capsys):
+        bench.bench_soak(Config(serve_http_port=free_port()), n=1000)
+        out = capsys.readouterr().out
+        assert re.search(r"1000 transactions .* [3-9]\d faults injected .*: 0 wrong values, 0 errors", out), out
