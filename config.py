@@ -97,7 +97,7 @@ class Config:
     serve_http_port: int = 8101          # sim.py serve: where its cameras and its scripted hand answer, on 127.0.0.1
 
     # --- teleop (teleop.py) -------------------------------------------------------------------
-    teleop: str = "auto"                 # who intervenes: gamepad, leader, expert, or auto (see teleop.make_teleop)
+    teleop: str = "auto"                 # who intervenes: gamepad, leader, expert (sim), virtual (sim.py serve's operator), or auto (teleop.make_teleop)
     gamepad_layout: str = "auto"         # xbox or playstation button numbering (pygame 2 docs); auto picks from the pad's name
     gamepad_map: str = ""                # remap pad controls, e.g. "intervene=10,success=3" (find numbers: python -m pygame.examples.joystick)
     dead_zone: float = 0.1               # stick deflection that reads as zero, so a resting stick does not drift (LeRobot gamepad)
@@ -122,7 +122,7 @@ RANGES = {
     "serve_fault_rate": ">= 0 and <= 1", "serve_http_port": ">= 1",
     "dead_zone": ">= 0 and < 1", "teleop_speed": "> 0 and <= 1",
 }
-CHOICES = {"teleop": ("auto", "gamepad", "leader", "expert"),
+CHOICES = {"teleop": ("auto", "gamepad", "leader", "expert", "virtual"),
            "gamepad_layout": ("auto", "xbox", "playstation")}
 BOXES = {"workspace_m": "x0,x1,y0,y1,z0,z1", "cube_area_m": "x0,x1,y0,y1"}   # each low < its high
 ROI = r"\w+=\d+:\d+:[1-9]\d*:[1-9]\d*"   # a regular expression for each format, and how to say it

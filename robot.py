@@ -589,8 +589,10 @@ class SO101:
 
     def torque(self, on):
         if on:
-            # SAFETY: goal := present position first, so that enabling torque never jumps.
-            self.bus.sync_write("Goal_Position", dict(zip(IDS, self.read_ticks())))
+            # SAFETY: goal := present position first, so that enabling torque never jumps (a joint found
+            # outside its calibrated range is held at its edge: no goal outside the range is ever sent).
+            ticks = self.read_ticks()
+            self.bus.sync_write("Goal_Position", dict(zip(IDS, self.within_range(ticks) if self.calibration else ticks)))
         self.bus.sync_write("Torque_Enable", {servo_id: int(on) for servo_id in IDS})
 
     def read_ticks(self):
@@ -620,6 +622,9 @@ class SO101:
         ticks[:5] = np.clip(ticks[:5], last[:5] - self.max_step_ticks, last[:5] + self.max_step_ticks)
         # SAFETY: never beyond the calibrated range of a joint, checked last: an arm that starts outside
         # its range is brought back into it, not sent further out within the jump limit.
+        return self.within_range(ticks)
+
+    def within_range(self, ticks):
         c = self.calibration
         return np.clip(ticks, [c[n].range_min for n in JOINTS], [c[n].range_max for n in JOINTS]).astype(int)
 

@@ -17,6 +17,7 @@ takes over when the policy goes astray.
 """
 
 import ctypes.util
+import json
 import os
 import select
 import threading
@@ -155,6 +156,7 @@ class SimWorld:
         self.substeps = round(1.0 / (cfg.control_hz * model.opt.timestep))  # 50 x 2 ms at 10 Hz
         self.servo_ids = [JOINTS.index(model.actuator(i).name) + 1 for i in range(model.nu)]
         self.cube_qpos = model.jnt_qposadr[model.body("cube").jntadr[0]]
+        self.cube_dof = model.jnt_dofadr[model.body("cube").jntadr[0]]
         self.cube_geom = model.geom("cube").id
         self.pad_geoms = (model.geom("fixed_pad").id, model.geom("moving_pad").id)
         self.tool_site = model.site("tool").id
@@ -202,19 +204,23 @@ class SimWorld:
         yaw is its bearing from the base +-0.2 rad, so the radial jaws meet two faces, as a
         person would place it; the arm cannot turn its wrist to meet a cube at any angle.
         """
-        rng = self.rng if seed is None else np.random.default_rng(seed)
         mujoco.mj_resetData(self.model, self.data)
         arm_q = np.append(HOME_RAD, SO101_CHAIN[-1][6][1])  # gripper fully open, as SO101Env.reset wants
         self.data.qpos[self.model.actuator_trnid[:, 0]] = arm_q
         self.data.ctrl[:] = arm_q
+        self.place_cube(self.rng if seed is None else np.random.default_rng(seed))
+        self._write_present()
+        for servo_id in self.servo_ids:  # a servo holds where it is: goal = present
+            self.emulator.set(servo_id, "Goal_Position", self.emulator.get(servo_id, "Present_Position"))
+
+    def place_cube(self, rng):
+        """The cube, at rest, on the table at a random place and yaw within cube_area_m."""
         xy = rng.uniform(self.cube_low, self.cube_high)
         yaw = np.arctan2(xy[1], xy[0] - SO101_CHAIN[1][2][0]) + rng.uniform(-0.2, 0.2)
         self.data.qpos[self.cube_qpos:self.cube_qpos + 7] = [*xy, self.cfg.cube_size_m / 2,
                                                              np.cos(yaw / 2), 0, 0, np.sin(yaw / 2)]
+        self.data.qvel[self.cube_dof:self.cube_dof + 6] = 0
         mujoco.mj_forward(self.model, self.data)
-        self._write_present()
-        for servo_id in self.servo_ids:  # a servo holds where it is: goal = present
-            self.emulator.set(servo_id, "Goal_Position", self.emulator.get(servo_id, "Present_Position"))
 
     def cube_pos(self):
         return self.data.qpos[self.cube_qpos:self.cube_qpos + 3].copy()
@@ -376,7 +382,8 @@ class ScriptedExpert:
 #     python sim.py serve                 prints the --port and --cameras to pass; Ctrl-C stops it
 # It arrives uncalibrated, as a real arm does: each encoder sits where the build left it. A scripted
 # hand stands in for yours where calibrate asks you to move the joints: GET /hand?pose=centre holds
-# every joint at the middle of its range, sweep moves them through their ranges, free lets go.
+# every joint at the middle of its range, sweep moves them through their ranges, free lets go. A
+# scripted operator stands in for you at the gamepad (--teleop virtual): GET /operator.
 class VirtualArm:
     FPS, FRAME = 15, (320, 240)   # the camera streams: frames a second, width x height
     PERIOD_S = 0.01               # the physics thread advances this much time per step, on the clock
@@ -389,6 +396,7 @@ class VirtualArm:
         self.world = SimWorld(cfg, model, self.emulator, seed, self.rng.integers(-300, 300, len(IDS)))
         self.lock = threading.Lock()         # the bus, the physics and the cameras share the emulator and MjData
         self.hand, self.frames, self.running, self.faults = "free", {}, True, 0   # faults: injected so far
+        self.expert, self.start_reads = ScriptedExpert(cfg, self.world, seed), 0
         self.controller, self._servant = os.openpty()
         for fd in (self.controller, self._servant):
             tty.setraw(fd)
@@ -434,6 +442,20 @@ class VirtualArm:
             next_s += self.PERIOD_S
             time.sleep(max(0.0, next_s - time.monotonic()))
 
+    def operate(self, state, reset):
+        """The human at the gamepad, scripted: after a reset it puts the cube back, lets go of intervene and
+        presses it (the episode starts); then the sim's expert drives, holding intervene while it wants
+        control, and holds success while the physics says the cube is lifted -> (act, held)."""
+        with self.lock:
+            if reset:
+                self.world.place_cube(self.world.rng)
+                self.expert.reset()
+                self.start_reads = 0
+            obs = {"state": np.asarray(state, np.float32)}
+            act, self.start_reads = self.expert.act(obs), self.start_reads + 1
+            held = {"intervene"} if self.start_reads == 2 or (self.start_reads > 2 and self.expert.wants_control(obs)) else set()
+            return act, held | ({"success"} if self.world.success() else set())
+
     def _serve_cameras(self):
         """Both cameras FPS times a second, as JPEG for the streams (the renderer lives in this thread)."""
         import cv2
@@ -456,8 +478,14 @@ class VirtualArm:
                     arm.hand = query.removeprefix("pose=")
                     self.send_response(200)
                     return self.end_headers()
+                if path == "operator":
+                    fields = dict(item.partition("=")[::2] for item in query.split("&"))
+                    act, held = arm.operate([float(v) for v in fields["state"].split(",")], "reset" in fields)
+                    self.send_response(200)
+                    self.end_headers()
+                    return self.wfile.write(json.dumps({"act": act.tolist(), "held": sorted(held)}).encode())
                 if path not in arm.frames:
-                    return self.send_error(404, "/front, /wrist or /hand?pose=centre|sweep|free")
+                    return self.send_error(404, "/front, /wrist, /hand?pose=centre|sweep|free or /operator?state=..")
                 self.send_response(200)
                 self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
                 self.end_headers()

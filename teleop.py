@@ -17,9 +17,11 @@ camera frames labelled success or not for the reward classifier (cfg.frames, cfg
 """
 
 import atexit
+import json
 import os
 import sys
 import time
+import urllib.request
 
 os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
 import numpy as np
@@ -130,6 +132,25 @@ class Keys:
     def read(self, obs):
         pressed = pygame.key.get_pressed()
         return np.zeros(ACT_DIM, np.float32), {name for name, key in self.KEYS.items() if pressed[key]}
+
+
+class VirtualOperator:
+    """The virtual arm's scripted operator (python sim.py serve) as the human, for rehearsing without an
+    arm or a gamepad: asked over HTTP with the observed state at every read, it drives, presses the
+    buttons and resets the scene there."""
+
+    def __init__(self, cfg):
+        self.url, self.reset_pending = f"http://127.0.0.1:{cfg.serve_http_port}/operator", True
+
+    def reset(self):
+        self.reset_pending = True
+
+    def read(self, obs):
+        query = "state=" + ",".join(f"{v:.6f}" for v in obs["state"]) + ("&reset=1" if self.reset_pending else "")
+        self.reset_pending = False
+        with urllib.request.urlopen(f"{self.url}?{query}") as reply:
+            answer = json.loads(reply.read())
+        return np.array(answer["act"], np.float32), set(answer["held"])
 
 
 class LeaderArm:
@@ -264,6 +285,8 @@ def make_teleop(cfg, env):
     choice = cfg.teleop
     if choice == "auto":
         choice = "leader" if cfg.leader_port else "expert" if not cfg.port else "gamepad"
+    if choice == "virtual":
+        return Teleop(VirtualOperator(cfg), torque_off=env.arm.close, period_s=1.0 / cfg.control_hz)
     if choice == "expert":
         if cfg.port:
             raise ValueError("--teleop expert: the scripted expert only exists in the sim; drop --port")
@@ -311,6 +334,7 @@ def wait_for_start(teleop, env, obs):
     """Real arm: the human resets the scene, then presses intervene -> the scene as they left it, the
     episode's first observation (None if they quit instead)."""
     print("reset the scene, then press intervene (RB/R1, or space) to start the episode", flush=True)
+    teleop.reset()
     released = False   # a press, not a button still held from the last episode
     while True:
         _, intervene, events = teleop.read(obs)

@@ -2397,3 +2397,77 @@ class TestVirtualArm:
         bench.bench_soak(Config(serve_http_port=free_port()), n=1000)
         out = capsys.readouterr().out
         assert re.search(r"1000 transactions .* [3-9]\d faults injected .*: 0 wrong values, 0 errors", out), out
+
+    def test_the_real_arm_workflow_end_to_end_on_the_virtual_arm(self, tmp_path):
+        """calibrate -> record 2 demos -> train -> kill -9 -> resume -> Ctrl-C, SIGTERM, SIGHUP, a servo error
+        -> eval, every program on the virtual arm's serial port as on a real arm, the human scripted;
+        on the wire: torque off after every exit but the kill, and no goal outside the calibrated limits."""
+        import subprocess
+        import urllib.request
+
+        import serial
+        from sim import VirtualArm
+        port, out = free_port(), tmp_path / "out.txt"
+        virtual = VirtualArm(Config(serve_http_port=port))
+        hand = lambda pose: urllib.request.urlopen(f"http://127.0.0.1:{port}/hand?pose={pose}").read()   # noqa: E731
+        try:
+            bus = FeetechBus(serial.Serial(virtual.port, 1_000_000), 1_000_000, 2, 0.02)
+            with robot.SO101(bus, None) as arm:
+                arm.connect()
+                arm.configure()
+                calibration = robot.calibrate(arm, lambda prompt: hand("centre" if "middle" in prompt else "sweep")
+                                              or time.sleep(1.5 if "middle" in prompt else 5.0))
+                arm.calibration = calibration
+                arm.configure()
+            hand("free")
+            bus.port.close()
+            robot.save_calibration(tmp_path / "calibration.json", calibration)
+            calibrated_from = len(virtual.emulator.received)
+            real = ["--port", virtual.port, "--calibration", str(tmp_path / "calibration.json"), "--teleop", "virtual",
+                    "--serve_http_port", str(port), "--episode_steps", "40"]
+            small = ["--hidden_dim", "16", "--state_latent_dim", "8", "--batch_size", "16", "--utd_ratio", "1",
+                     "--training_starts", "20", "--checkpoint_every", "1"]
+            run, demos = tmp_path / "run", str(tmp_path / "demos.npz")
+
+            def start(*args):
+                return subprocess.Popen([sys.executable, *args, *real], stdout=open(out, "w"), stderr=subprocess.STDOUT,
+                                        cwd=os.path.dirname(os.path.abspath(__file__)))
+
+            def torque_off():
+                return all(virtual.emulator.get(i, "Torque_Enable") == 0 for i in IDS)
+
+            def until_training(process):                                              # an episode line is printed
+                while not re.search(r"updates/s", out.read_text()):
+                    assert process.poll() is None, out.read_text()
+                    time.sleep(0.1)
+
+            assert start("teleop.py", "record", "--demos", demos, "--demo_episodes", "2", "--demo_keep_failed",
+                         "true").wait() == 0 and torque_off(), out.read_text()
+            assert buffer.ReplayBuffer(200, {"state": np.zeros(9, np.float32)}, 4).read(demos)["valid"].sum() >= 2
+            process = start("hilserl.py", "--demos", demos, "--run_dir", str(run), "--max_env_steps", "400", *small)
+            until_training(process)
+            process.send_signal(signal.SIGKILL)                                       # nothing runs on its way out
+            process.wait()
+            printed = int(re.findall(r"^episode +(\d+) .* updates/s$", out.read_text(), re.M)[-1])
+            for ending in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                process = start("hilserl.py", "--resume", str(run), *small)
+                until_training(process)
+                process.send_signal(ending)
+                assert process.wait() != 0 and torque_off(), (ending, out.read_text())
+            episodes = sorted(run.glob("episodes/episode_*.npz"))
+            assert len(episodes) >= printed + 3                                     # nothing printed was lost
+            process = start("hilserl.py", "--resume", str(run), *small)
+            until_training(process)
+            virtual.emulator.set(3, "Status", 0x20)                                  # elbow_flex: an overload latched
+            assert process.wait() == 1 and torque_off() and "reports overload" in out.read_text(), out.read_text()
+            virtual.emulator.set(3, "Status", 0)
+            assert start("hilserl.py", "--eval", str(run), "--eval_episodes", "1").wait() == 0 and torque_off()
+            assert re.search(r"eval .*: success \d+% over 1 episodes", out.read_text()), out.read_text()
+            goals = [p for p in virtual.emulator.received[calibrated_from:] if p[4] == robot.SYNC_WRITE and p[5] == 42]
+            assert len(goals) > 300
+            for p in goals:                                                           # (id, 2 bytes) per servo
+                for k in range(7, len(p) - 1, 3):
+                    c = calibration[robot.JOINTS[p[k] - 1]]
+                    assert c.range_min <= robot.register_value("Goal_Position", p[k + 1:k + 3]) <= c.range_max
+        finally:
+            virtual.close()
