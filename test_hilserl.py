@@ -2471,3 +2471,41 @@ class TestVirtualArm:
                     assert c.range_min <= robot.register_value("Goal_Position", p[k + 1:k + 3]) <= c.range_max
         finally:
             virtual.close()
+
+    @pytest.mark.parametrize("wrong", [None, "shoulder_pan"])
+    def test_the_bring_up_check_names_a_joint_with_a_wrong_offset(self, wrong, monkeypatch):
+        import serial
+        from sim import VirtualArm
+        virtual = VirtualArm(Config(serve_http_port=free_port()))
+        true = {name: robot.JointCalibration(servo_id, 0, int(virtual.world.assembly_ticks[servo_id - 1]),
+                                             c.range_min, c.range_max)
+                for (name, c), servo_id in zip(robot.chain_calibration().items(), IDS)}
+        if wrong:                                                   # centred 500 ticks (44 deg) off when calibrated
+            true[wrong] = dataclasses.replace(true[wrong], homing_offset=true[wrong].homing_offset + 500)
+        tool, moves = virtual.world.tool_site, []
+        move_to = robot.move_to
+        def watched_move(*args):                                    # where the tool truly is after each move
+            reached = move_to(*args)
+            with virtual.lock:
+                moves.append(virtual.world.data.site_xpos[tool].copy())
+            return reached
+        def owner(prompt):                                          # looks at the arm: did it go the asked way?
+            if "gripper move" not in prompt:
+                return "y"
+            d, axis = moves[-1] - moves[-2], ["forward" in prompt, "left" in prompt, "up" in prompt].index(True)
+            return "y" if d[axis] > 0.8 * np.linalg.norm(d) else "n"
+        monkeypatch.setattr(robot, "move_to", watched_move)
+        try:
+            bus = FeetechBus(serial.Serial(virtual.port, 1_000_000), 1_000_000, 2, 0.02)
+            with robot.SO101(bus, true) as arm:
+                arm.connect()
+                arm.configure()
+                problems = robot.check(arm, owner)
+            bus.port.close()
+        finally:
+            virtual.close()
+        print(problems)
+        if wrong:
+            assert any("wrong way" in p and wrong in p for p in problems), problems
+        else:
+            assert problems == []
