@@ -2399,9 +2399,10 @@ class TestVirtualArm:
         assert re.search(r"1000 transactions .* [3-9]\d faults injected .*: 0 wrong values, 0 errors", out), out
 
     def test_the_real_arm_workflow_end_to_end_on_the_virtual_arm(self, tmp_path):
-        """calibrate -> record 2 demos -> train -> kill -9 -> resume -> Ctrl-C, SIGTERM, SIGHUP, a servo error
-        -> eval, every program on the virtual arm's serial port as on a real arm, the human scripted;
-        on the wire: torque off after every exit but the kill, and no goal outside the calibrated limits."""
+        """calibrate -> record 2 demos -> label frames -> train the classifier -> train (the classifier deciding
+        success too) -> kill -9 -> resume -> Ctrl-C, SIGTERM, SIGHUP, a servo error -> eval, every program on
+        the virtual arm's serial port and camera streams as on a real arm, the human scripted; on the wire:
+        torque off after every exit but the kill, and no goal outside the calibrated limits."""
         import subprocess
         import urllib.request
 
@@ -2423,10 +2424,14 @@ class TestVirtualArm:
             bus.port.close()
             robot.save_calibration(tmp_path / "calibration.json", calibration)
             calibrated_from = len(virtual.emulator.received)
+            url = f"http://127.0.0.1:{port}"
+            port_weights(tmp_path / "resnet10.safetensors")                          # random: no download in a test
             real = ["--port", virtual.port, "--calibration", str(tmp_path / "calibration.json"), "--teleop", "virtual",
-                    "--serve_http_port", str(port), "--episode_steps", "40"]
-            small = ["--hidden_dim", "16", "--state_latent_dim", "8", "--batch_size", "16", "--utd_ratio", "1",
-                     "--training_starts", "20", "--checkpoint_every", "1"]
+                    "--serve_http_port", str(port), "--episode_steps", "50", "--use_images", "true", "--image_size", "32",
+                    "--cameras", f"front={url}/front,wrist={url}/wrist", "--resnet_weights",
+                    str(tmp_path / "resnet10.safetensors"), "--hidden_dim", "16", "--image_latent_dim", "8"]
+            small = ["--state_latent_dim", "8", "--batch_size", "16", "--utd_ratio", "1", "--training_starts", "20",
+                     "--checkpoint_every", "1", "--classifier", str(tmp_path / "classifier.pt")]
             run, demos = tmp_path / "run", str(tmp_path / "demos.npz")
 
             def start(*args):
@@ -2443,7 +2448,11 @@ class TestVirtualArm:
 
             assert start("teleop.py", "record", "--demos", demos, "--demo_episodes", "2", "--demo_keep_failed",
                          "true").wait() == 0 and torque_off(), out.read_text()
-            assert buffer.ReplayBuffer(200, {"state": np.zeros(9, np.float32)}, 4).read(demos)["valid"].sum() >= 2
+            assert np.load(demos)["front"].shape[1:] == (32, 32, 3)                  # the streamed cameras' frames
+            assert start("teleop.py", "label", "--frames", str(tmp_path / "frames.npz"), "--success_frames",
+                         "30").wait() == 0 and torque_off(), out.read_text()
+            assert start("classifier.py", "--frames", str(tmp_path / "frames.npz"), "--classifier",
+                         str(tmp_path / "classifier.pt"), "--classifier_steps", "5").wait() == 0, out.read_text()
             process = start("hilserl.py", "--demos", demos, "--run_dir", str(run), "--max_env_steps", "400", *small)
             until_training(process)
             process.send_signal(signal.SIGKILL)                                       # nothing runs on its way out
