@@ -82,7 +82,7 @@ class Config:
     bus_latency_s: float = 0.02          # added to a reply's wire time to make its timeout: USB + servo turnaround (raise for ESP32 boards: 17-28 ms)
     max_temperature_c: float = 65.0      # SAFETY: stop when a servo is this hot (STS3215: cuts its own torque at 70 C, Max_Temperature_Limit)
     min_voltage_v: float = 6.0           # SAFETY: stop when a servo's supply sags below this (the 7.4 V STS3215; about 10 for a 12 V arm)
-    overload_s: float = 1.5              # SAFETY: stop when an arm servo's load stays >= 80 % this long (STS3215 latches after 2 s)
+    overload_s: float = 1.5              # SAFETY: stop when an arm servo stays at >= 80 % load without moving this long (STS3215 latches after 2 s)
 
     # --- sim (sim.py) -------------------------------------------------------------------------
     privileged_state: bool = True        # sim only: add the cube position to the state (never on a real arm)

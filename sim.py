@@ -422,23 +422,26 @@ class VirtualArm:
                 os.write(self.controller, replies)
 
     def _serve_physics(self):
-        """PERIOD_S of physics every PERIOD_S of the clock; the hand, when it holds the arm, sets its joints."""
+        """PERIOD_S of physics every PERIOD_S of the clock while any servo has torque. Otherwise the arm
+        is held: by the hand where it holds it, or at rest where it was left (a simplification: this
+        sim's links pass through the table, so a limp arm would sink through it)."""
         actuated = self.world.model.actuator_trnid[:, 0]
         qpos, qvel = self.world.model.jnt_qposadr[actuated], self.world.model.jnt_dofadr[actuated]
         low, high = self.world.model.jnt_range[actuated].T
         start = next_s = time.monotonic()
         while self.running:
             with self.lock:
-                if self.hand != "free":   # sweep: each joint end to end, at its own pace; at most 6 rad/s
-                    share = np.sin((time.monotonic() - start) / (0.4 + 0.1 * np.arange(len(low)))) if \
-                        self.hand == "sweep" else np.zeros(len(low))
-                    step = np.clip((low + high) / 2 + share * (high - low) / 2 - self.world.data.qpos[qpos], -0.06, 0.06)
-                    self.world.data.qpos[qpos] += step
-                    self.world.data.qvel[qvel] = 0
-                    mujoco.mj_forward(self.world.model, self.world.data)   # held, not simulated: nothing stops a hand
-                    self.world._write_present()
-                else:
+                if self.hand == "free" and any(self.emulator.get(i, "Torque_Enable") for i in IDS):
                     self.world.advance(round(self.PERIOD_S / self.world.model.opt.timestep))
+                else:
+                    if self.hand != "free":   # sweep: each joint end to end, at its own pace; at most 6 rad/s
+                        share = np.sin((time.monotonic() - start) / (0.4 + 0.1 * np.arange(len(low)))) if \
+                            self.hand == "sweep" else np.zeros(len(low))
+                        target = (low + high) / 2 + share * (high - low) / 2
+                        self.world.data.qpos[qpos] += np.clip(target - self.world.data.qpos[qpos], -0.06, 0.06)
+                    self.world.data.qvel[qvel] = 0
+                    mujoco.mj_forward(self.world.model, self.world.data)
+                    self.world._write_present()
             next_s += self.PERIOD_S
             time.sleep(max(0.0, next_s - time.monotonic()))
 

@@ -1493,17 +1493,19 @@ class TestRobot:
                 env.step(np.zeros(4, np.float32))
         assert all(emulator.get(i, "Torque_Enable") == 0 for i in IDS)
 
-    def test_an_arm_joint_at_overload_stops_the_run_after_overload_s_and_the_gripper_never_does(self):
+    def test_an_arm_joint_stalled_at_overload_stops_the_run_after_overload_s_and_the_gripper_never_does(self):
         emulator, env = make_env(overload_s=1.5)                                     # 15 steps at 10 Hz
         env.reset()
         emulator.set(6, "Present_Load", 1000)                                        # the gripper squeezing
         for _ in range(20):
             env.step(np.zeros(4, np.float32))
         emulator.set(2, "Present_Load", 850)
+        for step in range(20):                                                       # at work: it moves
+            env.step(np.array([(-1) ** step, 0, 0, 0], np.float32))
         for _ in range(14):
             env.step(np.zeros(4, np.float32))
         assert env.health["servo/max_load"] == 1.0
-        with pytest.raises(robot.RobotError, match="shoulder_lift has been at 85% load for 1.5 s"):
+        with pytest.raises(robot.RobotError, match="shoulder_lift has been at 85% load without moving for 1.5 s"):
             env.step(np.zeros(4, np.float32))
 
     # --- command line ---------------------------------------------------------------------------------
@@ -2518,3 +2520,16 @@ class TestVirtualArm:
             assert any("wrong way" in p and wrong in p for p in problems), problems
         else:
             assert problems == []
+
+    def test_a_state_only_real_run_opens_no_camera(self, tmp_path):
+        from sim import VirtualArm
+        virtual = VirtualArm(Config(serve_http_port=free_port()))
+        robot.save_calibration(tmp_path / "calibration.json", robot.chain_calibration())
+        try:
+            cfg = Config(port=virtual.port, calibration=str(tmp_path / "calibration.json"), cameras="front=/no/camera")
+            with teleop.make_env(cfg) as env:                                        # no camera is plugged in
+                assert env.cameras == {} and set(env.reset()) == {"state"}
+            with pytest.raises(robot.RobotError, match="camera 'front' .*cannot be opened"):
+                teleop.make_env(dataclasses.replace(cfg, use_images=True))
+        finally:
+            virtual.close()
