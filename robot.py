@@ -928,9 +928,21 @@ def check(arm, ask=input, distance_m=0.03, torque_limit=500, step_rad=0.03, shor
     gripper closes and opens. A joint that stops short_rad or more from where it is sent (a weak servo
     sags a little under the arm's weight), or a motion the owner does not confirm, is named with what
     to check -> the problems found (none: ready to learn)."""
+    strength = [arm.bus.read(servo_id, "Torque_Limit") for servo_id in IDS]   # RAM: it would outlast the check
     for servo_id in IDS:
         arm.bus.write(servo_id, "Torque_Limit", torque_limit)   # SAFETY: weak and slow while unproven
-    arm.max_step_ticks, problems = step_rad * TICKS_PER_RAD, []
+    arm.max_step_ticks = step_rad * TICKS_PER_RAD
+    try:
+        problems = check_motions(arm, ask, distance_m, short_rad)
+    finally:
+        arm.torque(False)
+        for servo_id, value in zip(IDS, strength):
+            arm.bus.write(servo_id, "Torque_Limit", value)
+    return problems
+
+
+def check_motions(arm, ask, distance_m, short_rad):
+    problems = []
     arm.torque(True)
     home = move_to(arm, np.append(HOME_RAD, 1.0))
     for axis, way in enumerate(("forward, away from the base", "to its left, seen from behind", "up")):
@@ -948,7 +960,6 @@ def check(arm, ask=input, distance_m=0.03, torque_limit=500, step_rad=0.03, shor
         move_to(arm, np.append(home[:5], opening))
         if not ask(f"did the gripper {word}? [y/n] ").strip().lower().startswith("y"):
             problems.append(f"gripper: did not {word}; check its range (range_min is closed, range_max open)")
-    arm.torque(False)
     return problems
 
 

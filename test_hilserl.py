@@ -2516,6 +2516,7 @@ class TestVirtualArm:
         finally:
             virtual.close()
         print(problems)
+        assert all(virtual.emulator.get(i, "Torque_Limit") == 1000 for i in IDS)      # full strength again
         if wrong:
             assert any("wrong way" in p and wrong in p for p in problems), problems
         else:
