@@ -396,6 +396,7 @@ class VirtualArm:
         self.world = SimWorld(cfg, model, self.emulator, seed, self.rng.integers(-300, 300, len(IDS)))
         self.lock = threading.Lock()         # the bus, the physics and the cameras share the emulator and MjData
         self.hand, self.frames, self.running, self.faults = "free", {}, True, 0   # faults: injected so far
+        self.holding = False   # the hand has the arm
         self.expert, self.start_reads = ScriptedExpert(cfg, self.world, seed), 0
         self.controller, self._servant = os.openpty()
         for fd in (self.controller, self._servant):
@@ -423,22 +424,26 @@ class VirtualArm:
 
     def _serve_physics(self):
         """PERIOD_S of physics every PERIOD_S of the clock while any servo has torque. Otherwise the arm
-        is held: by the hand where it holds it, or at rest where it was left (a simplification: this
-        sim's links pass through the table, so a limp arm would sink through it)."""
+        is held: by the hand, or at rest where it was left (a simplification: this sim's links pass
+        through the table, so a limp arm would sink through it). The hand moves the arm without
+        physics, through the table and the cube as it may, so once told to let go it brings the arm
+        back to the centre first."""
         actuated = self.world.model.actuator_trnid[:, 0]
         qpos, qvel = self.world.model.jnt_qposadr[actuated], self.world.model.jnt_dofadr[actuated]
         low, high = self.world.model.jnt_range[actuated].T
         start = next_s = time.monotonic()
         while self.running:
             with self.lock:
-                if self.hand == "free" and any(self.emulator.get(i, "Torque_Enable") for i in IDS):
+                self.holding = self.holding or self.hand != "free"
+                torque = any(self.emulator.get(i, "Torque_Enable") for i in IDS)
+                if not self.holding and torque:
                     self.world.advance(round(self.PERIOD_S / self.world.model.opt.timestep))
                 else:
-                    if self.hand != "free":   # sweep: each joint end to end, at its own pace; at most 6 rad/s
-                        share = np.sin((time.monotonic() - start) / (0.4 + 0.1 * np.arange(len(low)))) if \
-                            self.hand == "sweep" else np.zeros(len(low))
-                        target = (low + high) / 2 + share * (high - low) / 2
-                        self.world.data.qpos[qpos] += np.clip(target - self.world.data.qpos[qpos], -0.06, 0.06)
+                    if self.holding:   # sweep: each joint end to end, at its own pace; at most 6 rad/s
+                        share = np.sin((time.monotonic() - start) / (0.4 + 0.1 * np.arange(len(low)))) * (self.hand == "sweep")
+                        error = (low + high) / 2 + share * (high - low) / 2 - self.world.data.qpos[qpos]
+                        self.world.data.qpos[qpos] += np.clip(error, -0.06, 0.06)
+                        self.holding = self.hand != "free" or np.abs(error).max() > 1e-3
                     self.world.data.qvel[qvel] = 0
                     mujoco.mj_forward(self.world.model, self.world.data)
                     self.world._write_present()
