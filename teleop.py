@@ -391,7 +391,8 @@ def label_frames(cfg, path, success_frames):
     (the cube held up): those frames are positives, every other frame a negative. Show both sides
     in many poses; the classifier learns only what it sees. In the sim the expert drives and the
     physics labels. An episode lasts cfg.episode_steps (failure ends it early); the file is
-    rewritten atomically after each, and running the command again adds to it.
+    rewritten atomically after each, and running the command again adds to it. It labels 5 episodes
+    at least: classifier.py holds every fifth out to test on.
     """
     cfg.use_images = True
     with make_env(cfg, cfg.seed) as env:
@@ -407,7 +408,7 @@ def label_frames(cfg, path, success_frames):
         positives = int(recorded["success"][0].sum()) if recorded else 0
         episode = int(recorded["episode"][0].max()) + 1 if recorded else 0
         events, failures = set(), 0   # failures: episodes in a row without a success frame
-        while positives < success_frames and "quit" not in events:
+        while (positives < success_frames or episode < 5) and "quit" not in events:   # 5: one held out to test on
             if cfg.port and (obs := wait_for_start(teleop, env, obs)) is None:
                 break
             frames, labels = {k: [] for k in cameras}, []
