@@ -394,7 +394,7 @@ def evaluate(cfg, env, folder, teleop=None):
     return float(success), float(length)
 
 
-# --- the run folder: config.json, checkpoint.pt with both buffers, log.csv, curves.png ------------
+# --- the run folder: config.json, demo.npz, episodes/, checkpoint.pt, log.csv, curves.png ------------
 def save_checkpoint(run):
     """The agent, its optimizers and counters, atomically, then the curves. The buffers need no saving:
     a resume rebuilds them from demo.npz and the episode files."""
