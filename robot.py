@@ -942,6 +942,7 @@ def check(arm, ask=input, distance_m=0.03, torque_limit=500, step_rad=0.03, shor
 
 
 def check_motions(arm, ask, distance_m, short_rad):
+    """check()'s motions and questions -> the problems found."""
     problems = []
     arm.torque(True)
     home = move_to(arm, np.append(HOME_RAD, 1.0))
