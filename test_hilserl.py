@@ -2435,9 +2435,10 @@ class TestVirtualArm:
                      "--checkpoint_every", "1", "--classifier", str(tmp_path / "classifier.pt")]
             run, demos = tmp_path / "run", str(tmp_path / "demos.npz")
 
-            def start(*args):
+            def start(*args):   # SIGINT as at a terminal, also when this runs in the background (it would be ignored)
                 return subprocess.Popen([sys.executable, *args, *real], stdout=open(out, "w"), stderr=subprocess.STDOUT,
-                                        cwd=os.path.dirname(os.path.abspath(__file__)))
+                                        cwd=os.path.dirname(os.path.abspath(__file__)),
+                                        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
             def torque_off():
                 return all(virtual.emulator.get(i, "Torque_Enable") == 0 for i in IDS)
