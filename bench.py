@@ -1,17 +1,16 @@
 """Measurement, beside the spine: one control step's learning, and the robot's side of the loop.
 
-    python bench.py [update] [images] [bus] [sim]      all four, or those named; settings as everywhere
-update: eager (hilserl.py) and compiled (fast.py) against the matmul floor and a plain reference
-learner, in 5 rounds (the speed here drifts: the round with the median share of the floor is shown),
-with two figures that hold on any device: operator calls (a GPU at this size waits on kernel
-launches) and the bytes Adam and the target update move. images: the same with two cameras. bus:
-one round trip on the servo emulator. sim: control steps per second.
+    python bench.py [update] [images] [bus] [sim] [soak] [loop]    the first four, or those named; settings as everywhere
+update: eager (hilserl.py) and compiled (fast.py) against the matmul floor and a plain reference learner, in 5 rounds
+(the speed drifts: the round with the median share of the floor is shown), and two figures that hold on any device:
+operator calls (a GPU at this size waits on kernel launches) and the bytes Adam and the target update move.
+loop: what episode videos and learning diagnostics add to a training control step, filmed and not, side by side.
 """
 
 import copy
 import dataclasses
 import math
-import sys
+import pathlib
 import time
 
 import numpy as np
@@ -26,14 +25,13 @@ from robot import ACT_DIM, EE_DIM, IDS, BusError, FeetechBus, ServoEmulator, SO1
 
 STATE_DIM = 12   # the sim's state: 5 joints, gripper, EE position, cube relative to the EE
 torch._inductor.config.cpp.enable_kernel_profile = True   # compiled CPU kernels name themselves to the profiler
+NO_KERNEL = {"aten::empty", "aten::empty_strided", "aten::empty_like", "aten::to", "aten::resolve_conj",
+             "aten::resolve_neg", "aten::result_type", "aten::lift_fresh", "aten::set_"}
 
 
 class ReferenceLearner:
-    """The same update written the straightforward way, as the benchmark's yardstick.
-
-    Separate critic modules in a Python loop, one optimizer per network stepped one at a time,
-    a fresh numpy batch copied to the device for every update, a per-tensor target update.
-    """
+    """The same update the straightforward way, the yardstick: separate critic modules in a Python loop, one
+    optimizer per network stepped one at a time, a fresh numpy batch on the device per update, per-tensor targets."""
 
     def __init__(self, state_dim, cfg, device):
         self.cfg, self.device = cfg, device
@@ -41,10 +39,10 @@ class ReferenceLearner:
         self.encoder = Encoder(state_dim, cfg.state_latent_dim).to(device)
         self.critics = [mlp(self.encoder.out_dim + EE_DIM, cfg.hidden_dim, 1).to(device) for _ in range(cfg.num_critics)]
         self.grasp_critic = GraspCritic(self.encoder.out_dim, cfg.hidden_dim).to(device)
-        self.online = [self.encoder, *self.critics, self.grasp_critic]
+        self.online = torch.nn.ModuleList([self.encoder, *self.critics, self.grasp_critic])
         self.targets = copy.deepcopy(self.online)
         self.log_alpha = torch.tensor(math.log(cfg.temperature_init), device=device, requires_grad=True)
-        self.opts = [torch.optim.Adam(m.parameters(), lr=cfg.lr) for m in self.online + [self.actor]]
+        self.opts = [torch.optim.Adam(m.parameters(), lr=cfg.lr) for m in [*self.online, self.actor]]
         self.temperature_opt = torch.optim.Adam([self.log_alpha], lr=cfg.lr)
 
     def update(self, b, with_actor):
@@ -66,40 +64,23 @@ class ReferenceLearner:
         for opt in self.opts[:-1]:
             opt.step()
         with torch.no_grad():
-            for target, online in zip(self.targets, self.online):
-                for pt, p in zip(target.parameters(), online.parameters()):
-                    pt.mul_(1 - cfg.tau).add_(cfg.tau * p)
+            for pt, p in zip(self.targets.parameters(), self.online.parameters()):
+                pt.mul_(1 - cfg.tau).add_(cfg.tau * p)
         if with_actor:
             act, log_prob = self.actor(b["obs"])
             z = self.encoder(b["obs"]).detach()
             q = torch.stack([c(torch.cat([z, act], -1)).squeeze(-1) for c in self.critics]).mean(0)
             actor_loss = (self.log_alpha.exp().detach() * log_prob - q).mean()
-            self.opts[-1].zero_grad()
-            actor_loss.backward()
-            self.opts[-1].step()
             temperature_loss = self.log_alpha.exp() * (-log_prob.detach().mean() - hilserl.TARGET_ENTROPY)
-            self.temperature_opt.zero_grad()
-            temperature_loss.backward()
-            self.temperature_opt.step()
+            for opt, loss in ((self.opts[-1], actor_loss), (self.temperature_opt, temperature_loss)):
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
 
     def learn(self, demo, online, rng):
         for i in range(self.cfg.utd_ratio):
-            b = hilserl.to_device({k: v[0] for k, v in sample_batches(demo, online, 1, self.cfg.batch_size, rng).items()},
-                                  self.device)
-            self.update(b, with_actor=i == self.cfg.utd_ratio - 1)
-
-
-def state_bytes(agent, cfg):
-    """Bytes Adam and the target update read and write per control step, at least: per float32
-    parameter, Adam reads it, its gradient and two moments and writes three (28 B); the target
-    update reads target and parameter and writes the target (12 B). utd_ratio critic updates, one actor."""
-    critic = sum(p.numel() for p in agent.critic_params.values())
-    actor = sum(p.numel() for p in agent.actor.parameters()) + 1   # + log_alpha
-    return cfg.utd_ratio * critic * (28 + 12) + actor * 28
-
-
-NO_KERNEL = {"aten::empty", "aten::empty_strided", "aten::empty_like", "aten::to", "aten::resolve_conj",
-             "aten::resolve_neg", "aten::result_type", "aten::lift_fresh", "aten::set_"}
+            batch = {k: v[0] for k, v in sample_batches(demo, online, 1, self.cfg.batch_size, rng).items()}
+            self.update(hilserl.to_device(batch, self.device), with_actor=i == self.cfg.utd_ratio - 1)
 
 
 def launches_kernel(name):
@@ -128,41 +109,20 @@ def matmul_rate(device, n=256, seconds=0.5):
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     count, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
-        for _ in range(20):
-            a @ b
         count += 20
-        if device.type == "cuda":
-            torch.cuda.synchronize()   # SYNC POINT: timing
+        timed(lambda: a @ b, device, repeats=20)
     return 2 * n ** 3 * count / (time.perf_counter() - start)
 
 
 def timed(fn, device, repeats=5):
-    """Mean seconds per call of fn."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()                 # SYNC POINT: timing
+    """Mean seconds per call of fn, from and to an idle device."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)   # SYNC POINT: timing
+    sync()
     start = time.perf_counter()
     for _ in range(repeats):
         fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()                 # SYNC POINT: timing
+    sync()
     return (time.perf_counter() - start) / repeats
-
-
-def random_buffers(example, slots, rng):
-    """(demo, online) buffers, each half full of random transitions shaped like `example`.
-
-    Frames come from a pool of 16 random images: what the benchmarks time does not depend on
-    what the pictures show, and drawing 100 MB of random bytes would only slow the set-up.
-    """
-    buffers = ReplayBuffer(slots, example, ACT_DIM), ReplayBuffer(slots, example, ACT_DIM)
-    pool = {k: rng.integers(0, 256, (16, *v.shape), dtype=np.uint8) for k, v in example.items() if v.dtype == np.uint8}
-    for buf in buffers:
-        for t in range(slots // 2):
-            obs, next_obs = ({k: pool[k][(t + i) % 16] if k in pool else rng.standard_normal(v.shape).astype(np.float32)
-                              for k, v in example.items()} for i in (0, 1))
-            act = np.append(rng.uniform(-1, 1, EE_DIM), rng.integers(-1, 2)).astype(np.float32)
-            buf.add(obs, act, rng.normal(), next_obs, t % 100 == 99, False, False)
-    return buffers
 
 
 def device_name(device):
@@ -170,8 +130,16 @@ def device_name(device):
 
 
 def setup(cfg, example, slots, rng, device):
-    """An agent, its optimizers and random buffers shaped like `example`; batches() draws a control step's."""
-    demo, online = random_buffers(example, slots, rng)
+    """An agent, its optimizers, (demo, online) buffers half full of random transitions shaped like `example` (frames
+    from a pool of 16: the timings do not depend on the pictures), and batches(), a control step's batches."""
+    demo, online = ReplayBuffer(slots, example, ACT_DIM), ReplayBuffer(slots, example, ACT_DIM)
+    pool = {k: rng.integers(0, 256, (16, *v.shape), dtype=np.uint8) for k, v in example.items() if v.dtype == np.uint8}
+    for buf in (demo, online):
+        for t in range(slots // 2):
+            obs, next_obs = ({k: pool[k][(t + i) % 16] if k in pool else rng.standard_normal(v.shape).astype(np.float32)
+                              for k, v in example.items()} for i in (0, 1))
+            act = np.append(rng.uniform(-1, 1, EE_DIM), rng.integers(-1, 2)).astype(np.float32)
+            buf.add(obs, act, rng.normal(), next_obs, t % 100 == 99, False, False)
     agent = Agent(STATE_DIM, cfg, hilserl.image_shapes(example)).to(device)
     features = [hilserl.FrameFeatures(b, agent.backbone, device) for b in (demo, online)] if agent.backbone else [None] * 2
     for table in (t for f in features if f for t in f.table.values()):   # random features stand in for the backbone's
@@ -191,24 +159,25 @@ def bench_update(cfg, device, rounds=5):
     flops = counter.get_total_flops()
     print(f"update: {device_name(device)}; torch {torch.__version__}; utd_ratio {cfg.utd_ratio}, batch {cfg.batch_size}, "
           f"{cfg.num_critics} critics, hidden {cfg.hidden_dim}; one control step = {flops / 1e9:.2f} GFLOP of matmuls")
-    print(f"  optimizer and target state read and written per control step: {state_bytes(agent, cfg) / 1e6:.1f} MB")
+    critic = sum(p.numel() for p in agent.critic_params.values())
+    actor = sum(p.numel() for p in agent.actor.parameters()) + 1   # + log_alpha
+    # At least, per float32 parameter: Adam reads it, its gradient and two moments and writes three (28 B); the
+    # target update reads target and parameter and writes the target (12 B). utd_ratio critic updates, one actor.
+    state_mb = (cfg.utd_ratio * critic * (28 + 12) + actor * 28) / 1e6
+    print(f"  optimizer and target state read and written per control step: {state_mb:.1f} MB")
 
     def median_round(fn):   # (share of the floor, matmul rate, seconds, reference seconds, all shares)
-        rows = []
-        for _ in range(rounds):
-            rate = matmul_rate(device)
-            seconds = timed(fn, device)
-            rows.append((flops / rate / seconds, rate, seconds, timed(ref, device)))
-        return (*sorted(rows)[rounds // 2], [r[0] for r in rows])
+        runs = [(matmul_rate(device), timed(fn, device), timed(ref, device)) for _ in range(rounds)]
+        rows = sorted((flops / rate / seconds, rate, seconds, ref_seconds) for rate, seconds, ref_seconds in runs)
+        return (*rows[rounds // 2], [row[0] for row in rows])
 
     spine(), ref()
-    calls, results = {"eager": operator_calls(spine)}, {"hilserl (eager)": median_round(spine)}
+    eager_calls, eager = operator_calls(spine), median_round(spine)
     learner = fast.Learner(agent, optimizers, cfg, batches())
     compiled = lambda: learner(batches())
     compiled()
-    calls["compiled"] = operator_calls(compiled)
-    results["compiled (fast.py)"] = median_round(compiled)
-    print(f"  operator calls per control step: eager {calls['eager']}, compiled {calls['compiled']}")
+    print(f"  operator calls per control step: eager {eager_calls}, compiled {operator_calls(compiled)}")
+    results = {"hilserl (eager)": eager, "compiled (fast.py)": median_round(compiled)}
     for label, (share, rate, seconds, ref_seconds, shares) in results.items():
         print(f"  {label:>18}: {seconds * 1e3:6.1f} ms per control step ({cfg.utd_ratio / seconds:4.0f} updates/s), "
               f"{share:4.0%} of the floor ({flops / rate * 1e3:.1f} ms at {rate / 1e9:.0f} GFLOP/s; {rounds} rounds "
@@ -217,10 +186,9 @@ def bench_update(cfg, device, rounds=5):
 
 def bench_images(cfg, device, slots=4_000):
     """Two cameras: the update reads the frozen backbone's cached features, here random numbers."""
-    rng, size = np.random.default_rng(cfg.seed), cfg.image_size
-    frame = np.zeros((size, size, 3), np.uint8)
-    agent, optimizers, _, _, batches = setup(
-        cfg, {"state": np.zeros(STATE_DIM, np.float32), "front": frame, "wrist": frame}, slots, rng, device)
+    size, frame = cfg.image_size, np.zeros((cfg.image_size, cfg.image_size, 3), np.uint8)
+    example = {"state": np.zeros(STATE_DIM, np.float32), "front": frame, "wrist": frame}
+    agent, optimizers, _, _, batches = setup(cfg, example, slots, np.random.default_rng(cfg.seed), device)
     print(f"images: {device_name(device)}; two {size}x{size} cameras, ResNet-10 features; "
           f"utd_ratio {cfg.utd_ratio}, batch {cfg.batch_size}")
     spine = lambda: hilserl.learn(agent, optimizers, cfg, batches())
@@ -233,10 +201,8 @@ def bench_images(cfg, device, slots=4_000):
 def bench_bus(cfg, n=2000):
     """One SYNC_READ of six positions plus one SYNC_WRITE against the emulator, beside their wire time."""
     bus = FeetechBus(ServoEmulator(), cfg.baudrate)
-    start = time.perf_counter()
-    for _ in range(n):
-        bus.sync_write("Goal_Position", dict(zip(IDS, bus.sync_read("Present_Position", IDS))))
-    driver_ms = (time.perf_counter() - start) / n * 1e3
+    round_trip = lambda: bus.sync_write("Goal_Position", dict(zip(IDS, bus.sync_read("Present_Position", IDS))))
+    driver_ms = timed(round_trip, torch.device("cpu"), repeats=n) * 1e3
     wire_bytes = (6 + 2 + 6) + 6 * (6 + 2) + (6 + 2 + 6 * 3)  # request, six replies, SYNC_WRITE
     print(f"bus: SYNC_READ x6 + SYNC_WRITE: driver + emulator {driver_ms:.3f} ms; wire time of the "
           f"{wire_bytes} bytes at {cfg.baudrate} baud {wire_bytes * 10 / cfg.baudrate * 1e3:.3f} ms")
@@ -247,9 +213,9 @@ def bench_soak(cfg, n=10_000):
     import serial
     from sim import VirtualArm
     arm = VirtualArm(dataclasses.replace(cfg, serve_fault_rate=cfg.serve_fault_rate or 0.05))
-    bus, rng = FeetechBus(serial.Serial(arm.port, cfg.baudrate), cfg.baudrate, cfg.read_retries, cfg.bus_latency_s), np.random.default_rng(0)
+    bus = FeetechBus(serial.Serial(arm.port, cfg.baudrate), cfg.baudrate, cfg.read_retries, cfg.bus_latency_s)
     known = {"Model_Number": 777, "Max_Position_Limit": 4095, "Protection_Current": 500, "Max_Torque_Limit": 1000}
-    wrong, errors, start = 0, 0, time.perf_counter()
+    wrong, errors, rng, start = 0, 0, np.random.default_rng(0), time.perf_counter()
     for _ in range(n):   # factory values, two bytes each: a late reply taken for another request's shows as wrong
         servo_id, name = int(rng.integers(1, 7)), str(rng.choice(list(known)))
         try:
@@ -272,8 +238,7 @@ def bench_sim(cfg, steps=1000):
             cfg.use_images = use_images
             obs, elapsed_s = env.reset(cfg.seed), 0.0
             for _ in range(steps):
-                act = expert.act(obs)
-                start = time.perf_counter()
+                act, start = expert.act(obs), time.perf_counter()
                 obs, rew, terminated, truncated, info = env.step(act)
                 elapsed_s += time.perf_counter() - start
                 if terminated or truncated:  # resets are not timed
@@ -283,19 +248,46 @@ def bench_sim(cfg, steps=1000):
             print(f"sim: SO101Env.step, bus + IK + physics, {what}: {steps / elapsed_s:6.0f} control steps/s")
 
 
-def main():
+def bench_loop(cfg, rounds=3):
+    """What videos and diagnostics add to the loop: the sim, these settings, updates on. After a warm-up
+    episode, each round trains one episode unfilmed, then one filmed, side by side."""
+    import tempfile
+    import diagnostics
+    import teleop
+    folder = pathlib.Path(tempfile.mkdtemp())
+    cfg = dataclasses.replace(cfg, demos=str(folder / "demos.npz"), demo_episodes=5)
+    teleop.record_demos(cfg, cfg.demos, cfg.demo_episodes)
+    with teleop.make_env(cfg, cfg.seed) as env:
+        obs = env.reset(seed=cfg.seed)
+        run, expert, status = hilserl.start_run(cfg, obs, folder), teleop.make_teleop(cfg, env), teleop.StatusLine()
+        figures = {False: [], True: []}   # filmed -> [(act + robot ms, update ms, diagnostics ms) per step]
+        for filmed in [False] + [False, True] * rounds:
+            obs = env.reset()
+            expert.reset()
+            video = diagnostics.episode_video(folder / "video.webm", env, obs, cfg.control_hz) if filmed else (None, None)
+            row, _, episode = hilserl.run_episode(run, env, expert, obs, status, *video)
+            begin = time.perf_counter()   # what run_episode spent on the diagnostics, once more
+            diagnostics.episode_diagnostics(episode, episode.arrays["act"][:len(episode)],
+                                            diagnostics.episode_q(run.agent, episode), cfg.discount)
+            figures[filmed].append((row["time/act_ms"] + row["time/robot_ms"], row["time/update_ms"],
+                                    1e3 * (time.perf_counter() - begin) / row["length"]))
+    (plain, plain_update, diag), (film, film_update, _) = (np.median(figures[f][-rounds:], axis=0) for f in (False, True))
+    print(f"loop (sim, state, utd_ratio {cfg.utd_ratio}, {cfg.episode_steps}-step episodes; median of {rounds} rounds, side by side):")
+    print(f"  act + robot per step   {plain:6.2f} ms unfilmed, {film:6.2f} ms filmed ({film - plain:+.2f} ms)")
+    print(f"  diagnostics per step   {diag:6.3f} ms (once an episode, spread over its steps)")
+    print(f"  updates per step       {plain_update:6.1f} ms unfilmed, {film_update:6.1f} ms filmed (the encoder thread shares the CPU)")
+    print(f"  at --video_every {cfg.video_every}: {(film - plain) / max(cfg.video_every, 1) + diag:+.2f} ms act + robot + logging per step")
+
+
+if __name__ == "__main__":
     cfg, words = load_config()
     sections = words or ["update", "images", "bus", "sim"]
-    if set(sections) - {"update", "images", "bus", "sim", "soak"}:
-        raise SystemExit("usage: python bench.py [update] [images] [bus] [sim] [soak]   [--field value ...]")
+    if set(sections) - {"update", "images", "bus", "sim", "soak", "loop"}:
+        raise SystemExit("usage: python bench.py [update] [images] [bus] [sim] [soak] [loop]   [--field value ...]")
     device = pick_device(cfg)
     torch.manual_seed(cfg.seed)
     for section in sections:
         if section in ("update", "images"):
             (bench_update if section == "update" else bench_images)(cfg, device)
         else:
-            {"bus": bench_bus, "sim": bench_sim, "soak": bench_soak}[section](cfg)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+            {"bus": bench_bus, "sim": bench_sim, "soak": bench_soak, "loop": bench_loop}[section](cfg)

@@ -1,9 +1,5 @@
-"""The reward classifier: its network, its training on labelled camera frames, loading it (hil-serl).
-
-Place in the loop: on a real arm nothing but the human knows when the task is done. hil-serl
-trains a classifier on frames labelled success or not (recorded by `python teleop.py label`),
-and the env then asks it after every step (`--classifier`). It is built from networks.py's
-frozen ResNet-10 and image heads.
+"""The reward classifier (hil-serl): on a real arm only the human knows when the task is done, so a classifier
+trained on frames labelled success or not (`python teleop.py label`) tells the env after every step (`--classifier`).
 
     python classifier.py --frames data/frames.npz --classifier data/classifier.pt
 """
@@ -22,11 +18,8 @@ from networks import ImageHead, ResNet10, load_resnet10, pick_device, resnet10_w
 
 
 class RewardClassifier(nn.Module):
-    """Success logit from camera frames (hil-serl's reward_classifier.py): per camera the frozen
-    ResNet-10 and an ImageHead, then Linear(256) -> LayerNorm -> ReLU -> Linear(1); no state.
-
-    forward takes backbone features, so training runs the backbone once per frame, not per step.
-    """
+    """Success logit from the frames alone (hil-serl's reward_classifier.py): per camera the frozen ResNet-10 and an
+    ImageHead, then Linear(256), LayerNorm, ReLU, Linear(1). forward takes backbone features: made once per frame."""
 
     def __init__(self, image_shapes, cfg):
         super().__init__()
@@ -51,10 +44,8 @@ class RewardClassifier(nn.Module):
 
 
 def classifier_data(path):
-    """(frames {camera: (N, H, W, 3)}, labels (N,), held_out (N,) bool) from `python teleop.py label`'s file.
-
-    Every fifth episode is held out whole, as neighbouring frames look nearly the same.
-    """
+    """(frames {camera: (N, H, W, 3)}, labels (N,), held_out (N,) bool) from `python teleop.py label`'s file;
+    every fifth episode is held out whole, as neighbouring frames look nearly the same."""
     data = read_npz(path)
     labels, episodes = data.pop("success", None), data.pop("episode", None)
     if labels is None or episodes is None or not data or any(f.shape[1:] != (*f.shape[1:3], 3) or f.dtype != np.uint8
@@ -69,10 +60,7 @@ def backbone_features(backbone, frames, device, chunk=256):
 
 
 def fit_classifier(classifier, features, labels, train_idx, steps, rng, batch_size=256):
-    """BCE on balanced batches, half positive and half negative frames, Adam 1e-4 (hil-serl).
-
-    hil-serl also shifts the frames randomly; we train on cached features, so we do not.
-    """
+    """BCE on batches half success, half not, Adam 1e-4 (hil-serl; not its random shifts: the features are cached)."""
     positives, negatives = train_idx[labels[train_idx] == 1], train_idx[labels[train_idx] == 0]
     if not len(positives) or not len(negatives):
         raise SystemExit("error: the classifier needs positive (success) and negative frames to train on")

@@ -30,7 +30,8 @@ class Config:
     max_env_steps: int = 0               # stop training after this many control steps; 0 = until quit
     checkpoint_every: int = 10           # episodes between checkpoints (also written on exit)
     plot: str = ""                       # "RUN_A,RUN_B,out.png": draw runs' learning curves side by side, then exit
-    diagnose_after_steps: int = 2000     # from then on, warn when the intervention rate stops falling (lessons)
+    diagnose_after_steps: int = 2000     # from then on, say which learning diagnostic is off (lessons; diagnostics.py)
+    video_every: int = 25                # film every this many training episodes into videos/ (--eval: each); 0 = none
 
     # --- SAC / RLPD learning ----------------------------------------------------------------
     utd_ratio: int = 20                  # critic updates per control step (RLPD; lessons: 2 is far too few)
@@ -105,13 +106,14 @@ class Config:
     leader_port: str = ""                # serial port of an SO-101 leader arm used to intervene; empty = none
     leader_calibration: str = "so101_leader_calibration.json"  # the leader arm's calibration file (ours or LeRobot's)
     demo_keep_failed: bool = False       # also keep demo episodes not marked successful (hil-serl keeps successes only)
+    lerobot_use_degrees: bool = True     # import-lerobot: the dataset's arm joints in degrees (LeRobot's use_degrees, default since Feb 2026), else -100..100
 
 
 # What each setting must be, checked whenever settings are parsed: "OP BOUND", joined by "and".
 RANGES = {
     "eval_episodes": ">= 1", "max_env_steps": ">= 0", "checkpoint_every": ">= 1", "diagnose_after_steps": ">= 0",
-    "utd_ratio": ">= 1", "batch_size": ">= 2", "discount": ">= 0 and <= 1", "tau": "> 0 and <= 1", "lr": "> 0",
-    "temperature_init": "> 0", "num_critics": ">= 1", "hidden_dim": ">= 1", "state_latent_dim": ">= 1",
+    "video_every": ">= 0", "utd_ratio": ">= 1", "batch_size": ">= 2", "discount": ">= 0 and <= 1", "tau": "> 0 and <= 1",
+    "lr": "> 0", "temperature_init": "> 0", "num_critics": ">= 1", "hidden_dim": ">= 1", "state_latent_dim": ">= 1",
     "actor_std_min": "> 0", "actor_std_max": "> 0", "training_starts": ">= 1", "replay_capacity": ">= 2",
     "demo_capacity": ">= 2", "image_latent_dim": ">= 1", "classifier_threshold": ">= 0 and <= 1",
     "classifier_steps": ">= 1", "success_frames": ">= 1", "demo_episodes": ">= 1", "demo_max_failures": ">= 1", "baudrate": "> 0",
@@ -215,19 +217,6 @@ def warnings_for(cfg, num_demo_episodes=None):
     return [f"warning: {text}" for bad, text in checks if bad]
 
 
-def diagnose(rows, cfg):
-    """The lessons file: if interventions do not fall, a hyperparameter is usually wrong."""
-    if rows[-1]["env_steps"] < cfg.diagnose_after_steps or len(rows) < 40:
-        return None
-    rate = lambda part: sum(r["intervention_rate"] for r in part) / len(part)
-    if rate(rows[-20:]) < 0.1 or rate(rows[-20:]) < rate(rows[-40:-20]):
-        return None
-    return (f"the intervention rate is not falling ({rate(rows[-40:-20]):.0%} -> {rate(rows[-20:]):.0%}); usual "
-            f"causes: temperature_init above 0.01 (now {cfg.temperature_init}), utd_ratio below 10 (now "
-            f"{cfg.utd_ratio}), no step penalty (reward_step {cfg.reward_step}), too few demos, or a human who "
-            "holds the intervention button too long - let the policy act and correct it only when it goes astray")
-
-
 def load_config(args=None, cfg=None):
     """Parse sys.argv (or `args`) onto cfg and check it; on a bad option or value print one line and exit with status 2."""
     try:
@@ -237,7 +226,6 @@ def load_config(args=None, cfg=None):
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2)
-
 
 
 def load_run_config(args):

@@ -1,18 +1,14 @@
 """hilserl.py's update made fast: the same functions, compiled, and on a GPU one CUDA graph a step.
 
-Place in the loop: with --compile, hilserl.py calls `Learner(batches)` where it would call
-`learn(agent, optimizers, cfg, batches)`; the Learner runs hilserl.learn with compiled forms of its
-three functions, and is tested against it. What makes it fast, and why:
-  - each critic update, and the actor update, is one graph that torch.compile fuses into a few
-    kernels: losses, gradients, Adam and the target update. `.backward()` would cut the graph,
-    so gradients come from torch.func.grad, and Adam is written out as traceable ops on
-    torch.optim.Adam's own state (a checkpoint is the same from either path);
-  - on a GPU, the whole control step (20 critic updates, one actor update) is captured as one
-    CUDA graph: at this size a GPU waits on kernel launches, and a graph launches them all at once;
-  - on a CPU: tanh as a sigmoid, glibc keeps freed memory, guards checked only while compiling.
-Compiling happens in the set-up, before the first episode.
+With --compile, hilserl.py's set-up makes a Learner, then calls it where it would call `learn(agent, optimizers,
+cfg, batches)`: it runs hilserl.learn with compiled forms of its three functions, and is tested against it.
+  - each critic update, and the actor update, is one graph that torch.compile fuses into a few kernels: as
+    `.backward()` would cut it, gradients come from torch.func.grad, and Adam is written out on Adam's own state;
+  - on a GPU, a control step is one CUDA graph (at this size a GPU waits on kernel launches); on a CPU:
+    tanh as a sigmoid, glibc keeps freed memory, guards checked only while compiling.
 """
 
+import contextlib
 import ctypes
 import os
 import shutil
@@ -25,12 +21,10 @@ import hilserl
 def keep_freed_memory():
     """Let glibc keep freed memory for reuse instead of returning it to the OS (Linux with glibc only):
     at batch 256 and width 256 every activation is a block it would return, then page-fault back in."""
-    try:
+    with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, 32 << 20)   # M_MMAP_THRESHOLD: blocks up to 32 MB come from the reusable heap
         libc.mallopt(-1, 1 << 30)    # M_TRIM_THRESHOLD: keep up to 1 GB of freed heap
-    except (OSError, AttributeError):
-        pass
 
 
 def check_compiler(device):
@@ -40,8 +34,7 @@ def check_compiler(device):
 
 
 class SigmoidTanh(torch.nn.Module):
-    """tanh(x) = 2 sigmoid(2x) - 1, the same function: on a CPU, torch's tanh kernel and the one
-    Inductor generates are each slower than a sigmoid and two multiplies (figures in README)."""
+    """tanh(x) = 2 sigmoid(2x) - 1: on a CPU torch's and Inductor's tanh are slower than this (figures in README)."""
 
     def forward(self, x):
         return torch.sigmoid(2 * x) * 2 - 1
@@ -56,8 +49,7 @@ def swap_tanh(agent):
 
 
 class AdamState:
-    """torch.optim.Adam's state tensors, created as its first step would create them, in lists;
-    `named`: the optimizer's parameters by their names in the agent."""
+    """torch.optim.Adam's own state, in lists, as its first step makes it (so checkpoints match); `named`: by name."""
 
     def __init__(self, optimizer, agent):
         group = optimizer.param_groups[0]
@@ -86,8 +78,7 @@ class AdamState:
 
 
 class Losses(torch.nn.Module):
-    """One of hilserl's loss functions as a module's forward: torch.func.functional_call runs a module
-    on parameters it is given, which is how torch.func.grad differentiates with respect to them."""
+    """A hilserl loss function as a module: torch.func.functional_call runs it on the parameters grad differentiates."""
 
     def __init__(self, agent, loss):
         super().__init__()
@@ -108,11 +99,12 @@ def gradients(losses, params, *args):
 
 def critic_step(losses, adam, batch, next_act, discount, tau):
     """hilserl.critic_step, traceable as one graph."""
-    grads, (critic_loss, grasp_loss, q_mean) = gradients(losses, adam.named, batch, next_act, discount)
+    grads, (critic_loss, grasp_loss, q) = gradients(losses, adam.named, batch, next_act, discount)
     adam.step(list(grads.values()))
     # PAPER: soft target update thetabar <- (1 - tau) thetabar + tau theta (SAC; hil-serl averages all)
     torch._foreach_lerp_(losses.agent.target_params, adam.params, tau)
-    return {"loss/critic": critic_loss, "loss/grasp_critic": grasp_loss, "q/mean": q_mean}
+    half = len(q) // 2   # a batch's demo rows come first
+    return {"loss/critic": critic_loss, "loss/grasp_critic": grasp_loss, "q/demo": q[:half].mean(), "q/online": q[half:].mean()}
 
 
 def actor_step(losses, actor_adam, temperature_adam, obs, entropy_target):
@@ -131,25 +123,21 @@ compiled_actor_step = torch.compile(torch.no_grad()(actor_step))
 compiled_next_actions = torch.compile(hilserl.next_actions)
 
 
-def leaves(tree):
-    """The tensors of a nested dict, in order."""
+def leaves(tree):   # the tensors of a nested dict, in order
     return [t for v in tree.values() for t in (leaves(v) if isinstance(v, dict) else [v])]
 
 
 class Learner:
-    """hilserl.learn(agent, optimizers, cfg, batches) as `Learner(...)(batches)`, compiled, and on a
-    GPU replayed as one CUDA graph. `batches`: one control step's batches, to compile on."""
+    """hilserl.learn as `Learner(agent, optimizers, cfg, batches)(batches)`, compiled on the first `batches`."""
 
     def __init__(self, agent, optimizers, cfg, batches):
         check_compiler(batches["act"].device)
         if batches["act"].device.type == "cpu":
             keep_freed_memory()
             swap_tanh(agent)
-        self.agent, self.optimizers, self.cfg = agent, optimizers, cfg
+        self.agent, self.optimizers, self.cfg, self.graph = agent, optimizers, cfg, None
         self.adams = {name: AdamState(o, agent) for name, o in optimizers.items()}
-        self.critic_losses = Losses(agent, hilserl.critic_losses)
-        self.actor_losses = Losses(agent, hilserl.actor_losses)
-        self.graph = None
+        self.critic_losses, self.actor_losses = Losses(agent, hilserl.critic_losses), Losses(agent, hilserl.actor_losses)
         state = [*agent.state_dict().values(), *(t for a in self.adams.values() for t in (*a.m, *a.v, *a.steps))]
         before = [t.clone() for t in state]   # compiling runs real updates; the agent starts untouched
         print("compiling the update (about 30 s)...")
@@ -159,12 +147,11 @@ class Learner:
             self.learn(batches)
         torch._foreach_copy_(state, before)
 
+    # hilserl.critic_step and actor_step, each one compiled graph on this Learner's agent and Adam state
     def critic_update(self, agent, optimizer, batch, next_act, discount, tau):
-        """hilserl.critic_step for this Learner's agent and optimizer, as one compiled graph."""
         return compiled_critic_step(self.critic_losses, self.adams["critic"], batch, next_act, discount, tau)
 
     def actor_update(self, agent, actor_optimizer, temperature_optimizer, obs, entropy_target):
-        """hilserl.actor_step for this Learner's agent and optimizers, as one compiled graph."""
         return compiled_actor_step(self.actor_losses, self.adams["actor"], self.adams["temperature"], obs, entropy_target)
 
     def learn(self, batches):

@@ -30,7 +30,8 @@ import torch
 
 from buffer import ReplayBuffer, load_episodes, sample_batches, write_atomically
 from classifier import load_classifier
-from config import Config, diagnose, load_run_config, warnings_for
+from config import Config, load_run_config, warnings_for
+from diagnostics import diagnose, episode_diagnostics, episode_q, episode_video, plot_runs
 from networks import Agent, load_resnet10, pick_device, resnet10_weights
 from robot import ACT_DIM, EE_DIM, RobotError
 from teleop import EmergencyStop, StatusLine, make_env, make_teleop, record_demos, wait_for_start
@@ -70,20 +71,22 @@ def critic_losses(agent, batch, next_act, discount):
     grasp_class = batch["act"][:, EE_DIM].round().long() + 1                       # -1/0/1 -> 0/1/2
     g = agent.grasp_critic(z).gather(-1, grasp_class.unsqueeze(-1)).squeeze(-1)    # (B,)
     grasp_loss = (g - y_grasp).pow(2).mean()
-    return critic_loss, grasp_loss, q.detach().mean()
+    return critic_loss, grasp_loss, q.detach().mean(0)                            # (B,) for the log
 
 
 def critic_step(agent, optimizer, batch, next_act, discount, tau):
     """One critic and grasp-critic update: Adam on the summed losses (their parameters are disjoint
     but for the shared encoder, so one gradient serves both), then the target networks."""
-    critic_loss, grasp_loss, q_mean = critic_losses(agent, batch, next_act, discount)
+    critic_loss, grasp_loss, q = critic_losses(agent, batch, next_act, discount)
     optimizer.zero_grad(set_to_none=True)
     (critic_loss + grasp_loss).backward()
     optimizer.step()
     # PAPER: soft target update thetabar <- (1 - tau) thetabar + tau theta (SAC; hil-serl averages all)
     with torch.no_grad():   # _foreach_: one call lerps every tensor of the list (the optimizer's, in the targets' order)
         torch._foreach_lerp_(agent.target_params, optimizer.param_groups[0]["params"], tau)
-    return {"loss/critic": critic_loss.detach(), "loss/grasp_critic": grasp_loss.detach(), "q/mean": q_mean}
+    half = len(q) // 2   # a batch's demo rows come first
+    return {"loss/critic": critic_loss.detach(), "loss/grasp_critic": grasp_loss.detach(),
+            "q/demo": q[:half].mean(), "q/online": q[half:].mean()}
 
 
 def actor_losses(agent, obs, entropy_target):
@@ -255,7 +258,8 @@ def start_run(cfg, obs, folder):
         if not len(demo):
             raise ValueError(f"{cfg.demos} holds no transitions; record demos into another file")
         print(f"{cfg.demos}: {demo.num_episodes} demo episodes, {len(demo)} transitions")
-    for line in warnings_for(cfg, None if cfg.resume else demo.num_episodes):
+    hints = [f"diagnosis: {hint}" for hint in diagnose(rows, cfg, TARGET_ENTROPY)]   # a resumed run's log may tell
+    for line in warnings_for(cfg, None if cfg.resume else demo.num_episodes) + hints:
         print(line)
     features = [FrameFeatures(b, agent.backbone, device) if agent.backbone is not None else None for b in (demo, online)]
     run = Run(cfg, folder, device, agent, optimizers, functools.partial(learn, agent, optimizers, cfg),
@@ -279,10 +283,11 @@ def learn_now(run, out):
     out["seconds"] = time.perf_counter() - begin
 
 
-def run_episode(run, env, teleop, obs, status):
-    """One episode: read, act (policy or human), write the goal, learn while the arm moves, store -> row, events, transitions."""
+def run_episode(run, env, teleop, obs, status, writer=None, picture=None):
+    """One episode: read, act (policy or human), write the goal, learn while the arm moves, store -> row, events,
+    transitions; and its video when there is a writer (diagnostics.episode_video)."""
     cfg, agent = run.cfg, run.agent
-    ret, human_steps, timings, stats, features = 0.0, 0, [], {}, {}
+    ret, human_steps, timings, stats, features, policy_acts, slots = 0.0, 0, [], {}, {}, [], []
     episode = ReplayBuffer(cfg.episode_steps + 2, obs, ACT_DIM)   # its transitions, for the run folder
     updates_before, start = run.progress["updates"], time.perf_counter()
     while True:
@@ -291,6 +296,7 @@ def run_episode(run, env, teleop, obs, status):
         act, intervened, events = teleop.poll(policy_act, obs)
         if "success" in events:
             env.world.succeeded = True          # the human says the task is done (real robot)
+        shown = picture(obs) if writer else None
         t1, learned = time.perf_counter(), {"stats": stats}   # the updates run while the arm moves to the goal:
         next_obs, rew, terminated, truncated, info = env.step(act, lambda: learn_now(run, learned))   # in the tick's wait
         truncated = truncated or bool(events & {"failure", "rerecord", "quit"})
@@ -298,6 +304,10 @@ def run_episode(run, env, teleop, obs, status):
         transition = (obs, act, rew, next_obs, terminated, truncated, intervened, info["grasp_penalty"])
         slot = run.online.add(*transition)
         episode.add(*transition)
+        policy_acts.append(policy_act)
+        slots.append(slot)
+        if writer:
+            writer.add(shown, len(slots), act, intervened, info["success"])
         features = run.online_features.add(slot) if run.online_features else {}   # next_obs's, for the next act
         if intervened:                          # a human correction is a demonstration too (hil-serl)
             slot = run.demo.add(*transition)
@@ -315,6 +325,8 @@ def run_episode(run, env, teleop, obs, status):
         run.progress["env_steps"] += 1
         if terminated or truncated:
             break
+    if writer:
+        writer.close()
     run.progress["episode"] += 1
     length, seconds = len(timings), time.perf_counter() - start
     row = {"episode": run.progress["episode"], "env_steps": run.progress["env_steps"], "return": ret,
@@ -322,6 +334,8 @@ def run_episode(run, env, teleop, obs, status):
            "updates_per_s": (run.progress["updates"] - updates_before) / seconds,
            **{k: v.item() for k, v in stats.items()}, **env.health,   # SYNC POINT: logging; the servos' health
            **dict(zip(("time/act_ms", "time/robot_ms", "time/update_ms"), (1e3 * np.mean(x) for x in zip(*timings))))}
+    q = episode_q(agent, episode, run.online_features, slots)
+    row.update(episode_diagnostics(episode, np.array(policy_acts), q, cfg.discount))
     return row, events, episode
 
 
@@ -331,7 +345,7 @@ def end_episode(run, row, episode, status):
     run.rows.append(row)
     write_log(run.folder / "log.csv", run.rows)
     status.end_episode(row["success"], f"  |  {row['env_steps']} steps, {row['updates_per_s']:.0f} updates/s")
-    if row["episode"] % 20 == 0 and (hint := diagnose(run.rows, run.cfg)):
+    for hint in diagnose(run.rows, run.cfg, TARGET_ENTROPY) if row["episode"] % 20 == 0 else []:
         print("diagnosis: " + hint)
     if row["episode"] % run.cfg.checkpoint_every == 0:
         save_checkpoint(run)
@@ -352,7 +366,10 @@ def train(cfg, env, teleop, folder):
             teleop.reset()
             if cfg.port and (obs := wait_for_start(teleop, env, obs)) is None:   # the human resets the scene first
                 break
-            row, events, episode = run_episode(run, env, teleop, obs, status)
+            number = run.progress["episode"] + 1   # a video every video_every episodes, in videos/
+            video = episode_video(folder / "videos" / f"episode_{number:06d}.webm", env, obs, cfg.control_hz) \
+                if cfg.video_every and number % cfg.video_every == 0 else (None, None)
+            row, events, episode = run_episode(run, env, teleop, obs, status, *video)
             end_episode(run, row, episode, status)
             if "quit" in events:
                 break
@@ -380,14 +397,21 @@ def evaluate(cfg, env, folder, teleop=None):
         obs = env.reset() if episode else obs
         if teleop is not None and (obs := wait_for_start(teleop, env, obs)) is None:
             break
+        writer, picture = episode_video(folder / "videos" / f"eval_{episode + 1:03d}.webm", env, obs, cfg.control_hz) \
+            if cfg.video_every else (None, None)
         for length in range(1, cfg.episode_steps + 1):
             act = agent.act(obs_to_tensors(obs, device), deterministic=True)[0].cpu().numpy()   # SYNC POINT
             events = teleop.read(obs)[2] if teleop is not None else set()   # the e-stop raises EmergencyStop
             if "success" in events:
                 env.world.succeeded = True
+            shown = picture(obs) if writer else None
             obs, _, terminated, truncated, _ = env.step(act)
+            if writer:
+                writer.add(shown, length, act, False, terminated)
             if terminated or truncated or "failure" in events:
                 break
+        if writer:
+            writer.close()
         episodes.append((terminated, length))
     success, length = np.mean(episodes, axis=0) if episodes else (0.0, 0.0)
     print(f"eval {folder}: success {success:.0%} over {len(episodes)} episodes, mean length {length:.1f} steps")
@@ -402,7 +426,7 @@ def save_checkpoint(run):
                 "optimizers": {k: o.state_dict() for k, o in run.optimizers.items()}}, run.folder / "checkpoint.pt.tmp")
     os.replace(run.folder / "checkpoint.pt.tmp", run.folder / "checkpoint.pt")     # atomic
     if run.rows:
-        plot_runs([run.folder], run.folder / "curves.png")
+        plot_runs([run.folder], run.folder / "curves.png", TARGET_ENTROPY)
 
 
 def load_checkpoint(folder, agent, optimizers=None):
@@ -438,29 +462,6 @@ def write_log(path, rows):
     write_atomically(path, text.getvalue())
 
 
-def plot_runs(folders, out_path):
-    """Learning curves against environment steps, one line per run folder, into one PNG."""
-    import matplotlib
-    matplotlib.use("Agg")   # no display needed
-    import matplotlib.pyplot as plt
-    panels = [("success", "success rate (last 20 episodes)"), ("intervention_rate", "intervention rate (last 20)"),
-              ("return", "episode return"), ("length", "episode length"), ("q/mean", "critic Q"), ("alpha", "temperature")]
-    fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
-    for folder in folders:
-        rows = list(csv.DictReader(open(pathlib.Path(folder) / "log.csv")))
-        steps = [float(r["env_steps"]) for r in rows]
-        for ax, (key, title) in zip(axes.flat, panels):
-            values = np.array([float(r.get(key) or "nan") for r in rows])
-            smooth = [np.nanmean(values[max(0, i - 19):i + 1]) for i in range(len(values))] if key in ("success", "intervention_rate") else values
-            ax.plot(steps, smooth, label=pathlib.Path(folder).name)
-            ax.set(title=title, xlabel="environment steps")
-    axes.flat[0].legend()
-    fig.tight_layout()
-    fig.savefig(f"{out_path}.tmp.png")
-    plt.close(fig)
-    os.replace(f"{out_path}.tmp.png", out_path)
-
-
 def main():
     cfg = load_run_config(sys.argv[1:])
     pick_device(cfg)   # a device that is not there: one line now, not a traceback later
@@ -471,7 +472,7 @@ def main():
             if not folders or not out_path.endswith(".png") or not all(os.path.exists(f"{f}/log.csv") for f in folders):
                 raise ValueError(f"--plot {cfg.plot}: takes run folders with a log.csv, then the PNG to write: "
                                  "runs/A,runs/B,out.png")
-            return plot_runs(folders, out_path)
+            return plot_runs(folders, out_path, TARGET_ENTROPY)
         new_run = not (cfg.eval or cfg.resume)
         if new_run and folder.exists() and any(folder.iterdir()):   # never write over a run
             raise ValueError(f"{folder} already holds a run; continue it with --resume {folder} or pick another --run_dir")

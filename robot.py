@@ -1,13 +1,7 @@
-"""The SO-101 follower arm: Feetech bus, calibration, kinematics, cameras, and the env.
+"""The SO-101 follower arm: kinematics, Feetech bus, calibration, cameras, and the env.
 
-This file is the bottom of the control loop. `SO101Env.step(act)` turns an end-effector delta into
-joint goals (workspace clip -> IK -> calibrated limits -> per-step jump limit), writes them in one
-SYNC_WRITE, waits for the control tick, reads the joints back in one SYNC_READ, grabs the camera
-frames and returns the next observation. Below it, in this order, plain Python on a serial port:
-kinematics, the Feetech STS packets, ServoEmulator (six servos answering byte-exactly, for the tests
-and sim.py), FeetechBus, calibration, SO101 (the arm: safe goals, torque off on exit), cameras.
-Run `python robot.py --port /dev/ttyACM0 status` first, then `calibrate`.
-"""
+`SO101Env.step(act)`: EE delta -> workspace clip -> IK -> calibrated limits -> per-step jump limit -> one SYNC_WRITE,
+then the control tick, one SYNC_READ, the cameras. Start: `python robot.py --port PORT status`, then `calibrate`."""
 
 import dataclasses
 import json
@@ -26,11 +20,9 @@ IDS = (1, 2, 3, 4, 5, 6)  # servo id of each joint, in JOINTS order (LeRobot's S
 STS3215_MODEL = 777
 TICKS_PER_RAD = 4096 / (2 * math.pi)  # the STS3215's encoder counts 4096 ticks a turn
 
-# ------------------------------------------------------------------------------------------------
-# Kinematics. The numbers are the published SO-101 MJCF ("new calibration" convention): each body
-# relative to its parent, quaternions w,x,y,z, every joint about its body's local z axis. sim.py
-# builds its MuJoCo model from this same table, so the real arm and the sim share one model.
-# (body, parent, pos m, quat wxyz, mass kg, joint, joint range rad)
+# --- Kinematics ---------------------------------------------------------------------------------
+# The published SO-101 MJCF ("new calibration"), every joint about its body's local z axis; sim.py builds
+# its MuJoCo model from this table too. (body, parent, pos m, quat wxyz, mass kg, joint, joint range rad)
 SO101_CHAIN = (
     ("base", "world", (0.0, 0.0, 0.0), (1.0, 0.0, 0.0, 0.0), 0.147, None, None),
     ("shoulder", "base", (0.03884, 0.0, 0.0624), (0.0, 0.0, -1.0, 0.0), 0.100,
@@ -46,14 +38,11 @@ SO101_CHAIN = (
     ("moving_jaw", "gripper", (0.0202, 0.0188, -0.0234), (0.707107, 0.707107, 0.0, 0.0), 0.012,
      "gripper", (-0.17453, 1.74533)),
 )
-# The tool point: the "gripperframe" site on the gripper body, at the fixed jaw's tip. Its x axis
-# is the approach direction (along the fingers); "pointing down" means x axis = -z of the base.
+# The tool point: the "gripperframe" site at the fixed jaw's tip; its x axis runs along the fingers (down: x = -z).
 TOOL_POS = (-0.0079, -0.000218, -0.098127)
 TOOL_QUAT = (0.707107, 0.0, 0.707107, 0.0)
-ARM_LOW_RAD = np.array([body[6][0] for body in SO101_CHAIN[1:6]])
-ARM_HIGH_RAD = np.array([body[6][1] for body in SO101_CHAIN[1:6]])
-# Home: tool 20 cm in front of the base, 8 cm up, pointing down, gripper open (found with
-# inverse_kinematics below; the arm can hold the gripper vertical only up to ~9 cm at 22 cm out).
+ARM_LOW_RAD, ARM_HIGH_RAD = np.array([body[6] for body in SO101_CHAIN[1:6]]).T
+# Home (by inverse_kinematics): tool 20 cm out, 8 cm up, pointing down (possible only up to ~9 cm at 22 cm out).
 HOME_RAD = np.array([0.0, -0.2108, 0.1997, 1.5818, 0.0])
 
 
@@ -65,32 +54,26 @@ def quat_to_rot(quat):
                      [2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)]])
 
 
-def _rot_z(angle):
-    c, s = math.cos(angle), math.sin(angle)
-    return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
-
-
 _LINKS = [(np.array(body[2]), quat_to_rot(body[3])) for body in SO101_CHAIN[1:6]]
 _TOOL_ROT = quat_to_rot(TOOL_QUAT)
 
 
 def _joint_frames(q_rad):
     """Origins and z axes (base frame) of the 5 arm joints, and the tool's position and rotation."""
-    pos, rot = np.zeros(3), np.eye(3)
-    origins, axes = [], []
+    pos, rot, origins, axes = np.zeros(3), np.eye(3), [], []
     for (link_pos, link_rot), angle in zip(_LINKS, q_rad):
         pos = pos + rot @ link_pos
         rot = rot @ link_rot
         origins.append(pos)
         axes.append(rot[:, 2])
-        rot = rot @ _rot_z(angle)
+        c, s = math.cos(angle), math.sin(angle)
+        rot = rot @ np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])  # the joint turns about its local z
     return np.array(origins), np.array(axes), pos + rot @ np.array(TOOL_POS), rot @ _TOOL_ROT
 
 
 def forward_kinematics(q_rad):
     """5 arm joint angles (rad) -> tool position (3,) m and rotation (3, 3), base frame."""
-    _, _, pos, rot = _joint_frames(q_rad)
-    return pos, rot
+    return _joint_frames(q_rad)[2:]
 
 
 def _damped_pinv(jac, damping):
@@ -98,23 +81,17 @@ def _damped_pinv(jac, damping):
 
 
 def inverse_kinematics(q_rad, target_pos, iters=200, tol_m=1e-4, damping=0.02):
-    """Joint angles that put the tool at target_pos with the gripper pointing down as far as possible.
-
-    Damped least squares on position first; pointing down is a second task solved in the position
-    Jacobian's null space, so position wins when both cannot hold (the 5-DoF arm cannot point
-    down everywhere). Only pan, lift, elbow and wrist_flex move: wrist_roll only turns the tool
-    about the vertical and keeps its value. Joints stay within the model's ranges; an unreachable
-    target ends at the nearest pose the iterations find, without oscillating.
-    """
+    """Joint angles that put the tool at target_pos, pointing down as far as the 5-DoF arm can: damped least squares
+    on position, pointing down in its Jacobian's null space (position wins). wrist_roll keeps its value; joints stay
+    in the model's ranges; an unreachable target ends at the nearest pose found, without oscillating."""
     q = np.array(q_rad, dtype=float)
-    down = np.array([0.0, 0.0, -1.0])
     for _ in range(iters):
         origins, axes, pos, rot = _joint_frames(q)
         err_pos = target_pos - pos
         # Revolute joint i moves the tool by axis_i x (tool - origin_i) and turns it about axis_i.
         jac_pos = np.cross(axes[:4], pos - origins[:4]).T  # (3, 4)
         jac_rot = axes[:4].T  # (3, 4)
-        err_rot = np.cross(rot[:, 0], down)  # turns the approach axis towards straight down
+        err_rot = np.cross(rot[:, 0], (0.0, 0.0, -1.0))  # turns the approach axis towards straight down
         free = np.ones(4, dtype=bool)  # joints that may move; one pushed past its limit is frozen
         for _ in range(4):
             jp, jr = jac_pos * free, jac_rot * free
@@ -140,34 +117,29 @@ def parse_workspace(text):
     return np.array(values[0::2]), np.array(values[1::2])
 
 
-# ------------------------------------------------------------------------------------------------
-# Feetech STS packets. Instruction: FF FF id len instr params.. chk, with len = params + 2 and
-# chk = ~(id + len + instr + params) & 0xFF. A status reply has the same shape with an error byte
-# in the instruction's place. Multi-byte registers are little-endian; negative values are
-# sign-magnitude, with the sign bit depending on the register.
+# --- Feetech STS packets ------------------------------------------------------------------------
+# FF FF id len instr params.. chk, with len = params + 2 and chk = ~(id + len + instr + params) & 0xFF; a status
+# reply has an error byte for instr. Registers are little-endian, sign-magnitude (sign bit per register).
 PING, READ, WRITE, SYNC_READ, SYNC_WRITE = 0x01, 0x02, 0x03, 0x82, 0x83
 BROADCAST_ID = 0xFE
 # The STS3215 control table (LeRobot's names): name -> (address, bytes, sign bit or None).
 REGISTERS = {
-    "Firmware_Major_Version": (0, 1, None), "Firmware_Minor_Version": (1, 1, None),
-    "Model_Number": (3, 2, None), "ID": (5, 1, None), "Baud_Rate": (6, 1, None),
-    "Return_Delay_Time": (7, 1, None), "Response_Status_Level": (8, 1, None),
-    "Min_Position_Limit": (9, 2, None), "Max_Position_Limit": (11, 2, None),
-    "Max_Temperature_Limit": (13, 1, None), "Max_Voltage_Limit": (14, 1, None),
-    "Min_Voltage_Limit": (15, 1, None), "Max_Torque_Limit": (16, 2, None), "Phase": (18, 1, None),
-    "P_Coefficient": (21, 1, None), "D_Coefficient": (22, 1, None), "I_Coefficient": (23, 1, None),
-    "Protection_Current": (28, 2, None), "Homing_Offset": (31, 2, 11), "Operating_Mode": (33, 1, None),
-    "Overload_Torque": (36, 1, None), "Torque_Enable": (40, 1, None), "Acceleration": (41, 1, None),
-    "Goal_Position": (42, 2, 15), "Goal_Velocity": (46, 2, 15), "Torque_Limit": (48, 2, None),
-    "Lock": (55, 1, None), "Present_Position": (56, 2, 15), "Present_Velocity": (58, 2, 15),
-    "Present_Load": (60, 2, 10), "Present_Voltage": (62, 1, None), "Present_Temperature": (63, 1, None),
-    "Status": (65, 1, None), "Moving": (66, 1, None), "Present_Current": (69, 2, 15),
-    "Maximum_Acceleration": (85, 1, None),
+    "Firmware_Major_Version": (0, 1, None), "Firmware_Minor_Version": (1, 1, None), "Model_Number": (3, 2, None),
+    "ID": (5, 1, None), "Baud_Rate": (6, 1, None), "Return_Delay_Time": (7, 1, None),
+    "Response_Status_Level": (8, 1, None), "Min_Position_Limit": (9, 2, None), "Max_Position_Limit": (11, 2, None),
+    "Max_Temperature_Limit": (13, 1, None), "Max_Voltage_Limit": (14, 1, None), "Min_Voltage_Limit": (15, 1, None),
+    "Max_Torque_Limit": (16, 2, None), "Phase": (18, 1, None), "P_Coefficient": (21, 1, None),
+    "D_Coefficient": (22, 1, None), "I_Coefficient": (23, 1, None), "Protection_Current": (28, 2, None),
+    "Homing_Offset": (31, 2, 11), "Operating_Mode": (33, 1, None), "Overload_Torque": (36, 1, None),
+    "Torque_Enable": (40, 1, None), "Acceleration": (41, 1, None), "Goal_Position": (42, 2, 15),
+    "Goal_Velocity": (46, 2, 15), "Torque_Limit": (48, 2, None), "Lock": (55, 1, None),
+    "Present_Position": (56, 2, 15), "Present_Velocity": (58, 2, 15), "Present_Load": (60, 2, 10),
+    "Present_Voltage": (62, 1, None), "Present_Temperature": (63, 1, None), "Status": (65, 1, None),
+    "Moving": (66, 1, None), "Present_Current": (69, 2, 15), "Maximum_Acceleration": (85, 1, None),
     "Health": (60, 4, None),   # ours: Present_Load, Present_Voltage and Present_Temperature in one read
 }
 # Bits of a status packet's error byte (and of the Status register), as Feetech names them.
-ERROR_BITS = {0x01: "input voltage", 0x02: "angle sensor", 0x04: "overheat",
-              0x08: "over-current", 0x20: "overload"}
+ERROR_BITS = {0x01: "input voltage", 0x02: "angle sensor", 0x04: "overheat", 0x08: "over-current", 0x20: "overload"}
 
 
 def checksum(body):
@@ -196,8 +168,7 @@ def register_bytes(name, value):
 
 
 def register_value(name, data):
-    _, _, sign_bit = REGISTERS[name]
-    return decode_sign(int.from_bytes(data, "little"), sign_bit)
+    return decode_sign(int.from_bytes(data, "little"), REGISTERS[name][2])
 
 
 def packet(servo_id, code, params=b""):
@@ -210,33 +181,23 @@ def error_names(err):
     return ", ".join(name for bit, name in ERROR_BITS.items() if err & bit) or f"0x{err:02x}"
 
 
-# ------------------------------------------------------------------------------------------------
-# The emulator: what a chain of STS3215s does with the bytes we send. It follows Feetech's
-# reference behaviour (silent on a bad checksum, no reply to broadcasts, SYNC_READ answered by one
-# status packet per listed servo in list order, back to back). It lives here rather than in the
-# tests because sim.py drives it too: the sim reads Goal_Position and writes Present_Position
-# through get()/set(), so the whole driver runs unchanged on the simulated arm.
+# --- The emulator: what a chain of STS3215s does with the bytes we send -------------------------
 FACTORY_TABLE = {  # power-on values (ST3215 sheet, firmware 3.10)
     "Firmware_Major_Version": 3, "Firmware_Minor_Version": 10, "Model_Number": STS3215_MODEL,
-    "Response_Status_Level": 1, "Max_Position_Limit": 4095, "Max_Temperature_Limit": 70,
-    "Max_Voltage_Limit": 80, "Min_Voltage_Limit": 40, "Max_Torque_Limit": 1000, "Phase": 12,
-    "P_Coefficient": 32, "D_Coefficient": 32, "Protection_Current": 500, "Overload_Torque": 80,
-    "Torque_Limit": 1000, "Present_Position": 2048, "Goal_Position": 2048,
-    "Present_Voltage": 74, "Present_Temperature": 25,
+    "Response_Status_Level": 1, "Max_Position_Limit": 4095, "Max_Temperature_Limit": 70, "Max_Voltage_Limit": 80,
+    "Min_Voltage_Limit": 40, "Max_Torque_Limit": 1000, "Phase": 12, "P_Coefficient": 32, "D_Coefficient": 32,
+    "Protection_Current": 500, "Overload_Torque": 80, "Torque_Limit": 1000, "Present_Position": 2048,
+    "Goal_Position": 2048, "Present_Voltage": 74, "Present_Temperature": 25,
 }
 FAULTS = ("drop", "bad_checksum", "truncate", "garbage", "late")   # late: the reply comes LATE_S after the request
 LATE_S = 0.03
 
 
 class ServoEmulator:
-    """Six (by default) STS3215 control tables behind a pyserial-like read/write interface.
-
-    An ideal servo: with torque on, a goal is reached at once (clamped to the position limits).
-    sim.py replaces that with physics by writing Present_Position after each physics step.
-    Faults for tests: inject(id, fault, times) makes that servo's next replies misbehave; a
-    servo left out of `ids` never answers; set(id, "Status", bits) latches error bits. read() waits
-    up to pyserial's `timeout` for a late reply, as a serial port does.
-    """
+    """Six (by default) STS3215 control tables behind pyserial's read/write, answering as Feetech's reference does
+    (silent on a bad checksum, no reply to broadcasts, SYNC_READ in list order). With torque on, a goal is reached at
+    once, within the limits (sim.py writes Present_Position from physics). Tests: inject(id, fault, times) spoils that
+    servo's next replies; a servo not in `ids` never answers; set(id, "Status", bits) latches errors."""
 
     def __init__(self, ids=IDS):
         self.tables = {servo_id: bytearray(256) for servo_id in ids}
@@ -246,10 +207,8 @@ class ServoEmulator:
         self.timeout = None  # pyserial's; the bus sets it and a test reads it back
         self.received = []  # every instruction packet, for tests to inspect the wire
         self._incoming, self._outgoing = bytearray(), bytearray()  # bytes to the servos, bytes from them
-        self._late = []   # (time it arrives, bytes) of late replies
-        self._faults = {}
+        self._late, self._faults = [], {}   # (time it arrives, bytes) of late replies; id -> faults to come
 
-    # --- register access for sim.py and tests
     def get(self, servo_id, name):
         address, size, _ = REGISTERS[name]
         return register_value(name, self.tables[servo_id][address:address + size])
@@ -262,7 +221,6 @@ class ServoEmulator:
         assert fault in FAULTS, f"fault must be one of {FAULTS}"
         self._faults.setdefault(servo_id, []).extend([fault] * times)
 
-    # --- the pyserial side
     def reset_input_buffer(self):
         self._outgoing.clear()
 
@@ -277,19 +235,17 @@ class ServoEmulator:
 
     def write(self, data):
         self._incoming += data
-        while True:
-            start = self._incoming.find(b"\xff\xff")
-            if start < 0 or len(self._incoming) < start + 4:
-                return len(data)
+        while (start := self._incoming.find(b"\xff\xff")) >= 0 and len(self._incoming) >= start + 4:
             del self._incoming[:start]
             total = self._incoming[3] + 4
             if len(self._incoming) < total:
-                return len(data)
+                break
             raw = bytes(self._incoming[:total])
             del self._incoming[:total]
             if checksum(raw[2:-1]) == raw[-1]:  # a corrupted instruction gets silence, as on a real bus
                 self.received.append(raw)
                 self._execute(raw[2], raw[4], raw[5:-1])
+        return len(data)
 
     def _execute(self, servo_id, code, params):
         if code == SYNC_WRITE:
@@ -297,20 +253,15 @@ class ServoEmulator:
             for i in range(2, len(params), size + 1):
                 if params[i] in self.tables:
                     self._write_table(params[i], params[0], params[i + 1:i + 1 + size])
-        elif code == SYNC_READ:
-            for listed in params[2:]:
+        elif code in (READ, SYNC_READ):  # a broadcast READ gets no reply: no servo has its id
+            for listed in params[2:] if code == SYNC_READ else [servo_id]:
                 if listed in self.tables:
                     self._reply(listed, self.tables[listed][params[0]:params[0] + params[1]])
-        elif servo_id in self.tables:  # unicast; broadcast gets no reply (PING excepted, unused here)
-            table = self.tables[servo_id]
-            if code == PING:
-                self._reply(servo_id, b"")
-            elif code == READ:
-                self._reply(servo_id, table[params[0]:params[0] + params[1]])
-            elif code == WRITE:
+        elif servo_id in self.tables:  # a unicast PING or WRITE (a broadcast PING would be answered: unused here)
+            if code == WRITE:
                 self._write_table(servo_id, params[0], params[1:])
-                if table[REGISTERS["Response_Status_Level"][0]]:
-                    self._reply(servo_id, b"")
+            if code == PING or code == WRITE and self.get(servo_id, "Response_Status_Level"):
+                self._reply(servo_id, b"")
 
     def _write_table(self, servo_id, address, data):
         offset_before = self.get(servo_id, "Homing_Offset")
@@ -325,24 +276,17 @@ class ServoEmulator:
 
     def _reply(self, servo_id, data):
         status = packet(servo_id, self.get(servo_id, "Status"), data)
-        pending = self._faults.get(servo_id)
-        fault = pending.pop(0) if pending else None
-        if fault == "drop":
-            return
-        if fault == "bad_checksum":
-            status = status[:-1] + bytes([status[-1] ^ 0xFF])
-        elif fault == "truncate":
-            status = status[:-2]
-        elif fault == "garbage":
-            status = b"\xff" + status  # a stray FF is the hardest case: FF FF FF id ...
+        fault = self._faults[servo_id].pop(0) if self._faults.get(servo_id) else None
+        spoiled = {"bad_checksum": status[:-1] + bytes([status[-1] ^ 0xFF]), "truncate": status[:-2],
+                   "garbage": b"\xff" + status}  # a stray FF is the hardest case: FF FF FF id ...
+        status = spoiled.get(fault, status)
         if fault == "late":
             self._late.append((time.monotonic() + LATE_S, status))
-        else:
+        elif fault != "drop":
             self._outgoing += status
 
 
-# ------------------------------------------------------------------------------------------------
-# The bus: one transaction = one instruction out, the expected status packets back.
+# --- The bus: one transaction = one instruction out, the expected status packets back -----------
 class RobotError(RuntimeError):
     """Something of the arm's a user can fix (power, cables, a camera, the calibration): one line."""
 
@@ -360,13 +304,9 @@ def _joint_of(servo_id):
 
 
 class FeetechBus:
-    """PING, READ, WRITE, SYNC_READ and SYNC_WRITE over anything with pyserial's read/write.
-
-    A reply is hunted for in the byte stream (FF FF header, then id, length and checksum checks,
-    as Feetech's SDK does), within a timeout of the bytes' wire time at this baud rate plus
-    `latency_s`. A missing, corrupt or truncated reply is retried `retries` times, then BusError
-    names the servo and what to check. Error bits raise ServoError at once: retrying cannot clear them.
-    """
+    """PING, READ, WRITE, SYNC_READ and SYNC_WRITE over pyserial's read/write. A reply is hunted for in the byte
+    stream as Feetech's SDK does, for its wire time plus `latency_s`; a missing or corrupt one is retried `retries`
+    times, then BusError names the servo and what to check. Error bits raise ServoError: retrying cannot clear them."""
 
     def __init__(self, port, baudrate=1_000_000, retries=2, latency_s=0.02):
         self.port, self.baudrate, self.retries, self.latency_s = port, baudrate, retries, latency_s
@@ -381,8 +321,7 @@ class FeetechBus:
         return register_value(name, data)
 
     def write(self, servo_id, name, value):
-        address = REGISTERS[name][0]
-        request = packet(servo_id, WRITE, bytes([address]) + register_bytes(name, value))
+        request = packet(servo_id, WRITE, bytes([REGISTERS[name][0]]) + register_bytes(name, value))
         self._transact(request, [servo_id], 0, f"WRITE {name}")
 
     def sync_read(self, name, ids):
@@ -398,8 +337,7 @@ class FeetechBus:
         self.port.write(packet(BROADCAST_ID, SYNC_WRITE, params))
 
     def _transact(self, request, ids, size, what):
-        reply_bytes = len(ids) * (6 + size)
-        timeout_s = (len(request) + reply_bytes) * 10 / self.baudrate + self.latency_s  # 10 bits a byte
+        timeout_s = (len(request) + len(ids) * (6 + size)) * 10 / self.baudrate + self.latency_s  # 10 bits a byte
         for _ in range(1 + self.retries):
             self.port.reset_input_buffer()  # a late reply to an earlier try must not pass for this one
             self._rx.clear()
@@ -410,8 +348,7 @@ class FeetechBus:
                 break
             except _BadReply as bad:
                 failure = bad
-                # The reply may only be late (a slow USB adapter): let the line go quiet for latency_s
-                # and drop what came, or it would pass for the answer to the next try or request.
+                # Perhaps only late (a slow USB adapter): drain until latency_s of quiet, lest it answer the next try.
                 while self._read(256, time.monotonic() + self.latency_s):
                     pass
         else:
@@ -468,11 +405,9 @@ class _BadReply(Exception):
     """(servo id, what went wrong): one try of a transaction failed; the bus may retry."""
 
 
-# ------------------------------------------------------------------------------------------------
-# Calibration: where each joint's range lies in servo ticks. The JSON file is LeRobot's SO-101
-# follower format field for field ({joint: {id, drive_mode, homing_offset, range_min,
-# range_max}}), so an arm calibrated with LeRobot needs no recalibration here. The homing offset
-# makes the servo read 2048 at the pose the owner centred, which is the model's 0 rad.
+# --- Calibration --------------------------------------------------------------------------------
+# Each joint's range in servo ticks, in LeRobot's SO-101 follower JSON format (an arm LeRobot calibrated needs
+# no recalibration). The homing offset makes the centred pose read 2048, the model's 0 rad.
 @dataclasses.dataclass
 class JointCalibration:
     id: int
@@ -480,9 +415,6 @@ class JointCalibration:
     homing_offset: int
     range_min: int
     range_max: int
-
-
-RECALIBRATE = "recalibrate with python robot.py --port PORT calibrate"
 
 
 def save_calibration(path, calibration):
@@ -494,23 +426,22 @@ def save_calibration(path, calibration):
 def load_calibration(path):
     """A calibration JSON (ours or LeRobot's) -> {joint: JointCalibration}, checked joint by joint; any
     problem is one line that names the file and the joint (SystemExit: the arm cannot be driven without it)."""
+    def bad(problem):
+        return SystemExit(f"error: calibration {path}: {problem} - recalibrate with python robot.py --port PORT calibrate")
     try:
         with open(path) as f:
             data = json.load(f)
     except (OSError, ValueError):   # missing, unreadable or not JSON
-        raise SystemExit(f"error: calibration {path}: no such file or not JSON - {RECALIBRATE}") from None
+        raise bad("no such file or not JSON") from None
     calibration = {}
     for name, servo_id in zip(JOINTS, IDS):
         try:
-            c = calibration[name] = JointCalibration(**{k: int(data[name][k]) for k in
-                                                        ("id", "drive_mode", "homing_offset", "range_min", "range_max")})
+            c = calibration[name] = JointCalibration(**{k: int(data[name][k]) for k in JointCalibration.__annotations__})
         except (KeyError, TypeError, ValueError, OverflowError) as error:   # a joint or field missing, null or not a number
-            raise SystemExit(f"error: calibration {path}: joint {name!r}: field {error} missing or not a number - "
-                             f"{RECALIBRATE}") from None
+            raise bad(f"joint {name!r}: field {error} missing or not a number") from None
         if c.id != servo_id or not 0 <= c.range_min < c.range_max <= 4095 or abs(c.homing_offset) > 2047:
-            raise SystemExit(f"error: calibration {path}: joint {name!r} has id {c.id}, min {c.range_min}, max "
-                             f"{c.range_max}, offset {c.homing_offset} (want id {servo_id}, 0 <= min < max "
-                             f"<= 4095, |offset| <= 2047) - {RECALIBRATE}")
+            raise bad(f"joint {name!r} has id {c.id}, min {c.range_min}, max {c.range_max}, offset {c.homing_offset} "
+                      f"(want id {servo_id}, 0 <= min < max <= 4095, |offset| <= 2047)")
     return calibration
 
 
@@ -536,14 +467,10 @@ def joints_to_ticks(joints, calibration):
     return np.round(ticks).astype(int)
 
 
-# ------------------------------------------------------------------------------------------------
-# The arm.
+# --- The arm ------------------------------------------------------------------------------------
 class SO101:
-    """The SO-101 follower on a FeetechBus: connect, configure, torque, joints in, safe goals out.
-
-    Use it as a context manager: torque goes off when the block ends, whatever ends it (an
-    exception, Ctrl-C, or SIGTERM and SIGHUP, which are turned into SystemExit so that the block unwinds).
-    """
+    """The SO-101 follower on a FeetechBus. As a context manager, torque goes off when the block ends, whatever ends
+    it (an exception, Ctrl-C, or SIGTERM and SIGHUP, which are turned into SystemExit so that the block unwinds)."""
 
     def __init__(self, bus, calibration, max_step_rad=0.1):
         self.bus, self.calibration = bus, calibration
@@ -558,11 +485,10 @@ class SO101:
             try:
                 self.bus.ping(servo_id)
                 model = self.bus.read(servo_id, "Model_Number")
+                if model != STS3215_MODEL:
+                    problems.append(f"{name} (id {servo_id}) is model {model}, not an STS3215 ({STS3215_MODEL})")
             except BusError:
                 problems.append(f"{name} (id {servo_id}) does not answer")
-                continue
-            if model != STS3215_MODEL:
-                problems.append(f"{name} (id {servo_id}) is model {model}, not an STS3215 ({STS3215_MODEL})")
         if problems:
             raise BusError(f"SO-101: {'; '.join(problems)} - check power, cables, ids and baud rate")
 
@@ -589,8 +515,7 @@ class SO101:
 
     def torque(self, on):
         if on:
-            # SAFETY: goal := present position first, so that enabling torque never jumps (a joint found
-            # outside its calibrated range is held at its edge: no goal outside the range is ever sent).
+            # SAFETY: goal := present position (held inside the calibrated range) first, so torque never jumps.
             ticks = self.read_ticks()
             self.bus.sync_write("Goal_Position", dict(zip(IDS, self.within_range(ticks) if self.calibration else ticks)))
         self.bus.sync_write("Torque_Enable", {servo_id: int(on) for servo_id in IDS})
@@ -620,8 +545,7 @@ class SO101:
         # gripper is exempt so it can close in one step: its torque is limited in configure().
         last = self.read_ticks() if self.last_ticks is None else self.last_ticks
         ticks[:5] = np.clip(ticks[:5], last[:5] - self.max_step_ticks, last[:5] + self.max_step_ticks)
-        # SAFETY: never beyond the calibrated range of a joint, checked last: an arm that starts outside
-        # its range is brought back into it, not sent further out within the jump limit.
+        # SAFETY: the calibrated range is checked last: an arm starting outside it comes back, not further out.
         return self.within_range(ticks)
 
     def within_range(self, ticks):
@@ -649,11 +573,9 @@ def _exit_on_signal(signum, frame):
     raise SystemExit(f"signal {signum}: turning torque off")
 
 
-# ------------------------------------------------------------------------------------------------
-# Cameras.
+# --- Cameras ------------------------------------------------------------------------------------
 def parse_cameras(cameras, camera_roi):
-    """cfg.cameras "front=0,wrist=/dev/video2" and cfg.camera_roi "front=x:y:w:h" ->
-    {name: (index or path, (x, y, w, h) or None)}."""
+    """cfg.cameras "front=0,wrist=/dev/video2", cfg.camera_roi "front=x:y:w:h" -> {name: (source, roi or None)}."""
     rois = dict(item.split("=") for item in camera_roi.split(",") if item)
     result = {}
     for item in cameras.split(","):
@@ -674,8 +596,7 @@ def process_frame(bgr, roi, size):
 
 
 class Camera:
-    """An OpenCV camera read in a thread that keeps only the newest frame: capture drivers queue
-    frames, and reading them one by one in the control loop would hand the policy an old image."""
+    """An OpenCV camera read in a thread that keeps only the newest frame: drivers queue frames, which go stale."""
 
     def __init__(self, name, source, size, roi=None, timeout_s=2.0):
         import cv2
@@ -727,8 +648,7 @@ def make_cameras(cfg):
     return cameras
 
 
-# ------------------------------------------------------------------------------------------------
-# The env, and the world it runs in on the real arm (sim.py's SimWorld is the other one).
+# --- The env, and the world it runs in on the real arm (sim.py's SimWorld is the other one) -----
 class RealWorld:
     """The real robot's world: a clock at control_hz, and a success flag the human sets."""
 
@@ -766,12 +686,8 @@ ACT_DIM = EE_DIM + 1
 
 
 class SO101Env:
-    """reset() -> obs; step(act) -> (obs, rew, terminated, truncated, info); close() -> torque off.
-
-    obs["state"] (float32): 5 arm joint angles (rad), gripper opening (0 closed, 1 open), EE
-    position minus the EE position at reset (m, base frame), then world.extra_state().
-    act: see ACT_DIM above.
-    """
+    """reset() -> obs; step(act) -> (obs, rew, terminated, truncated, info); close() -> torque off. obs["state"],
+    float32: 5 arm joints (rad), gripper opening (0 closed, 1 open), EE minus EE at reset (m), world.extra_state()."""
 
     def __init__(self, cfg, arm, cameras, world):
         self.cfg, self.arm, self.cameras, self.world = cfg, arm, cameras, world
@@ -811,8 +727,7 @@ class SO101Env:
         self.q_target = inverse_kinematics(self.q_target, self.ee_target)  # from the last solution: no jumps
         command = int(round(float(act[EE_DIM])))  # hil-serl's coding: -1 close, 0 stay, +1 open
         gripper = float(command > 0) if command else self.gripper_target
-        flipped = gripper != self.gripper_target
-        self.gripper_target = gripper
+        flipped, self.gripper_target = gripper != self.gripper_target, gripper
         self.arm.write_joints(np.append(self.q_target, self.gripper_target))
         if while_moving is not None:
             while_moving()
@@ -820,18 +735,15 @@ class SO101Env:
         obs = self.observe()
         self.watch(*self.arm.health(), moved=np.abs(self.joints - before)[:5])
         self.steps += 1
-        # The world's signal (the human's button; the sim's physics) or a reward classifier's (hil-serl)
         success = bool(self.world.success()) or (self.classifier is not None and self.classifier(obs))
         rew = self.cfg.reward_success if success else self.cfg.reward_step
         truncated = self.steps >= self.cfg.episode_steps and not success
-        info = {"success": success, "grasp_penalty": self.cfg.grasp_penalty if flipped else 0.0,
-                "overrun_s": overrun_s}
+        info = {"success": success, "grasp_penalty": self.cfg.grasp_penalty if flipped else 0.0, "overrun_s": overrun_s}
         return obs, rew, success, truncated, info
 
     def watch(self, temperature, voltage, load, moved):
-        """SAFETY: the servo health watchdog. Stops the run (the env's exit turns torque off) when a servo
-        runs hot, its supply sags, or an arm joint stays at the overload level without moving (blocked:
-        a joint at work moves; the gripper squeezes by design, its torque limited in configure())."""
+        """SAFETY: the servo health watchdog: stops the run (the env's exit turns torque off) when a servo runs hot, its
+        supply sags, or an arm joint stays overloaded without moving (blocked; the gripper squeezes by design)."""
         stalled = (load[:5] >= 0.8) & (moved < 0.01)   # rad this step
         self.overloaded = self.overloaded + 1 if stalled.any() else 0
         for name, value in zip(self.health, (temperature.max(), voltage.min(), load.max())):
@@ -854,8 +766,7 @@ class SO101Env:
 
     def _observe(self):
         ee = forward_kinematics(self.joints[:5])[0]
-        state = np.concatenate([self.joints, ee - self.ee_start, self.world.extra_state()]).astype(np.float32)
-        obs = {"state": state}
+        obs = {"state": np.concatenate([self.joints, ee - self.ee_start, self.world.extra_state()]).astype(np.float32)}
         if self.cfg.use_images:
             obs.update({name: camera.read() for name, camera in self.cameras.items()})
         return obs
@@ -875,15 +786,10 @@ class SO101Env:
                 camera.close()
 
 
-# ------------------------------------------------------------------------------------------------
-# Command line: status (read-only), calibrate.
+# --- Command line: status (read-only), calibrate, check -----------------------------------------
 def calibrate(arm, ask=input):
-    """Guided calibration: centre the arm, then sweep every joint; returns the calibration.
-
-    Like LeRobot's: homing offsets make the centred pose read 2047, then each joint's min and max
-    are recorded while the owner moves it. wrist_roll turns without end stops, so it keeps the
-    whole turn 0..4095 (a recorded range would break where the encoder wraps).
-    """
+    """Guided calibration like LeRobot's: offsets make the centred pose read 2047, then each joint's min and max are
+    recorded while the owner sweeps it. wrist_roll has no end stops: it keeps 0..4095 (a range breaks at the wrap)."""
     arm.torque(False)
     for servo_id in IDS:
         for register, value in (("Lock", 0), ("Homing_Offset", 0), ("Min_Position_Limit", 0),
@@ -913,8 +819,7 @@ def calibrate(arm, ask=input):
 
 
 def move_to(arm, joints, period_s=0.1, timeout_s=20.0):
-    """Send the same goal each period, which the jump limit turns into a slow move, until the joints
-    are there or time is up -> where they are."""
+    """Resend the goal each period (the jump limit slows the move) until there or timed out -> where the joints are."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and np.abs(arm.read_joints() - joints).max() > 0.02:
         arm.write_joints(joints)
@@ -923,17 +828,32 @@ def move_to(arm, joints, period_s=0.1, timeout_s=20.0):
 
 
 def check(arm, ask=input, distance_m=0.03, torque_limit=500, step_rad=0.03, short_rad=0.15):
-    """Bring-up check, before any learning: at reduced torque (Torque_Limit, 0.1 %) and speed (step_rad a
-    tenth of a second), the tool moves distance_m along +x, +y and +z from home and back, then the
-    gripper closes and opens. A joint that stops short_rad or more from where it is sent (a weak servo
-    sags a little under the arm's weight), or a motion the owner does not confirm, is named with what
-    to check -> the problems found (none: ready to learn)."""
+    """Bring-up check at reduced torque (Torque_Limit, 0.1 %) and speed (step_rad a tenth of a second): the tool moves
+    distance_m along +x, +y, +z from home and back, the gripper closes and opens. A joint short_rad or more short of
+    its goal (a weak one sags a little), or a motion not confirmed, is named with what to check -> the problems."""
     strength = [arm.bus.read(servo_id, "Torque_Limit") for servo_id in IDS]   # RAM: it would outlast the check
     for servo_id in IDS:
         arm.bus.write(servo_id, "Torque_Limit", torque_limit)   # SAFETY: weak and slow while unproven
     arm.max_step_ticks = step_rad * TICKS_PER_RAD
+    problems = []
     try:
-        problems = check_motions(arm, ask, distance_m, short_rad)
+        arm.torque(True)
+        home = move_to(arm, np.append(HOME_RAD, 1.0))
+        for axis, way in enumerate(("forward, away from the base", "to its left, seen from behind", "up")):
+            target = forward_kinematics(home[:5])[0] + np.eye(3)[axis] * distance_m
+            goal = np.append(inverse_kinematics(home[:5], target), home[5])
+            short = np.abs(goal - move_to(arm, goal))[:5]
+            problems += [f"{JOINTS[j]} stopped {np.degrees(short[j]):.0f} deg short of its goal: its range or offset "
+                         "looks wrong, or it is blocked" for j in np.flatnonzero(short > short_rad)]
+            if not ask(f"did the gripper move {distance_m * 100:.0f} cm {way}? [y/n] ").strip().lower().startswith("y"):
+                turned = [JOINTS[j] for j in np.argsort(-np.abs(goal - home)[:5])[:2]]
+                problems.append(f"+{'xyz'[axis]} went the wrong way: check the offset (the centred pose) and the "
+                                f"direction of {turned[0]} and {turned[1]}, the joints it turned most")
+            move_to(arm, home)
+        for opening, word in ((0.0, "close"), (1.0, "open")):
+            move_to(arm, np.append(home[:5], opening))
+            if not ask(f"did the gripper {word}? [y/n] ").strip().lower().startswith("y"):
+                problems.append(f"gripper: did not {word}; check its range (range_min is closed, range_max open)")
     finally:
         arm.torque(False)
         for servo_id, value in zip(IDS, strength):
@@ -941,31 +861,7 @@ def check(arm, ask=input, distance_m=0.03, torque_limit=500, step_rad=0.03, shor
     return problems
 
 
-def check_motions(arm, ask, distance_m, short_rad):
-    """check()'s motions and questions -> the problems found."""
-    problems = []
-    arm.torque(True)
-    home = move_to(arm, np.append(HOME_RAD, 1.0))
-    for axis, way in enumerate(("forward, away from the base", "to its left, seen from behind", "up")):
-        target = forward_kinematics(home[:5])[0] + np.eye(3)[axis] * distance_m
-        goal = np.append(inverse_kinematics(home[:5], target), home[5])
-        reached = move_to(arm, goal)
-        problems += [f"{JOINTS[j]} stopped {np.degrees(abs(goal - reached)[j]):.0f} deg short of its goal: its range "
-                     "or offset looks wrong, or it is blocked" for j in np.flatnonzero(np.abs(goal - reached)[:5] > short_rad)]
-        if not ask(f"did the gripper move {distance_m * 100:.0f} cm {way}? [y/n] ").strip().lower().startswith("y"):
-            turned = [JOINTS[j] for j in np.argsort(-np.abs(goal - home)[:5])[:2]]
-            problems.append(f"+{'xyz'[axis]} went the wrong way: check the offset (the centred pose) and the direction "
-                            f"of {turned[0]} and {turned[1]}, the joints it turned most")
-        move_to(arm, home)
-    for opening, word in ((0.0, "close"), (1.0, "open")):
-        move_to(arm, np.append(home[:5], opening))
-        if not ask(f"did the gripper {word}? [y/n] ").strip().lower().startswith("y"):
-            problems.append(f"gripper: did not {word}; check its range (range_min is closed, range_max open)")
-    return problems
-
-
 def print_status(bus):
-    """Each joint's position, temperature, voltage, load and error bits; reads only."""
     print(f"{'joint':14} {'id':>3} {'ticks':>6} {'temp C':>7} {'volt V':>7} {'load %':>7}  errors")
     for name, servo_id in zip(JOINTS, IDS):
         try:

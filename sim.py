@@ -1,19 +1,14 @@
 """The simulated SO-101: a MuJoCo arm, table and cube behind the real robot's interfaces.
 
-With no --port, hilserl.py and teleop.py run on this file instead of hardware. The sim is the
-robot's twin, not a separate program: robot.py's FeetechBus, SO101 and SO101Env run unchanged on
-it, because the sim answers the same Feetech packets a real servo would (robot.py's ServoEmulator
-holds the six control tables; on every tick the sim copies their goal registers into MuJoCo, steps
-the physics one control period, and writes the present positions back). Only the physics and the
-cameras are simulated. One control step in the sim:
+With no --port, hilserl.py and teleop.py run on this twin of the robot: robot.py's FeetechBus, SO101 and SO101Env
+run unchanged on it, as its ServoEmulator answers the Feetech packets a real servo would. One control step:
 
   SO101Env.step: SYNC_WRITE goals -> emulator registers
   SimWorld.tick: registers -> MuJoCo ctrl -> 50 physics steps of 2 ms -> present registers
   SO101Env.step: SYNC_READ positions, SimCamera.read() renders a frame, SimWorld.success()
 
-Simulated time advances one control period per tick, independent of the wall clock, so training
-runs as fast as the machine allows. A ScriptedExpert stands in for the human: it records demos and
-takes over when the policy goes astray.
+Simulated time never waits for the wall clock, so training runs as fast as the machine allows. A
+ScriptedExpert stands in for the human: it records demos and takes over when the policy goes astray.
 """
 
 import ctypes.util
@@ -37,11 +32,10 @@ from robot import (FAULTS, HOME_RAD, IDS, JOINTS, SO101, SO101_CHAIN, TICKS_PER_
                    parse_workspace, quat_to_rot)
 
 # ------------------------------------------------------------------------------------------------
-# The scene, generated as MJCF text from robot.py's kinematic table, so the sim and the real arm's
-# FK/IK share one set of numbers. Geometry is primitives: capsules from each joint to the next, two
-# jaws with collision pads. Only the pads, the cube and the table collide: the arm links are
-# visual, a simplification (the sim arm can pass through the table; the workspace box keeps it up).
-# Each link's mass is the published one, but its inertia is a small sphere's: another simplification.
+# The scene, as MJCF text from robot.py's kinematic table, so the sim and the real arm's FK/IK share one set of
+# numbers. Primitives: capsules from each joint to the next, two jaws with collision pads. Simplifications: only
+# the pads, the cube and the table collide (the arm can pass through the table; the workspace box keeps it up),
+# and each link's inertia is a small sphere's (its mass is the published one).
 SERVO_KP = 17.8        # STS3215 position gain, N m/rad, as the published SO-101 MJCF tunes it
 STALL_TORQUE_NM = 3.35  # STS3215 at 7.4 V: the actuators' force range at Torque_Limit 1000
 PAD_HALF_M = (0.004, 0.010, 0.014)  # fixed-jaw pad box: half thickness, width, length
@@ -98,15 +92,13 @@ def scene_xml(cfg):
         arm = (f'<body name="{name}" pos="{_v(pos)}" quat="{_v(quat)}">{hinge}'
                f'<inertial pos="0 0 0" mass="{mass}" diaginertia="5e-5 5e-5 5e-5"/>'
                + "".join(_link_geoms(i)) + arm + "</body>")
-    servos = "".join(f'<position name="{joint}" joint="{joint}" kp="{SERVO_KP}" '
-                     f'forcerange="{-STALL_TORQUE_NM} {STALL_TORQUE_NM}" '
-                     f'ctrlrange="{r[0]} {r[1]}"/>' for (_, _, _, _, _, joint, r) in SO101_CHAIN if joint)
+    servos = "".join(f'<position name="{joint}" joint="{joint}" kp="{SERVO_KP}" ctrlrange="{r[0]} {r[1]}" '
+                     f'forcerange="{-STALL_TORQUE_NM} {STALL_TORQUE_NM}"/>' for (*_, joint, r) in SO101_CHAIN if joint)
     half = cfg.cube_size_m / 2
     return f"""<mujoco model="so101_cube">
   <compiler angle="radian"/>
   <!-- Grasping is reliable only with noslip, an elliptic cone and implicitfast (measured). -->
-  <option timestep="{cfg.sim_timestep_s}" integrator="implicitfast" cone="elliptic" impratio="10"
-          noslip_iterations="5"/>
+  <option timestep="{cfg.sim_timestep_s}" integrator="implicitfast" cone="elliptic" impratio="10" noslip_iterations="5"/>
   <!-- No shadows, no multisampling: default rendering is several times slower on a software renderer. -->
   <visual><global offwidth="{cfg.image_size}" offheight="{cfg.image_size}"/>
           <quality shadowsize="0" offsamples="0"/></visual>
@@ -125,8 +117,7 @@ def scene_xml(cfg):
     <geom name="table" type="box" size="0.6 0.6 0.02" pos="0.2 0 -0.02" rgba="0.82 0.8 0.76 1"/>
     <camera name="front" pos="0.5 0 0.3" xyaxes="{_look_at([0.5, 0, 0.3], [0.15, 0, 0.03])}" fovy="50"/>
     {arm}
-    <body name="cube" pos="0.2 0 {half}">
-      <freejoint/>
+    <body name="cube" pos="0.2 0 {half}"><freejoint/>
       <geom name="cube" type="box" size="{half} {half} {half}" mass="{CUBE_MASS_KG}" rgba="0.85 0.15 0.15 1"/>
     </body>
   </worldbody>
@@ -138,20 +129,13 @@ def scene_xml(cfg):
 # The world: MuJoCo behind the emulated servos. A servo's encoder reads 2048 at its joint's 0 rad
 # (the "new calibration" convention: mid-range is 2048); Present_Position = encoder - Homing_Offset
 # and the servo drives its encoder to Goal_Position + Homing_Offset, as on a real STS3215.
-
-
-def _rad_to_encoder(q_rad):
-    return np.round(2048 + np.asarray(q_rad) * TICKS_PER_RAD).astype(int)
-
-
 class SimWorld:
     """The world protocol (tick, reset_scene, extra_state, success) on MuJoCo physics."""
 
     def __init__(self, cfg, model, emulator, seed=None, assembly_ticks=(0,) * 6):
         """assembly_ticks: where each servo's encoder sat when the arm was built, against the joint's
         zero (by servo); the sim's own arm has none, a virtual arm as it arrives has some."""
-        self.cfg, self.model, self.emulator = cfg, model, emulator
-        self.assembly_ticks = np.asarray(assembly_ticks)
+        self.cfg, self.model, self.emulator, self.assembly_ticks = cfg, model, emulator, np.asarray(assembly_ticks)
         self.data = mujoco.MjData(model)
         self.substeps = round(1.0 / (cfg.control_hz * model.opt.timestep))  # 50 x 2 ms at 10 Hz
         self.servo_ids = [JOINTS.index(model.actuator(i).name) + 1 for i in range(model.nu)]
@@ -164,12 +148,8 @@ class SimWorld:
         self.rng = np.random.default_rng(seed)
         self.reset_scene(seed)
 
-    def tick(self):
-        """Advance the physics by one control period; simulated time never waits for the clock."""
-        return self.advance(self.substeps)
-
-    def advance(self, substeps):
-        """Goal registers -> MuJoCo, `substeps` physics steps, positions -> present registers."""
+    def tick(self, substeps=None):
+        """Goal registers -> MuJoCo, one control period (or `substeps` physics steps) -> present registers."""
         for i, servo_id in enumerate(self.servo_ids):
             get = lambda name: self.emulator.get(servo_id, name)  # noqa: E731
             low, high = get("Min_Position_Limit"), get("Max_Position_Limit")
@@ -178,7 +158,7 @@ class SimWorld:
             # Torque off makes the joint limp; Torque_Limit (0.1 %) scales the servo's stall torque.
             torque_nm = STALL_TORQUE_NM * get("Torque_Limit") / 1000 * (get("Torque_Enable") > 0)
             self.model.actuator_forcerange[i] = (-torque_nm, torque_nm)
-        mujoco.mj_step(self.model, self.data, nstep=substeps)
+        mujoco.mj_step(self.model, self.data, nstep=self.substeps if substeps is None else substeps)
         self._write_present()
         return 0.0
 
@@ -190,7 +170,7 @@ class SimWorld:
             offset = self.emulator.get(servo_id, "Homing_Offset")
             force = self.data.actuator_force[i]
             limit = max(self.model.actuator_forcerange[i, 1], 1e-9)
-            encoder = _rad_to_encoder(joint_q[i]) + self.assembly_ticks[servo_id - 1]
+            encoder = round(2048 + joint_q[i] * TICKS_PER_RAD) + self.assembly_ticks[servo_id - 1]
             self.emulator.set(servo_id, "Present_Position", (encoder - offset) % 4096)
             self.emulator.set(servo_id, "Present_Velocity", int(np.clip(joint_qd[i] * TICKS_PER_RAD, -32767, 32767)))
             self.emulator.set(servo_id, "Present_Load", int(round(np.clip(force / limit, -1, 1) * 1000)))
@@ -198,12 +178,7 @@ class SimWorld:
             # Voltage and temperature stay at the emulator's 7.4 V / 25 C: the sim has no battery or heat.
 
     def reset_scene(self, seed=None):
-        """Arm at HOME_RAD, gripper open, the cube on the table at a random place and yaw.
-
-        The arm is placed, not driven, there (the human's reset of the real scene). The cube's
-        yaw is its bearing from the base +-0.2 rad, so the radial jaws meet two faces, as a
-        person would place it; the arm cannot turn its wrist to meet a cube at any angle.
-        """
+        """The arm placed (not driven) at HOME_RAD, gripper open, as a person resets the real scene; a fresh cube."""
         mujoco.mj_resetData(self.model, self.data)
         arm_q = np.append(HOME_RAD, SO101_CHAIN[-1][6][1])  # gripper fully open, as SO101Env.reset wants
         self.data.qpos[self.model.actuator_trnid[:, 0]] = arm_q
@@ -214,7 +189,8 @@ class SimWorld:
             self.emulator.set(servo_id, "Goal_Position", self.emulator.get(servo_id, "Present_Position"))
 
     def place_cube(self, rng):
-        """The cube, at rest, on the table at a random place and yaw within cube_area_m."""
+        """The cube at rest at a random place in cube_area_m. Its yaw is its bearing from the base +-0.2 rad, so
+        the radial jaws meet two faces, as a person would place it: the wrist cannot turn to meet any angle."""
         xy = rng.uniform(self.cube_low, self.cube_high)
         yaw = np.arctan2(xy[1], xy[0] - SO101_CHAIN[1][2][0]) + rng.uniform(-0.2, 0.2)
         self.data.qpos[self.cube_qpos:self.cube_qpos + 7] = [*xy, self.cfg.cube_size_m / 2,
@@ -233,20 +209,15 @@ class SimWorld:
 
     def success(self):
         """Exactly from physics: both jaws touch the cube and its bottom is success_lift_m up."""
-        touching = set()
-        for contact in self.data.contact[:self.data.ncon]:
-            pair = {contact.geom1, contact.geom2}
-            if self.cube_geom in pair:
-                touching |= pair
+        pairs = [{contact.geom1, contact.geom2} for contact in self.data.contact[:self.data.ncon]]
+        touching = set().union(*(pair for pair in pairs if self.cube_geom in pair))
         lifted = self.cube_pos()[2] - self.cfg.cube_size_m / 2 >= self.cfg.success_lift_m
         return lifted and all(pad in touching for pad in self.pad_geoms)
 
 
 class SimCamera:
-    """A MuJoCo camera with a real camera's interface: read() -> uint8 (S, S, 3) RGB, close().
-
-    The renderer (an OpenGL context) is made at the first read, so state-only runs never need GL.
-    """
+    """A MuJoCo camera with a real camera's interface: read() -> uint8 (S, S, 3) RGB, close(). The renderer
+    (an OpenGL context) is made at the first read, so state-only runs never need GL."""
 
     def __init__(self, world, name):
         self.world, self.name, self.renderer = world, name, None
@@ -265,16 +236,11 @@ class SimCamera:
 
 
 def make_sim(cfg, seed=None):
-    """The simulated SO-101 as (arm, cameras, world), ready for SO101Env(cfg, arm, cameras, world).
-
-    The arm is robot.py's SO101 on a FeetechBus whose port is the emulator, connected and configured
-    as a real one would be. Its calibration is the one whose ranges are the model's joint ranges
-    (homing offset 0), so ticks map to MuJoCo radians.
-    """
-    model = mujoco.MjModel.from_xml_string(scene_xml(cfg))
-    emulator = ServoEmulator(IDS)
-    world = SimWorld(cfg, model, emulator, seed)
-    bus = FeetechBus(emulator, cfg.baudrate, cfg.read_retries, cfg.bus_latency_s)
+    """The simulated SO-101 as (arm, cameras, world), ready for SO101Env(cfg, arm, cameras, world): robot.py's
+    SO101 on a FeetechBus whose port is the emulator, set up as a real one would be, calibrated to the model's
+    joint ranges (homing offset 0), so ticks map to MuJoCo radians."""
+    world = SimWorld(cfg, mujoco.MjModel.from_xml_string(scene_xml(cfg)), ServoEmulator(IDS), seed)
+    bus = FeetechBus(world.emulator, cfg.baudrate, cfg.read_retries, cfg.bus_latency_s)
     arm = SO101(bus, chain_calibration(), cfg.max_joint_step_rad)
     arm.connect()
     arm.configure()
@@ -287,11 +253,8 @@ def make_sim(cfg, seed=None):
 # the robot measures) and the cube from the world (what a person sees), and answers in the policy's
 # action space: EE delta in [-1, 1] (x ee_step_m) and a gripper command -1 close / 0 stay / +1 open.
 class ScriptedExpert:
-    """Above the cube -> descend -> close -> lift, with Gaussian noise; and when to intervene.
-
-    act() keeps no memory: the phase is read from the state, so the expert can take over at any
-    moment of an episode. wants_control() keeps a short history of how far the arm is from done.
-    """
+    """Above the cube -> descend -> close -> lift, with Gaussian noise; and when to intervene. act() keeps no
+    memory, the phase is read from the state, so the expert can take over at any moment of an episode."""
 
     HOVER_M = 0.03        # clearance above the cube while moving to it
     MARGIN_M = 0.01       # gap left between the fixed jaw and the cube, so the jaw never lands on it
@@ -300,8 +263,7 @@ class ScriptedExpert:
     PROGRESS_M = 0.005    # less than this much progress in expert_patience steps = astray or stalled
 
     def __init__(self, cfg, world, seed=None):
-        self.cfg, self.world = cfg, world
-        self.rng = np.random.default_rng(seed)
+        self.cfg, self.world, self.rng = cfg, world, np.random.default_rng(seed)
         self.half = cfg.cube_size_m / 2
         self.grasp_z_m = parse_workspace(cfg.workspace_m)[0][2]  # close the jaws at the workspace floor
         self.reset()
@@ -358,13 +320,10 @@ class ScriptedExpert:
         return self.act(obs), {"intervene"} if self.wants_control(obs) else set()
 
     def wants_control(self, obs):
-        """Call once per step: True while the expert should act instead of the policy.
-
-        It takes over when the policy made less than PROGRESS_M of progress over the last
-        expert_patience steps (it moves away from the cube or stalls), and hands back once the task
-        reached its next phase (above the cube, then holding it): the expert puts the arm back on
-        track, the policy carries on from there, and interventions fall away as the policy learns.
-        """
+        """Call once per step: True while the expert should act instead of the policy. It takes over when the policy
+        made less than PROGRESS_M of progress in expert_patience steps (away from the cube, or stalled), and hands
+        back once the task reached its next phase (above the cube, then holding it): the policy carries on from
+        there, and interventions fall away as it learns."""
         phase, distance = self._progress(obs)
         self.history.append(distance)
         n = self.cfg.expert_patience
@@ -376,14 +335,11 @@ class ScriptedExpert:
 
 
 # ------------------------------------------------------------------------------------------------
-# The virtual SO-101: this twin in real time behind a pseudo-terminal that speaks the STS3215
-# protocol at the wire's pace, its two cameras served as MJPEG streams over HTTP on 127.0.0.1.
-# robot.py, teleop.py and hilserl.py drive it through --port and --cameras as they drive a real arm:
-#     python sim.py serve                 prints the --port and --cameras to pass; Ctrl-C stops it
-# It arrives uncalibrated, as a real arm does: each encoder sits where the build left it. A scripted
-# hand stands in for yours where calibrate asks you to move the joints: GET /hand?pose=centre holds
-# every joint at the middle of its range, sweep moves them through their ranges, free lets go. A
-# scripted operator stands in for you at the gamepad (--teleop virtual): GET /operator.
+# The virtual SO-101 (python sim.py serve): this twin in real time behind a pseudo-terminal that speaks the
+# STS3215 protocol at the wire's pace, its cameras MJPEG streams on 127.0.0.1, driven through --port and
+# --cameras as a real arm. It arrives uncalibrated: each encoder sits where the build left it. Where calibrate
+# asks you to move the joints, GET /hand?pose=centre holds each joint mid-range, sweep moves them through their
+# ranges, free lets go; GET /operator is a scripted you at the gamepad (--teleop virtual).
 class VirtualArm:
     FPS, FRAME = 15, (320, 240)   # the camera streams: frames a second, width x height
     PERIOD_S = 0.01               # the physics thread advances this much time per step, on the clock
@@ -423,11 +379,9 @@ class VirtualArm:
                 os.write(self.controller, replies)
 
     def _serve_physics(self):
-        """PERIOD_S of physics every PERIOD_S of the clock while any servo has torque. Otherwise the arm
-        is held: by the hand, or at rest where it was left (a simplification: this sim's links pass
-        through the table, so a limp arm would sink through it). The hand moves the arm without
-        physics, through the table and the cube as it may, so once told to let go it brings the arm
-        back to the centre first."""
+        """PERIOD_S of physics every PERIOD_S of the clock while any servo has torque. Otherwise the arm is held: by
+        the hand, or where it was left (a simplification: a limp arm would sink through the table). The hand moves
+        it without physics, through the table and the cube, so when told to let go it first brings it to the centre."""
         actuated = self.world.model.actuator_trnid[:, 0]
         qpos, qvel = self.world.model.jnt_qposadr[actuated], self.world.model.jnt_dofadr[actuated]
         low, high = self.world.model.jnt_range[actuated].T
@@ -437,7 +391,7 @@ class VirtualArm:
                 self.holding = self.holding or self.hand != "free"
                 torque = any(self.emulator.get(i, "Torque_Enable") for i in IDS)
                 if not self.holding and torque:
-                    self.world.advance(round(self.PERIOD_S / self.world.model.opt.timestep))
+                    self.world.tick(round(self.PERIOD_S / self.world.model.opt.timestep))
                 else:
                     if self.holding:   # sweep: each joint end to end, at its own pace; at most 6 rad/s
                         share = np.sin((time.monotonic() - start) / (0.4 + 0.1 * np.arange(len(low)))) * (self.hand == "sweep")
@@ -451,9 +405,9 @@ class VirtualArm:
             time.sleep(max(0.0, next_s - time.monotonic()))
 
     def operate(self, state, reset):
-        """The human at the gamepad, scripted: after a reset it puts the cube back, lets go of intervene and
-        presses it (the episode starts); then the sim's expert drives, holding intervene while it wants
-        control, and holds success while the physics says the cube is lifted -> (act, held)."""
+        """The human at the gamepad, scripted -> (act, held): after a reset it puts the cube back, lets go of
+        intervene and presses it (the episode starts); then the expert drives, holding intervene while it wants
+        control, and success while the physics says the cube is lifted."""
         with self.lock:
             if reset:
                 self.world.place_cube(self.world.rng)

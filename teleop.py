@@ -1,24 +1,21 @@
 """The human in the loop: gamepad or leader arm -> intervention action and episode events.
 
-Place in the loop: before every env.step, the loop asks `teleop.poll(policy_act, obs)` whether the
-human is acting now and with what action. While the intervene button is held (RB, as in LeRobot;
-hil-serl's SpaceMouse intervenes on any motion), the human's action replaces the policy's and the
-transition is stored with intervened=True, which sends it to the demo buffer too. Button presses
-become events: success, failure, re-record, emergency stop (torque off at once), quit.
+Before every env.step the loop asks `teleop.poll(policy_act, obs)`: while intervene is held (RB, as in LeRobot;
+hil-serl's SpaceMouse intervenes on any motion) the human's action replaces the policy's and is stored with
+intervened=True, so it goes to the demo buffer too. Presses are events: success, failure, re-record, emergency stop
+(torque off at once), quit. Every device gives act in the policy's action space (float32 (4,): EE delta x, y, z in
+[-1, 1], gripper -1 close / 0 stay / +1 open) and held, the controls held down now. Seen from behind the arm: left
+stick up = +x (away from the base), left stick left = +y, right stick up = +z.
 
-Every device (gamepad, leader arm, or the sim's scripted expert standing in for the
-human) gives the same two things: act, in the policy's action space (float32 (4,): EE delta x, y,
-z in [-1, 1], gripper -1 close / 0 stay / +1 open), and held, the set of controls held down now.
-Raw axes and buttons map to them in pure functions, tested without a device. Seen from behind the
-arm: left stick up = +x (away from the base), left stick left = +y, right stick up = +z.
-
-Commands: `python teleop.py record` records demos (cfg.demos, cfg.demo_episodes); `label` records
-camera frames labelled success or not for the reward classifier (cfg.frames, cfg.success_frames).
+Commands: `python teleop.py record` records demos (cfg.demos); `label` labels camera frames success or not for the
+reward classifier (cfg.frames); `import-lerobot DATASET_DIR` turns an SO-101 follower's LeRobot dataset into demos.
 """
 
 import atexit
+import importlib
 import json
 import os
+import pathlib
 import sys
 import time
 import urllib.request
@@ -29,15 +26,14 @@ import pygame
 
 from buffer import ReplayBuffer, read_npz, save_npz
 from config import load_config
-from robot import (ACT_DIM, IDS, SO101, FeetechBus, RealWorld, RobotError, SO101Env, forward_kinematics,
-                   load_calibration, make_cameras, open_bus)
+from robot import (ACT_DIM, EE_DIM, IDS, JOINTS, SO101, FeetechBus, RealWorld, RobotError, SO101Env, forward_kinematics,
+                   load_calibration, make_cameras, open_bus, parse_cameras, process_frame, ticks_to_joints)
 
 EVENTS = ("success", "failure", "rerecord", "estop", "quit")   # pressed once, acted on once
 
 # --- gamepad: layouts and the pure mapping ---------------------------------------------------------
-# Axis and button numbers as pygame 2 documents them ("Common Controller Axis Mappings") for the
-# "Xbox 360 Controller" and the "PS4 Controller". Other pads and drivers may differ: pygame's
-# `python -m pygame.examples.joystick` shows the numbers, --gamepad_map remaps.
+# Numbers as pygame 2 documents them ("Common Controller Axis Mappings") for the "Xbox 360 Controller" and the
+# "PS4 Controller"; other pads may differ: `python -m pygame.examples.joystick` shows them, --gamepad_map remaps.
 # Triggers are axes that rest at -1. Controls as in LeRobot: hold RB (R1) to intervene, LT/RT close/open,
 # Y success, A failure, X re-record; we add B (circle) = emergency stop, Start (options) = quit.
 LAYOUTS = {
@@ -47,7 +43,6 @@ LAYOUTS = {
                     "intervene": 10, "success": 3, "failure": 0, "rerecord": 2, "estop": 1, "quit": 6},
 }
 AXES = ("stick_x", "stick_y", "stick_z", "close", "open")
-TRIGGER_PRESSED = 0.5   # a trigger past half-way counts as pressed
 
 
 def gamepad_layout(pad_name, layout="auto", remap=""):
@@ -66,10 +61,9 @@ def gamepad_layout(pad_name, layout="auto", remap=""):
 def gamepad_action(axes, buttons, layout, zone, speed):
     """Raw pygame axes (-1..1) and buttons (0/1) -> (act, held). Pure: no device, no state."""
     sticks = np.array([-axes[layout["stick_y"]], -axes[layout["stick_x"]], -axes[layout["stick_z"]]])
-    # Dead zone: 0 inside it, then rising linearly to 1 at full deflection (no jump at its edge).
-    sticks = np.sign(sticks) * np.maximum(np.abs(sticks) - zone, 0.0) / (1.0 - zone)
+    sticks = np.sign(sticks) * np.maximum(np.abs(sticks) - zone, 0.0) / (1.0 - zone)   # dead zone: no jump at its edge
     held = {name for name, number in layout.items() if name not in AXES and buttons[number]}
-    held |= {name for name in ("close", "open") if axes[layout[name]] > TRIGGER_PRESSED}
+    held |= {name for name in ("close", "open") if axes[layout[name]] > 0.5}   # past half-way
     gripper = ("open" in held) - ("close" in held)   # -1 close, +1 open, 0 stay (hil-serl); both at once: stay
     return np.append(np.clip(speed * sticks, -1, 1), gripper).astype(np.float32), held
 
@@ -90,11 +84,6 @@ def start_pygame():
     # SAFETY: SDL drops pad input while its window lacks the focus; the pad (and its e-stop) must always work.
     os.environ.setdefault("SDL_JOYSTICK_ALLOW_BACKGROUND_EVENTS", "1")
     pygame.init()
-
-
-def pump():
-    """Let SDL read its devices; closing the keys' window counts as quit."""
-    return {"quit"} if any(event.type == pygame.QUIT for event in pygame.event.get()) else set()
 
 
 class Gamepad:
@@ -119,8 +108,7 @@ class Gamepad:
 
 
 class Keys:
-    """The buttons on keys, for a leader arm without a gamepad: they arrive through a small window,
-    which must have the focus. Moving the arm is the leader's job; act is zero."""
+    """The buttons on keys, through a small window that must have the focus: for a leader arm without a gamepad."""
 
     KEYS = {"intervene": pygame.K_SPACE, "success": pygame.K_RETURN, "failure": pygame.K_BACKSPACE,
             "rerecord": pygame.K_r, "estop": pygame.K_ESCAPE, "quit": pygame.K_q}
@@ -135,9 +123,8 @@ class Keys:
 
 
 class VirtualOperator:
-    """The virtual arm's scripted operator (python sim.py serve) as the human, for rehearsing without an
-    arm or a gamepad: asked over HTTP with the observed state at every read, it drives, presses the
-    buttons and resets the scene there."""
+    """The virtual arm's scripted operator (python sim.py serve) as the human, to rehearse without arm or gamepad:
+    asked over HTTP with the observed state at every read, it drives, presses the buttons and resets the scene."""
 
     def __init__(self, cfg):
         self.url, self.reset_pending = f"http://127.0.0.1:{cfg.serve_http_port}/operator", True
@@ -154,18 +141,16 @@ class VirtualOperator:
 
 
 class LeaderArm:
-    """An SO-101 leader arm on a second bus. While intervene is held, the follower's tool follows the
-    leader tool's motion since the press, not its absolute pose, so taking over never lurches. The
-    action is that motion in EE-delta units, clipped to [-1, 1], through the same env.step as the
-    policy: the stored action is exactly the EE delta the follower was given. Only the position is
-    followed: the IK keeps the gripper pointing down, whatever the leader's wrist. While the policy
-    acts, the leader tracks the follower, weakly torqued, so it is where the follower is when taken.
-    """
+    """An SO-101 leader arm on a second bus. While intervene is held, the follower's tool follows the leader tool's
+    motion since the press, not its pose, so taking over never lurches: that motion, in EE-delta units clipped to
+    [-1, 1], goes through the policy's env.step, so it is exactly the stored action. Position only: the IK keeps the
+    gripper pointing down. While the policy acts, the leader, weakly torqued, tracks the follower: there when taken."""
 
     TRACKING_TORQUE = 150   # Torque_Limit (0.1 % of stall) while tracking: a hand overrides it easily
 
     def __init__(self, cfg, port=None):
-        bus = open_bus(cfg.leader_port, cfg) if port is None else FeetechBus(port, cfg.baudrate, cfg.read_retries, cfg.bus_latency_s)
+        bus = (open_bus(cfg.leader_port, cfg) if port is None   # port: a test's emulated link
+               else FeetechBus(port, cfg.baudrate, cfg.read_retries, cfg.bus_latency_s))
         self.arm = SO101(bus, load_calibration(cfg.leader_calibration), cfg.max_joint_step_rad)
         self.arm.connect()
         self.arm.configure()   # SAFETY: leaves the torque off
@@ -186,11 +171,9 @@ class LeaderArm:
         if self.anchor is None:   # the press: free the leader; from here on the follower moves as it does
             self.arm.torque(False)
             self.anchor, self.tracking = tool - follower, False
-        act = np.zeros(ACT_DIM, np.float32)
-        act[:3] = np.clip((tool - self.anchor - follower) / self.ee_step_m, -1, 1)
-        closed, follower_closed = leader[5] < 0.5, obs["state"][5] < 0.5
-        act[3] = 0.0 if closed == follower_closed else (-1.0 if closed else 1.0)   # command only a change
-        return act
+        moved = np.clip((tool - self.anchor - follower) / self.ee_step_m, -1, 1)
+        gripper = float(obs["state"][5] < 0.5) - float(leader[5] < 0.5)   # a change only: -1 close, +1 open, else 0
+        return np.append(moved, gripper).astype(np.float32)
 
 
 # --- what the loop asks every step ------------------------------------------------------------------------
@@ -199,12 +182,9 @@ class EmergencyStop(Exception):
 
 
 class Teleop:
-    """One question per step: is the human acting now, and with what action.
-
-    `device` gives the action and the buttons; a `leader` arm, when present, gives the action
-    instead (the buttons still come from the gamepad, or from keys). `torque_off` is called the
-    moment emergency stop is pressed. Reads are at least `period_s` apart.
-    """
+    """One question per step: is the human acting now, and with what action. `device` gives the action and the
+    buttons; a `leader` arm, when present, gives the action instead (the buttons still come from the gamepad or
+    keys). `torque_off` is called the moment emergency stop is pressed. Reads are at least `period_s` apart."""
 
     def __init__(self, device, leader=None, torque_off=None, period_s=0.0):
         start_pygame()   # SDL delivers the devices' input
@@ -219,12 +199,11 @@ class Teleop:
 
     def read(self, obs):
         """The human's action whether or not they intervene -> (act, intervene held, new events)."""
-        # A human needs real time, also in the sim, which otherwise runs as fast as it can.
-        time.sleep(max(0.0, self.next_s - time.perf_counter()))
+        time.sleep(max(0.0, self.next_s - time.perf_counter()))   # a human needs real time, in the sim too
         self.next_s = time.perf_counter() + self.period_s
-        quit_pressed = pump()
+        window_closed = any(event.type == pygame.QUIT for event in pygame.event.get())   # SDL reads its devices here
         act, held = self.device.read(obs)
-        held |= quit_pressed
+        held |= {"quit"} if window_closed else set()   # closing the keys' window counts as quit
         events = {name for name in EVENTS if name in held and name not in self.held}
         self.held = held
         if "estop" in events:
@@ -241,15 +220,13 @@ class Teleop:
         return (act if intervened else np.asarray(policy_act, np.float32)), intervened, events
 
 
-# --- the operator's status line -----------------------------------------------------------------------
 class StatusLine:
-    """Counts each episode's steps, return and human steps, and prints one line per episode with the
-    recent success and intervention rates: what the operator reads between episodes."""
+    """The line the operator reads after each episode: its steps, return and interventions, and the recent rates."""
 
     def __init__(self, recent=20):
-        self.episode, self.steps, self.ret, self.human_steps = 1, 0, 0.0, 0
-        self.successes, self.intervention_rates = [], []
-        self.recent = recent
+        self.successes, self.interventions = [], []   # one per episode ended: success, share of human steps
+        self.steps, self.ret, self.human_steps = 0, 0.0, 0   # of the episode under way
+        self.episode, self.recent = 1, recent                # its number: hilserl.py sets it on a resume
 
     def count(self, human, rew):
         self.steps, self.ret, self.human_steps = self.steps + 1, self.ret + rew, self.human_steps + human
@@ -258,10 +235,10 @@ class StatusLine:
         """Print the episode's line (with `extra` at its end) and start counting the next one."""
         rate = self.human_steps / max(self.steps, 1)
         self.successes.append(float(success))
-        self.intervention_rates.append(rate)
-        recent_success, recent_intervention = (np.mean(x[-self.recent:]) for x in (self.successes, self.intervention_rates))
-        print(f"episode {self.episode:4d}  steps {self.steps:3d}  return {self.ret:7.2f}  "
-              f"success {'yes' if success else 'no '}  intervened {rate:4.0%}  |  last {len(self.successes[-self.recent:])}: "
+        self.interventions.append(rate)
+        recent_success, recent_intervention = (np.mean(x[-self.recent:]) for x in (self.successes, self.interventions))
+        print(f"episode {self.episode:4d}  steps {self.steps:3d}  return {self.ret:7.2f}  success "
+              f"{'yes' if success else 'no '}  intervened {rate:4.0%}  |  last {len(self.successes[-self.recent:])}: "
               f"success {recent_success:4.0%}  intervened {recent_intervention:4.0%}{extra}", flush=True)
         self.episode, self.steps, self.ret, self.human_steps = self.episode + 1, 0, 0.0, 0
 
@@ -285,14 +262,14 @@ def make_teleop(cfg, env):
     choice = cfg.teleop
     if choice == "auto":
         choice = "leader" if cfg.leader_port else "expert" if not cfg.port else "gamepad"
-    if choice == "virtual":
-        return Teleop(VirtualOperator(cfg), torque_off=env.arm.close, period_s=1.0 / cfg.control_hz)
     if choice == "expert":
         if cfg.port:
             raise ValueError("--teleop expert: the scripted expert only exists in the sim; drop --port")
         from sim import ScriptedExpert   # lazily: only the sim has one
         return Teleop(ScriptedExpert(cfg, env.world, cfg.seed))
-    if pygame.joystick.get_count():
+    if choice == "virtual":
+        device = VirtualOperator(cfg)
+    elif pygame.joystick.get_count():
         device = Gamepad(cfg)
         print(f"gamepad '{device.name}': layout {device.layout}")
     elif choice == "leader" and has_display():
@@ -305,11 +282,8 @@ def make_teleop(cfg, env):
 
 # --- recording demos ---------------------------------------------------------------------------------------
 def record_episode(env, teleop, status, obs):
-    """One episode in which the human (or the expert) drives every step -> (transitions, outcome).
-
-    outcome: "success", "failure", "rerecord" or "quit". On the real arm the human's success button
-    makes the next step the successful, terminal one; failure ends the episode where it is.
-    """
+    """One episode in which the human (or the expert) drives every step -> (transitions, outcome: success, failure,
+    rerecord or quit). On the real arm the success button makes the next step terminal; failure ends it there."""
     transitions = []
     while True:
         act, _, events = teleop.read(obs)
@@ -331,8 +305,7 @@ def record_episode(env, teleop, status, obs):
 
 
 def wait_for_start(teleop, env, obs):
-    """Real arm: the human resets the scene, then presses intervene -> the scene as they left it, the
-    episode's first observation (None if they quit instead)."""
+    """Real arm: the human resets the scene, then presses intervene -> the episode's first observation (None: quit)."""
     print("reset the scene, then press intervene (RB/R1, or space) to start the episode", flush=True)
     teleop.reset()
     released = False   # a press, not a button still held from the last episode
@@ -346,14 +319,9 @@ def wait_for_start(teleop, env, obs):
 
 
 def record_demos(cfg, path, episodes):
-    """Record until `path` holds `episodes` episodes; returns how many it holds.
-
-    Only successful episodes are kept unless cfg.demo_keep_failed. The file is rewritten atomically
-    after every kept episode, so a stop (Ctrl-C, a crash, a kill) loses at most the episode in
-    progress, and running the command again continues where it stopped.
-    """
-    env = make_env(cfg, cfg.seed)
-    with env:
+    """Record until `path` holds `episodes` episodes (successes, unless cfg.demo_keep_failed) -> how many it holds.
+    Rewritten atomically after each, the file loses at most the episode in progress to a stop; a rerun continues."""
+    with make_env(cfg, cfg.seed) as env:
         teleop, status = make_teleop(cfg, env), StatusLine()
         obs = env.reset()
         demos = ReplayBuffer(cfg.demo_capacity, obs, ACT_DIM)
@@ -384,49 +352,43 @@ def record_demos(cfg, path, episodes):
 
 # --- labelled frames for the reward classifier ---------------------------------------------------------------
 def label_frames(cfg, path, success_frames):
-    """Record camera frames labelled success or not until `path` holds `success_frames` successes
-    (hil-serl's record_success_fail.py); returns how many it holds.
-
-    The human drives the arm and holds the success button (Y, Enter) while the scene shows success
-    (the cube held up): those frames are positives, every other frame a negative. Show both sides
-    in many poses; the classifier learns only what it sees. In the sim the expert drives and the
-    physics labels. An episode lasts cfg.episode_steps (failure ends it early); the file is
-    rewritten atomically after each, and running the command again adds to it. It labels 5 episodes
-    at least: classifier.py holds every fifth out to test on.
-    """
+    """Record camera frames labelled success or not until `path` holds `success_frames` successes (hil-serl's
+    record_success_fail.py) -> how many it holds. Frames while the human holds the success button (Y, Enter), the
+    scene showing success (the cube held up), are positives; show both kinds in many poses: the classifier learns only
+    what it sees. In the sim the expert drives and the physics labels. Episodes: cfg.episode_steps (failure ends one
+    early), 5 at least (classifier.py tests on every fifth), each saved atomically; a rerun adds to the file."""
     cfg.use_images = True
     with make_env(cfg, cfg.seed) as env:
         teleop, status = make_teleop(cfg, env), StatusLine()
         obs = env.reset()
         cameras = [k for k, v in obs.items() if v.dtype == np.uint8]
-        recorded = {}
+        recorded = {k: [] for k in cameras + ["success", "episode"]}   # a list of arrays each, the file's first
         if os.path.exists(path):
-            recorded = {k: [v] for k, v in read_npz(path).items()}
-            if sorted(recorded) != sorted(cameras + ["episode", "success"]) or \
-                    any(recorded[k][0].shape[1:] != obs[k].shape for k in cameras):
+            saved = read_npz(path)
+            if sorted(saved) != sorted(recorded) or any(saved[k].shape[1:] != obs[k].shape for k in cameras):
                 raise ValueError(f"{path}: frames of other cameras or another size; label into another --frames file")
-        positives = int(recorded["success"][0].sum()) if recorded else 0
-        episode = int(recorded["episode"][0].max()) + 1 if recorded else 0
+            recorded = {k: [v] for k, v in saved.items()}
+        positives = int(recorded["success"][0].sum()) if recorded["success"] else 0
+        episode = int(recorded["episode"][0].max()) + 1 if recorded["episode"] else 0
         events, failures = set(), 0   # failures: episodes in a row without a success frame
         while (positives < success_frames or episode < 5) and "quit" not in events:   # 5: one held out to test on
             if cfg.port and (obs := wait_for_start(teleop, env, obs)) is None:
                 break
-            frames, labels = {k: [] for k in cameras}, []
+            observed, labels = [], []
             for _ in range(cfg.episode_steps):
                 act, _, events = teleop.read(obs)
                 if events & {"quit", "failure", "rerecord"}:
                     break
                 obs = env.step(act)[0]
+                observed.append(obs)
                 labels.append("success" in teleop.held or bool(env.world.success()))   # the sim: its physics
-                for k in cameras:
-                    frames[k].append(obs[k])
                 status.count(True, float(labels[-1]))
             if labels and "rerecord" not in events:   # re-record: the human mislabelled; drop the episode
                 positives += sum(labels)
                 for k in cameras:
-                    recorded.setdefault(k, []).append(np.stack(frames[k]))
-                recorded.setdefault("success", []).append(np.array(labels))
-                recorded.setdefault("episode", []).append(np.full(len(labels), episode))
+                    recorded[k].append(np.stack([o[k] for o in observed]))
+                recorded["success"].append(np.array(labels))
+                recorded["episode"].append(np.full(len(labels), episode))
                 save_npz(path, {k: np.concatenate(v) for k, v in recorded.items()})
                 status.end_episode(any(labels), f"  |  {path}: {positives}/{success_frames} success frames")
                 episode += 1
@@ -438,6 +400,123 @@ def label_frames(cfg, path, success_frames):
     return positives
 
 
+# --- demos from a LeRobot dataset ------------------------------------------------------------------------------
+# A LeRobot dataset (v3.0 or v2.1) has the follower's joints and camera videos, no EE motion, no success. We take
+# every episode as a success and the EE action as the motion the arm made (FK), not its command (servos lag).
+LEROBOT_ROBOTS = ("so101", "so101_follower", "so_follower")   # so_follower (PR #2763): the SO-100 too, not told apart
+GRIPPER_MOVED = 0.02   # an opening (0..1) change past it is a command; below: encoder noise, a squeezing grip's creep
+
+
+def lerobot_to_ticks(values, calibration, use_degrees):
+    """LeRobot's so101_follower joint values (N, 6) -> servo ticks (N, 6), undoing its MotorsBus._normalize: arm
+    joints in degrees, (ticks - (min + max) / 2) * 360 / 4095, or without use_degrees -100 at range_min to +100 at
+    range_max; the gripper 0 to 100 over its range (drive_mode, which mirrors them, is 0 in LeRobot's SO-101 files)."""
+    low, high = np.array([[calibration[name].range_min, calibration[name].range_max] for name in JOINTS], float).T
+    ticks = (low + high) / 2 + values * 4095 / 360 if use_degrees else low + (values + 100) / 200 * (high - low)
+    ticks[:, 5] = low[5] + values[:, 5] / 100 * (high[5] - low[5])
+    return ticks
+
+
+def lerobot_frames(video, times_s, roi, size, tolerance_s):
+    """The frames of a video file at times_s (s into the file, rising), cropped and resized as robot.py's cameras do."""
+    import av
+    frames = []
+    with av.open(str(video)) as container:
+        stream = container.streams.video[0]
+        container.seek(int(times_s[0] / stream.time_base), stream=stream)   # the keyframe before: decoding starts there
+        for frame in container.decode(stream):
+            if frame.time > times_s[len(frames)] - tolerance_s:
+                frames.append(process_frame(frame.to_ndarray(format="bgr24"), roi, size))
+                if len(frames) == len(times_s):
+                    return np.stack(frames)
+    raise ValueError(f"{video}: ends before {times_s[len(frames)]:.3f} s, a frame the dataset needs; it is incomplete")
+
+
+def add_lerobot_episode(cfg, demos, index, joints, frames):
+    """Episode `index`'s kept joints (T + 1, 6) and frames {camera: (T + 1, H, W, 3)} -> `demos`, as a success."""
+    ee = np.array([forward_kinematics(q[:5])[0] for q in joints])   # (T + 1, 3)
+    moved = np.diff(ee, axis=0) / cfg.ee_step_m   # (T, 3)
+    opening = np.diff(joints[:, 5])   # (T,)
+    command = np.sign(opening) * (np.abs(opening) > GRIPPER_MOVED)   # -1 close, 0 stay, +1 open
+    act = np.column_stack([np.clip(moved, -1, 1), command]).astype(np.float32)   # clipped: what a policy can do
+    state = np.column_stack([joints, ee - ee[0]]).astype(np.float32)   # (T + 1, 6 + 3), as SO101Env observes
+    obs = [{"state": state[t], **{name: f[t] for name, f in frames.items()}} for t in range(len(joints))]
+    target = float(joints[0, 5] >= 0.5)   # the gripper as the episode found it (SO101Env.reset would open it)
+    for t in range(len(act)):
+        penalty = cfg.grasp_penalty if command[t] and (command[t] > 0) != target else 0.0   # a flip, as SO101Env.step
+        target = float(command[t] > 0) if command[t] else target
+        last = t == len(act) - 1   # every episode a success
+        rew = cfg.reward_success if last else cfg.reward_step
+        demos.add(obs[t], act[t], rew, obs[t + 1], last, False, True, penalty)
+    path_mm = 1000 * cfg.ee_step_m * np.linalg.norm(moved, axis=1).sum()
+    lost_mm = path_mm - 1000 * cfg.ee_step_m * np.linalg.norm(act[:, :EE_DIM], axis=1).sum()
+    print(f"episode {index}: {len(act)} steps, {np.mean(np.abs(moved).max(1) > 1):.0%} clipped to ±1, "
+          f"{lost_mm:.0f} of its {path_mm:.0f} mm EE path lost to the clip")
+
+
+def import_lerobot(cfg, folder, path):
+    """A LeRobot dataset of an SO-101 follower -> the demo file `path`, as record_demos writes it -> its episodes."""
+    try:   # this command's extra: pip install -r requirements-lerobot.txt
+        importlib.import_module("av")   # here only to check it is there: lerobot_frames decodes with it, AV1 included
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ValueError("import-lerobot needs pyarrow and av: pip install -r requirements-lerobot.txt") from None
+    root, info_path = pathlib.Path(folder), pathlib.Path(folder, "meta", "info.json")
+    try:
+        info = json.loads(info_path.read_text())
+        fps, features, v2 = info["fps"], info["features"], info["codebase_version"].startswith("v2")
+    except (OSError, ValueError, KeyError):
+        raise ValueError(f"{info_path}: missing or not a LeRobot dataset's; pass a LeRobot dataset's folder") from None
+    names = features.get("observation.state", {}).get("names")
+    step = fps / cfg.control_hz   # dataset frames per control step
+    cameras = parse_cameras(cfg.cameras, cfg.camera_roi) if cfg.use_images else {}
+    videos = [key for key, feature in features.items() if feature.get("dtype") == "video"]
+    missing = [f"observation.images.{name}" for name in cameras if f"observation.images.{name}" not in videos]
+    data_files = sorted(root.glob("data/*/*.parquet"))
+    for refused, why in (
+            (info.get("robot_type") not in LEROBOT_ROBOTS, f"{info_path}: robot_type {info.get('robot_type')!r}: "
+             f"only an SO-101 follower's ({', '.join(LEROBOT_ROBOTS)}) fits this arm's kinematics"),
+            (step != round(step), f"{info_path}: fps {fps} is not a multiple of --control_hz {cfg.control_hz}: "
+             f"record at another fps, or import and train with a --control_hz that divides {fps}"),
+            (names != [f"{name}.pos" for name in JOINTS], f"{info_path}: observation.state's names are {names}, "
+             "not the SO-101's"),
+            (missing, f"{info_path}: no video {', '.join(missing)} (it has {', '.join(videos) or 'none'}): name "
+             "--cameras as the dataset does, or pass --use_images false"),
+            (not data_files, f"{root}: no data/*/*.parquet in it: the dataset is incomplete"),
+            (not os.path.exists(cfg.calibration), f"--calibration {cfg.calibration}: no such file; pass the recording "
+             "arm's (LeRobot keeps it in ~/.cache/huggingface/lerobot/calibration/robots/)"),
+            (os.path.exists(path), f"--demos {path} exists: import into another file")):
+        if refused:
+            raise ValueError(why)
+    calibration = load_calibration(cfg.calibration)
+    table = pq.read_table(data_files, columns=["episode_index", "timestamp", "observation.state"])
+    episode = table["episode_index"].to_numpy()
+    time_s = table["timestamp"].to_numpy().astype(float)
+    values = np.array(table["observation.state"].to_pylist(), float)   # (N, 6)
+    meta_files = sorted(root.glob("meta/episodes/*/*.parquet")) if cameras and not v2 else []
+    where = {row["episode_index"]: row for row in pq.read_table(meta_files).to_pylist()} if meta_files else {}
+    example = {"state": np.zeros(6 + EE_DIM, np.float32),
+               **{name: np.zeros((cfg.image_size, cfg.image_size, 3), np.uint8) for name in cameras}}
+    demos = ReplayBuffer(len(episode) + 1, example, ACT_DIM)   # a slot for every frame: it never wraps
+    for index in np.unique(episode).tolist():
+        rows = np.flatnonzero(episode == index)[::round(step)]   # subsampled to control_hz, from the first frame
+        if len(rows) < 2:
+            print(f"episode {index}: shorter than a step at --control_hz {cfg.control_hz}, left out")
+            continue
+        ticks = lerobot_to_ticks(values[rows], calibration, cfg.lerobot_use_degrees)
+        joints = np.array([ticks_to_joints(t, calibration) for t in ticks])   # (T + 1, 6): 5 rad + gripper opening
+        frames = {}
+        for name, (_, roi) in cameras.items():   # v2.1: a video per episode; v3.0: meta/episodes says which, from when
+            key, meta = f"observation.images.{name}", where.get(index, {})
+            video = info["video_path"].format(video_key=key, episode_index=index, episode_chunk=index // info.get(
+                "chunks_size", 1000), **{k: meta.get(f"videos/{key}/{k}") for k in ("chunk_index", "file_index")})
+            times_s = meta.get(f"videos/{key}/from_timestamp", 0.0) + time_s[rows]
+            frames[name] = lerobot_frames(root / video, times_s, roi, cfg.image_size, 0.5 / fps)
+        add_lerobot_episode(cfg, demos, index, joints, frames)
+    demos.save(path)
+    return demos.num_episodes
+
+
 # --- command line ------------------------------------------------------------------------------------------
 def main():
     cfg, words = load_config()
@@ -446,9 +525,12 @@ def main():
             print(f"{cfg.demos}: {record_demos(cfg, cfg.demos, cfg.demo_episodes)} episodes")
         elif words == ["label"]:
             print(f"{cfg.frames}: {label_frames(cfg, cfg.frames, cfg.success_frames)} success frames")
+        elif words[:1] == ["import-lerobot"] and len(words) == 2:
+            print(f"{cfg.demos}: {import_lerobot(cfg, words[1], cfg.demos)} episodes")
         else:
             raise SystemExit("usage: python teleop.py record [--demos PATH --demo_episodes N --port PORT] "
-                             "| label [--frames PATH --success_frames N --port PORT]")
+                             "| label [--frames PATH --success_frames N --port PORT] | import-lerobot DATASET_DIR "
+                             "[--demos PATH --calibration FILE --lerobot_use_degrees false] (each episode: a success)")
     except (ValueError, OSError, RobotError, EmergencyStop) as error:   # one line a user can act on
         raise SystemExit(f"error: {error}") from None
 

@@ -38,6 +38,7 @@ import bench  # noqa: E402
 import buffer  # noqa: E402
 import classifier  # noqa: E402
 import config  # noqa: E402
+import diagnostics  # noqa: E402
 import fast  # noqa: E402
 import hilserl  # noqa: E402
 import robot  # noqa: E402
@@ -263,6 +264,15 @@ class TestUpdate:
         info = run_critic_step(agent, b, next_act, cfg)
         assert math.isclose(info["loss/critic"].item(), critic_loss.item(), rel_tol=1e-5)
         assert math.isclose(info["loss/grasp_critic"].item(), grasp_loss.item(), rel_tol=1e-5)
+
+    def test_critic_step_logs_the_q_of_demo_rows_and_of_online_rows_apart(self):
+        cfg = small_cfg()
+        agent, b = make_agent(cfg), random_batch()            # rows 0-3 stand for demo rows, 4-7 for online ones
+        ref, b64 = copy.deepcopy(agent).double(), double(b)
+        q = ref_critics(ref.critic, ref_encoder(ref.encoder, b64["obs"]), b64["act"][:, :EE_DIM]).mean(0)   # before the step
+        stats = run_critic_step(agent, b, torch.rand(8, EE_DIM) * 2 - 1, cfg)
+        assert math.isclose(stats["q/demo"].item(), q[:4].mean().item(), rel_tol=1e-5)
+        assert math.isclose(stats["q/online"].item(), q[4:].mean().item(), rel_tol=1e-5)
 
     def test_critic_gradients_match_float64_reference(self):
         cfg = small_cfg()
@@ -664,7 +674,7 @@ class TestLoop:
         assert recorded.num_episodes == 3 and recorded.arrays["intervened"][recorded.arrays["valid"]].all()
         rows = list(csv.DictReader(open(run / "log.csv")))
         steps = int(rows[-1]["env_steps"])
-        assert steps >= 200 and {"loss/critic", "q/mean", "alpha", "intervention_rate", "servo/max_load"} <= set(rows[-1])
+        assert steps >= 200 and {"loss/critic", "q/demo", "q/online", "alpha", "intervention_rate", "servo/max_load", "q/episode", "return/mc"} <= set(rows[-1])
         assert (run / "curves.png").stat().st_size > 10_000 and (run / "checkpoint.pt").exists()
         demo = buffer.ReplayBuffer(2000, {"state": np.zeros(12, np.float32)}, 4)
         demo.load(run / "demo.npz")
@@ -768,6 +778,67 @@ def assert_same_training_state(agent, optimizers, other, other_optimizers):
 
 class TestRunFolder:
     """hilserl.py's run folder: checkpoints that resume with either update path."""
+
+    # --- what a run shows: diagnostics, their diagnosis, videos -----------------------------------------
+    def test_episode_diagnostics_match_hand_computed_values(self):
+        episode = buffer.ReplayBuffer(10, {"state": np.zeros(2, np.float32)}, 4)
+        rews, human, penalty = [-0.05, -0.05, -0.05, -0.05, 10.0], [0, 1, 1, 0, 1], [0, -0.02, 0, 0, -0.02]
+        for t in range(5):
+            episode.add({"state": np.zeros(2)}, np.zeros(4), rews[t], {"state": np.zeros(2)}, t == 4, False, human[t], penalty[t])
+        proposed = np.array([[1, 0, 0, 1], [0.5, -1, 0, 0], [0, 0, 0, -1], [0.995, 0, 0.98, 0], [0, 0, 0, 1]])
+        d = diagnostics.episode_diagnostics(episode, proposed, np.array([1.0, 2, 3, 4, 5]), discount=0.9)
+        # returns from the end: 10, -0.05 + 0.9 * 10 = 8.95, 8.005, 7.1545, 6.38905 (the buffer keeps float32)
+        assert math.isclose(d["return/mc"], (10 + 8.95 + 8.005 + 7.1545 + 6.38905) / 5, rel_tol=1e-6) and d["q/episode"] == 3.0
+        assert d["action/saturated"] == 3 / 15 and d["gripper/flips"] == 2            # 1, -1, 0.995 of 15
+        assert (d["intervention/count"], d["intervention/mean_length"], d["intervention/first_step"]) == (2, 1.5, 1)
+
+    def test_episode_q_is_the_critics_mean_q_of_the_actions_taken(self):
+        cfg = small_cfg()
+        agent, episode, g = make_agent(cfg), buffer.ReplayBuffer(10, {"state": np.zeros(STATE_DIM, np.float32)}, 4), np.random.default_rng(0)
+        for t in range(4):
+            episode.add({"state": g.normal(size=STATE_DIM)}, g.uniform(-1, 1, 4), 0.0, {"state": g.normal(size=STATE_DIM)}, t == 3, False, False)
+        ref, a = copy.deepcopy(agent).double(), episode.arrays
+        obs, act = torch.from_numpy(a["state"][:4]).double(), torch.from_numpy(a["act"][:4, :EE_DIM]).double()
+        expected = ref_critics(ref.critic, ref_encoder(ref.encoder, {"state": obs}), act).mean(0)
+        assert np.allclose(diagnostics.episode_q(agent, episode), expected.detach().numpy(), rtol=1e-5)
+
+    def test_diagnosis_names_the_quantity_that_is_off_and_its_usual_cause(self):
+        cfg = config.Config(diagnose_after_steps=1000, temperature_init=0.2)
+        healthy = {"intervention_rate": 0.05, "success": 1.0, "q/episode": 7.0, "return/mc": 6.5, "entropy": -2.0, "alpha": 0.01,
+                   "action/saturated": 0.05, "gripper/flips": 1, "intervention/count": 1, "intervention/mean_length": 3}
+        rows = lambda n=40, **late: [{"env_steps": 100 * (i + 1), **healthy, **(late if i >= n - 20 else {})} for i in range(n)]
+        assert diagnostics.diagnose(rows(), cfg, -2.0) == []
+        cases = {"the intervention rate is not falling (5% -> 50%)": {"intervention_rate": 0.5},
+                 "the critics overestimate: Q +5.5 above": {"q/episode": 12.0},
+                 "more random than its target (entropy 0.0 vs -2.0, alpha 0.100)": {"entropy": 0.0, "alpha": 0.1},
+                 "50% of the policy's motions are at the +-1 bound": {"action/saturated": 0.5},
+                 "the gripper flips 4.5 times an episode": {"gripper/flips": 4.5},
+                 "interventions last 2.5 s on average": {"intervention/mean_length": 25}}   # at 10 Hz
+        for message, late in cases.items():
+            [hint] = diagnostics.diagnose(rows(**late), cfg, -2.0)
+            assert message in hint and "\n" not in hint, hint
+        assert "temperature_init too high (now 0.2" in diagnostics.diagnose(rows(entropy=0.0), cfg, -2.0)[0]
+        assert diagnostics.diagnose(rows(39, intervention_rate=0.5), cfg, -2.0) == []        # too early to tell
+        assert diagnostics.diagnose(rows(**{"q/episode": 12.0, "success": 0.0}), cfg, -2.0) == []   # timed out: no tail
+
+    def test_training_films_every_video_every_episodes_and_eval_films_each(self, tmp_path, monkeypatch):
+        import cv2
+        run, small = tmp_path / "run", ["--hidden_dim", "16", "--state_latent_dim", "8", "--batch_size", "16",
+                                        "--utd_ratio", "1", "--training_starts", "30", "--demo_episodes", "2",
+                                        "--episode_steps", "20", "--video_every", "2", "--max_env_steps", "80"]
+        monkeypatch.setattr("sys.argv", ["hilserl.py", "--demos", str(tmp_path / "demos.npz"), "--run_dir", str(run), *small])
+        hilserl.main()
+        rows = list(csv.DictReader(open(run / "log.csv")))
+        assert sorted(p.name for p in (run / "videos").iterdir()) == ["episode_000002.webm", "episode_000004.webm"]
+        monkeypatch.setattr("sys.argv", ["hilserl.py", "--eval", str(run), "--eval_episodes", "2"])
+        hilserl.main()
+        assert sorted(p.name for p in (run / "videos").glob("eval_*")) == ["eval_001.webm", "eval_002.webm"]
+        video = cv2.VideoCapture(str(run / "videos" / "episode_000002.webm"))
+        frames = [video.read()[1] for _ in range(int(rows[1]["length"]))]
+        assert video.read()[0] is False and all(f.shape == (256 + 44, 512, 3) for f in frames)   # two cameras, doubled
+        human = [round(float(rows[1]["intervention_rate"]) * len(frames))]
+        red = [f[2, 256, 2] > 150 and f[2, 256, 0] < 100 for f in frames]    # the border's red marks the human's steps
+        assert sum(red) == human[0] and all(f[256:].max() > 200 for f in frames)   # and every frame has its text
 
     def test_checkpoint_restores_the_agent_and_the_optimizers(self, tmp_path):
         cfg = small_cfg()
@@ -971,16 +1042,6 @@ class TestConfig:
         bad = config.Config(temperature_init=0.2, utd_ratio=2, reward_step=0.0, reward_success=1.0)
         lines = config.warnings_for(bad, num_demo_episodes=15)
         assert len(lines) == 5 and all("\n" not in line for line in lines)
-
-    def test_diagnosis_speaks_only_when_interventions_stop_falling(self):
-        cfg = config.Config(diagnose_after_steps=1000, temperature_init=0.2)
-        rows = lambda rates: [{"env_steps": 100 * (i + 1), "intervention_rate": r} for i, r in enumerate(rates)]
-        flat = config.diagnose(rows([0.5] * 40), cfg)
-        assert "not falling (50% -> 50%)" in flat and "temperature_init above 0.01 (now 0.2)" in flat
-        assert config.diagnose(rows([0.5] * 20 + [0.3] * 20), cfg) is None       # falling
-        assert config.diagnose(rows([0.05] * 40), cfg) is None                   # already low
-        assert config.diagnose(rows([0.5] * 39), cfg) is None                    # too early to tell
-
 
 # =================================================================================================
 # TestRobot: robot.py: packets, the bus against the emulator, calibration, safety, FK/IK, cameras, env.
@@ -2534,3 +2595,209 @@ class TestVirtualArm:
                 teleop.make_env(dataclasses.replace(cfg, use_images=True))
         finally:
             virtual.close()
+
+
+# =================================================================================================
+# TestLeRobotImport: teleop.py import-lerobot: a LeRobot dataset of an SO-101 follower as a demo file.
+# =================================================================================================
+
+
+# Ranges whose middles (degrees' zero) are not the model's zero; wrist_roll turns fully, as LeRobot sets it.
+LEROBOT_CALIBRATION = {name: robot.JointCalibration(servo_id, 0, 0, low, high) for name, servo_id, (low, high) in zip(
+    robot.JOINTS, IDS, [(1000, 3000), (900, 3300), (1100, 3000), (1000, 3100), (0, 4095), (2000, 3000)])}
+HOME = robot.HOME_RAD
+# The poses kept at 10 Hz (5 joint rad, gripper opening); the dataset's 30 Hz puts two SKIPPED frames between them.
+LEROBOT_EPISODES = [
+    [(HOME, 0.8), (HOME + [0.03, 0, 0, 0, 0], 0.3), (HOME + [0.03, 0.25, 0, 0, 0], 0.31)],
+    [(HOME, 0.2), (HOME + [0, 0, -0.005, 0, 0], 0.19), (HOME + [0, 0, -0.01, 0, 0.5], 0.6),
+     (HOME + [-0.4, 0, -0.01, 0, 0.5], 0.9)],
+]
+SKIPPED = (HOME + 0.5, 0.5)
+# LeRobot's data_path and video_path templates (lerobot/datasets/utils.py; v2.1 in convert_dataset_v21_to_v30.py)
+LEROBOT_PATHS = {"v3.0": ("data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet",
+                          "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4"),
+                 "v2.1": ("data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}.parquet",
+                          "videos/chunk-{episode_chunk:03d}/{video_key}/episode_{episode_index:06d}.mp4")}
+
+
+def lerobot_degrees(q_rad, opening):
+    """What LeRobot's so101_follower records (use_degrees): degrees from mid-range, 360 per 4095 ticks; gripper 0..100."""
+    low, high = (np.array([getattr(LEROBOT_CALIBRATION[name], field) for name in robot.JOINTS[:5]])
+                 for field in ("range_min", "range_max"))
+    return np.append((2048 + np.asarray(q_rad) * TICKS_PER_RAD - (low + high) / 2) * 360 / 4095, 100 * opening)
+
+
+def write_video(path, levels, fps):
+    """An AV1 video, as LeRobot encodes, of grey frames at `levels`: each frame says which it is."""
+    import av
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libsvtav1", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for level in levels:
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(np.full((48, 64, 3), level, np.uint8), format="rgb24")))
+        out.mux(stream.encode())
+
+
+def write_lerobot(root, version="v3.0", fps=30, robot_type="so101_follower", names=None, cameras=("front",)):
+    """LEROBOT_EPISODES as a LeRobot dataset folder, laid out as LeRobot's writer does, and the arm's calibration.
+    The frame at dataset index g is grey level 10 + 12 g in every camera."""
+    import pyarrow as pa   # requirements-lerobot.txt, which README's setup installs: missing, the test fails
+    import pyarrow.parquet as pq
+    data_path, video_path = LEROBOT_PATHS[version]
+    tables, episodes, g = [], [], 0                                   # g: the dataset index of an episode's first frame
+    for e, poses in enumerate(LEROBOT_EPISODES):
+        frames = [poses[0], *[pose for kept in poses[1:] for pose in (SKIPPED, SKIPPED, kept)]]   # at 30 Hz
+        states = [list(lerobot_degrees(*pose)) for pose in frames]
+        n, floats = len(states), pa.list_(pa.float32())
+        tables.append(pa.table({"episode_index": [e] * n, "frame_index": range(n), "index": range(g, g + n),
+                                "timestamp": pa.array(np.arange(n) / fps, pa.float32()),
+                                "observation.state": pa.array(states, floats), "action": pa.array(states, floats)}))
+        episodes.append({"episode_index": e, "length": n, "dataset_from_index": g, "dataset_to_index": g + n})
+        for key in (f"videos/observation.images.{c}/" for c in cameras):     # v3.0: the episodes follow each other
+            episodes[-1].update({key + "chunk_index": 0, key + "file_index": 0, key + "from_timestamp": g / fps,
+                                 key + "to_timestamp": (g + n) / fps})
+        g += n
+    levels = [10 + 12 * i for i in range(g)]
+    if version == "v3.0":   # one parquet file and one video per camera for all; meta/episodes says where each starts
+        (root / "meta/episodes/chunk-000").mkdir(parents=True)
+        pq.write_table(pa.Table.from_pylist(episodes), root / "meta/episodes/chunk-000/file-000.parquet")
+        files = [(pa.concat_tables(tables), levels, {"chunk_index": 0, "file_index": 0})]
+    else:                   # a parquet file and a video per episode, listed in meta/episodes.jsonl
+        (root / "meta").mkdir()
+        (root / "meta/episodes.jsonl").write_text("".join(json.dumps({k: ep[k] for k in ("episode_index", "length")}) + "\n"
+                                                          for ep in episodes))
+        files = [(table, levels[ep["dataset_from_index"]:ep["dataset_to_index"]],
+                  {"episode_chunk": 0, "episode_index": ep["episode_index"]}) for table, ep in zip(tables, episodes)]
+    for table, file_levels, where in files:
+        (root / data_path.format(**where)).parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, root / data_path.format(**where))
+        for c in cameras:
+            write_video(root / video_path.format(video_key=f"observation.images.{c}", **where), file_levels, fps)
+    state = {"dtype": "float32", "shape": [6], "names": names or [f"{name}.pos" for name in robot.JOINTS]}
+    (root / "meta/info.json").write_text(json.dumps({
+        "codebase_version": version, "robot_type": robot_type, "fps": fps, "total_episodes": len(episodes),
+        "total_frames": g, "chunks_size": 1000, "data_path": data_path, "video_path": video_path,
+        "features": {"observation.state": state, "action": state,
+                     **{f"observation.images.{c}": {"dtype": "video", "shape": [48, 64, 3],
+                                                    "names": ["height", "width", "channels"]} for c in cameras},
+                     **{k: {"dtype": "int64", "shape": [1], "names": None}
+                        for k in ("episode_index", "frame_index", "index")}}}))
+    robot.save_calibration(root / "calibration.json", LEROBOT_CALIBRATION)
+    return root
+
+
+@pytest.fixture(scope="module")
+def lerobot_demos(tmp_path_factory):
+    """LEROBOT_EPISODES imported once with its front camera -> (the demo file's arrays, what it printed)."""
+    import io
+    root = write_lerobot(tmp_path_factory.mktemp("lerobot"))
+    cfg = Config(use_images=True, cameras="front=0", image_size=32, calibration=str(root / "calibration.json"))
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        assert teleop.import_lerobot(cfg, root, root / "demos.npz") == 2
+    return buffer.read_npz(root / "demos.npz"), printed.getvalue()
+
+
+def kept(q_rad):
+    """The tool position of each kept pose of an episode (the FK the importer must use)."""
+    return np.array([robot.forward_kinematics(q)[0] for q, _ in q_rad])
+
+
+class TestLeRobotImport:
+    """teleop.py import-lerobot: a LeRobot dataset of an SO-101 follower as a demo file."""
+
+    def test_the_ee_action_is_the_motion_between_kept_frames_per_ee_step_clipped_to_one(self, lerobot_demos):
+        saved, _ = lerobot_demos
+        expected = np.concatenate([np.clip(np.diff(kept(poses), axis=0) / 0.01, -1, 1) for poses in LEROBOT_EPISODES])
+        assert np.allclose(saved["act"][saved["valid"]][:, :3], expected, atol=1e-4)
+        assert (np.abs(expected) == 1).any() and (np.abs(expected) < 1).any()   # both clipped and free steps
+
+    def test_the_gripper_command_is_an_opening_change_past_the_threshold_and_a_flip_is_penalised(self, lerobot_demos):
+        saved, _ = lerobot_demos
+        # openings 0.8 -> 0.3 -> 0.31 (close, stay: 0.01 is noise) and 0.2 -> 0.19 -> 0.6 -> 0.9 (stay, open, open)
+        assert saved["act"][saved["valid"]][:, 3].tolist() == [-1, 0, 0, 1, 1]
+        # the target starts as found (open, then closed); only a command that changes it is penalised
+        assert saved["grasp_penalty"][saved["valid"]].tolist() == pytest.approx([-0.02, 0, 0, -0.02, 0])
+
+    def test_the_state_is_joints_opening_and_the_tool_since_the_episode_start(self, lerobot_demos):
+        saved, _ = lerobot_demos
+        expected = [np.concatenate([q, [opening], ee - kept(poses)[0]])
+                    for poses in LEROBOT_EPISODES for (q, opening), ee in zip(poses, kept(poses))]
+        valid, first, last = saved["valid"], [1, 0, 0, 1, 0, 0, 0], [0, 0, 1, 0, 0, 0, 1]   # of each episode's 3, 4
+        assert np.allclose(saved["state"][valid], [s for s, end in zip(expected, last) if not end], atol=1e-5)
+        assert np.allclose(saved["next_state"][valid], [s for s, start in zip(expected, first) if not start], atol=1e-5)
+
+    def test_every_episode_is_a_successful_demo_ending_at_its_last_step(self, lerobot_demos):
+        saved, _ = lerobot_demos
+        valid = saved["valid"]
+        assert saved["rew"][valid].tolist() == pytest.approx([-0.05, 10.0, -0.05, -0.05, 10.0])
+        assert saved["terminated"][valid].tolist() == [False, True, False, False, True]
+        assert not saved["truncated"].any() and saved["intervened"][valid].all()
+
+    def test_each_episode_prints_its_share_of_clipped_steps_and_the_path_the_clip_lost(self, lerobot_demos):
+        _, printed = lerobot_demos
+        lines = []
+        for e, poses in enumerate(LEROBOT_EPISODES):
+            moved = np.diff(kept(poses), axis=0) * 1000                          # mm per step
+            clipped = np.abs(moved).max(1) > 10                                  # beyond 1 ee_step_m (10 mm)
+            path, kept_mm = np.linalg.norm(moved, axis=1).sum(), np.linalg.norm(np.clip(moved, -10, 10), axis=1).sum()
+            lines.append(f"episode {e}: {len(moved)} steps, {clipped.mean():.0%} clipped to ±1, "
+                         f"{path - kept_mm:.0f} of its {path:.0f} mm EE path lost to the clip")
+        assert printed.splitlines() == lines
+        assert "50% clipped" in lines[0] and "33% clipped" in lines[1]
+
+    @pytest.mark.parametrize("version", ["v3.0", "v2.1"])
+    def test_camera_frames_are_those_at_the_kept_times_resized(self, version, tmp_path):
+        root = write_lerobot(tmp_path, version)
+        cfg = Config(use_images=True, cameras="front=0", image_size=32, calibration=str(root / "calibration.json"))
+        teleop.import_lerobot(cfg, root, tmp_path / "demos.npz")
+        front = buffer.read_npz(tmp_path / "demos.npz")["front"]
+        assert front.shape == (7, 32, 32, 3)                                     # a slot per kept frame
+        # dataset frames 0, 3, 6 of episode 0, then 0, 3, 6, 9 of episode 1, which starts at dataset frame 7
+        assert np.abs(front.mean((1, 2, 3)) - [10 + 12 * g for g in (0, 3, 6, 7, 10, 13, 16)]).max() < 4
+
+    def test_without_degrees_minus_100_and_100_are_the_ends_of_the_calibrated_range(self):
+        c = LEROBOT_CALIBRATION
+        ticks = teleop.lerobot_to_ticks(np.array([[-100, 100, 0, 0, 0, 25.0]]), c, use_degrees=False)[0]
+        assert ticks.tolist() == [c["shoulder_pan"].range_min, c["shoulder_lift"].range_max, 2050, 2050, 2047.5, 2250]
+
+    def test_hilserl_trains_from_an_imported_file(self, tmp_path, monkeypatch):
+        root = write_lerobot(tmp_path, cameras=())
+        monkeypatch.setattr("sys.argv", ["teleop.py", "import-lerobot", str(root), "--demos", str(tmp_path / "demos.npz"),
+                                         "--calibration", str(root / "calibration.json")])
+        teleop.main()
+        small = ["--hidden_dim", "16", "--state_latent_dim", "8", "--batch_size", "16", "--utd_ratio", "1",
+                 "--training_starts", "20", "--episode_steps", "30", "--checkpoint_every", "1"]
+        monkeypatch.setattr("sys.argv", ["hilserl.py", "--demos", str(tmp_path / "demos.npz"), "--run_dir",
+                                         str(tmp_path / "run"), "--privileged_state", "false", "--max_env_steps", "40",
+                                         *small])
+        hilserl.main()                                                           # the real arm's state: no cube in it
+        rows = list(csv.DictReader(open(tmp_path / "run" / "log.csv")))
+        assert int(rows[-1]["env_steps"]) >= 40 and np.isfinite(float(rows[-1]["loss/critic"]))
+
+    LEROBOT_REFUSED = [   # (write_lerobot's arguments, extra options, the one line)
+        ({"robot_type": "koch_follower"}, [], "robot_type 'koch_follower': only an SO-101 follower's"),
+        ({"fps": 25}, [], "fps 25 is not a multiple of --control_hz 10.0"),
+        ({}, ["--use_images", "true"], "no video observation.images.wrist (it has observation.images.front)"),
+        ({"names": ["a", "b", "c", "d", "e", "f"]}, [], "observation.state's names are ['a', 'b', 'c', 'd', 'e', 'f']"),
+        ({}, ["--calibration", "no.json"], "--calibration no.json: no such file; pass the recording arm's"),
+    ]
+
+    @pytest.mark.parametrize("dataset, options, says", LEROBOT_REFUSED,
+                             ids=["robot_type", "fps", "camera", "names", "calibration"])
+    def test_a_dataset_it_cannot_use_is_refused_in_one_line(self, dataset, options, says, tmp_path, monkeypatch):
+        root = write_lerobot(tmp_path, **dataset)
+        monkeypatch.setattr("sys.argv", ["teleop.py", "import-lerobot", str(root), "--demos", str(tmp_path / "d.npz"),
+                                         "--calibration", str(root / "calibration.json"), *options])
+        with pytest.raises(SystemExit) as exit_info:
+            teleop.main()
+        assert str(exit_info.value).startswith("error: ") and says in str(exit_info.value)
+        assert "\n" not in str(exit_info.value) and not (tmp_path / "d.npz").exists()
+
+    def test_without_pyarrow_it_says_what_to_install(self, tmp_path, monkeypatch):
+        monkeypatch.setitem(sys.modules, "pyarrow", None)                        # import pyarrow now fails
+        monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+        monkeypatch.setattr("sys.argv", ["teleop.py", "import-lerobot", str(tmp_path)])
+        with pytest.raises(SystemExit, match=r"^error: import-lerobot needs pyarrow and av: "
+                                             r"pip install -r requirements-lerobot.txt$"):
+            teleop.main()
