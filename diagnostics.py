@@ -29,7 +29,7 @@ class EpisodeVideo:
     def __init__(self, path, fps, render, height, width):
         import cv2
         self.render = render   # picture -> RGB (height, width, 3), called in the thread (the sim's renderer lives there)
-        self.scale = max(1, 256 // height)   # small camera frames are doubled so that the text can be read
+        self.scale = max(1, 256 // width)   # at least 256 wide, for the text; no wider: encoding costs CPU
         size = (width * self.scale, height * self.scale + self.STRIP)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         stderr, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)   # OpenCV prints a line on every WebM it
@@ -63,10 +63,10 @@ class EpisodeVideo:
                 cv2.rectangle(frame, (0, 0), (frame.shape[1] - 1, frame.shape[0] - 1), (0, 0, 255), 6)
             gripper = {-1: "close", 0: "stay", 1: "open"}[int(round(float(act[EE_DIM])))]
             lines = (f"step {step}  {'HUMAN' if human else 'policy'}  {'SUCCESS' if success else ''}",
-                     f"xyz {act[0]:+.2f} {act[1]:+.2f} {act[2]:+.2f}  gripper {gripper}")
+                     f"{act[0]:+.2f} {act[1]:+.2f} {act[2]:+.2f}  {gripper}")
             frame = np.concatenate([frame, np.zeros((self.STRIP, frame.shape[1], 3), np.uint8)])
             for i, text in enumerate(lines):
-                cv2.putText(frame, text, (6, frame.shape[0] - 26 + 18 * i), cv2.FONT_HERSHEY_SIMPLEX, 0.45,
+                cv2.putText(frame, text, (4, frame.shape[0] - 26 + 18 * i), cv2.FONT_HERSHEY_SIMPLEX, 0.42,
                             (255, 255, 255), 1, cv2.LINE_AA)
             self.writer.write(frame)
         self.writer.release()

@@ -835,10 +835,10 @@ class TestRunFolder:
         assert sorted(p.name for p in (run / "videos").glob("eval_*")) == ["eval_001.webm", "eval_002.webm"]
         video = cv2.VideoCapture(str(run / "videos" / "episode_000002.webm"))
         frames = [video.read()[1] for _ in range(int(rows[1]["length"]))]
-        assert video.read()[0] is False and all(f.shape == (256 + 44, 512, 3) for f in frames)   # two cameras, doubled
+        assert video.read()[0] is False and all(f.shape == (128 + 44, 256, 3) for f in frames)   # two cameras
         human = [round(float(rows[1]["intervention_rate"]) * len(frames))]
-        red = [f[2, 256, 2] > 150 and f[2, 256, 0] < 100 for f in frames]    # the border's red marks the human's steps
-        assert sum(red) == human[0] and all(f[256:].max() > 200 for f in frames)   # and every frame has its text
+        red = [f[2, 128, 2] > 150 and f[2, 128, 0] < 100 for f in frames]    # the border's red marks the human's steps
+        assert sum(red) == human[0] and all(f[128:].max() > 200 for f in frames)   # and every frame has its text
 
     def test_checkpoint_restores_the_agent_and_the_optimizers(self, tmp_path):
         cfg = small_cfg()
