@@ -808,17 +808,21 @@ class TestRunFolder:
                    "action/saturated": 0.05, "gripper/flips": 1, "intervention/count": 1, "intervention/mean_length": 3}
         rows = lambda n=40, **late: [{"env_steps": 100 * (i + 1), **healthy, **(late if i >= n - 20 else {})} for i in range(n)]
         assert diagnostics.diagnose(rows(), cfg, -2.0) == []
-        cases = {"the intervention rate is not falling (5% -> 50%)": {"intervention_rate": 0.5},
+        cases = {"the intervention rate is hardly falling (5% -> 50%)": {"intervention_rate": 0.5},
                  "the critics overestimate: Q +5.5 above": {"q/episode": 12.0},
                  "more random than its target (entropy 0.0 vs -2.0, alpha 0.100)": {"entropy": 0.0, "alpha": 0.1},
                  "50% of the policy's motions are at the +-1 bound": {"action/saturated": 0.5},
-                 "the gripper flips 4.5 times an episode": {"gripper/flips": 4.5},
+                 "the gripper flips 7.5 times an episode": {"gripper/flips": 7.5},
                  "interventions last 2.5 s on average": {"intervention/mean_length": 25}}   # at 10 Hz
         for message, late in cases.items():
             [hint] = diagnostics.diagnose(rows(**late), cfg, -2.0)
             assert message in hint and "\n" not in hint, hint
         assert "temperature_init too high (now 0.2" in diagnostics.diagnose(rows(entropy=0.0), cfg, -2.0)[0]
         assert diagnostics.diagnose(rows(39, intervention_rate=0.5), cfg, -2.0) == []        # too early to tell
+        trend = lambda early, late: diagnostics.diagnose([{**r, "intervention_rate": early if i < 20 else late}
+                                                          for i, r in enumerate(rows())], cfg, -2.0)
+        assert "hardly falling (43% -> 41%)" in trend(0.43, 0.41)[0]                          # less than a tenth
+        assert trend(0.43, 0.35) == [] and trend(0.11, 0.12) == []                   # falling; low already
         assert diagnostics.diagnose(rows(**{"q/episode": 12.0, "success": 0.0}), cfg, -2.0) == []   # timed out: no tail
 
     def test_training_films_every_video_every_episodes_and_eval_films_each(self, tmp_path, monkeypatch):
