@@ -844,6 +844,21 @@ class TestRunFolder:
         red = [f[2, 128, 2] > 150 and f[2, 128, 0] < 100 for f in frames]    # the border's red marks the human's steps
         assert sum(red) == human[0] and all(f[128:].max() > 200 for f in frames)   # and every frame has its text
 
+    def test_a_run_with_cameras_films_its_frames_side_by_side(self, tmp_path):
+        import cv2
+        obs = {"state": np.zeros(3, np.float32), "front": np.full((64, 64, 3), (200, 40, 40), np.uint8),
+               "wrist": np.full((64, 64, 3), (40, 40, 200), np.uint8)}                   # RGB: red, blue
+        video, picture = diagnostics.episode_video(tmp_path / "v" / "e.webm", None, obs, fps=10)
+        for step in range(3):
+            video.add(picture(obs), step + 1, np.array([0.5, -1, 0, 1]), False, step == 2)
+        video.close()
+        capture, frames = cv2.VideoCapture(str(tmp_path / "v" / "e.webm")), []
+        while (frame := capture.read()[1]) is not None:
+            frames.append(frame)
+        assert len(frames) == 3 and frames[0].shape == (2 * 64 + 44, 2 * 128, 3)  # 128 wide: doubled for the text
+        left, right = frames[0][20:100, 20:100].mean((0, 1)), frames[0][20:100, 150:230].mean((0, 1))   # BGR
+        assert left[2] > 150 > left[0] and right[0] > 150 > right[2]
+
     def test_checkpoint_restores_the_agent_and_the_optimizers(self, tmp_path):
         cfg = small_cfg()
         agent, optimizers = trained(cfg)
