@@ -260,7 +260,7 @@ class ServoEmulator:
         elif servo_id in self.tables:  # a unicast PING or WRITE (a broadcast PING would be answered: unused here)
             if code == WRITE:
                 self._write_table(servo_id, params[0], params[1:])
-            if code == PING or code == WRITE and self.get(servo_id, "Response_Status_Level"):
+            if code == PING or (code == WRITE and self.get(servo_id, "Response_Status_Level")):
                 self._reply(servo_id, b"")
 
     def _write_table(self, servo_id, address, data):
