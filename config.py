@@ -187,17 +187,19 @@ def parse_overrides(args, cfg=None):
         if not word.startswith("--"):
             leftover.append(word)
             continue
-        name, _, value = word[2:].partition("=")
+        name, equals, value = word[2:].partition("=")
         if name not in fields:
             close = [f for f in fields if name.split("_")[0] in f]
             hint = f" (did you mean --{close[0]}?)" if close else ""
             raise ValueError(f"unknown option --{name}{hint}; see config.py for every setting")
-        if not value and isinstance(getattr(cfg, name), bool) and (not args or args[0].startswith("--")):
+        if not equals and isinstance(getattr(cfg, name), bool) and (not args or args[0].startswith("--")):
             value = "true"                # a bare boolean flag: --compile
-        if not value:
+        elif not equals:                  # --name value (--name= is the empty value)
             if not args:
                 raise ValueError(f"--{name} needs a value")
             value = args.pop(0)
+        if not value and name in ("resume", "eval"):   # an empty shell variable must not start a new run instead
+            raise ValueError(f"--{name} needs a run folder (runs/...), got ''")
         setattr(cfg, name, _parse_value(name, value, getattr(cfg, name)))
     return cfg, leftover
 

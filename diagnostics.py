@@ -135,9 +135,11 @@ def episode_diagnostics(episode, policy_act, q, discount):
         mc_return[t] = future
     edges = np.diff(np.concatenate([[0], intervened.astype(int), [0]]))
     starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)   # the human's takeovers
+    command = np.sign(np.round(a["act"][:n, EE_DIM]))   # -1 close, 0 stay, +1 open, as SO101Env.step rounds it
+    held = np.concatenate([[1.0], command[command != 0]])   # the gripper's target: open at reset, then each command
     return {"q/episode": float(q.mean()), "return/mc": float(mc_return.mean()),
             "action/saturated": float((np.abs(policy_act[:, :EE_DIM]) >= SATURATED).mean()),
-            "gripper/flips": int((a["grasp_penalty"][:n] != 0).sum()),   # the steps that paid the grasp penalty
+            "gripper/flips": int(np.count_nonzero(np.diff(held))),   # counted even with --grasp_penalty 0
             "intervention/count": len(starts),
             "intervention/mean_length": float((ends - starts).mean()) if len(starts) else 0.0,
             "intervention/first_step": int(starts[0]) if len(starts) else n}

@@ -782,14 +782,14 @@ class TestRunFolder:
     # --- what a run shows: diagnostics, their diagnosis, videos -----------------------------------------
     def test_episode_diagnostics_match_hand_computed_values(self):
         episode = buffer.ReplayBuffer(10, {"state": np.zeros(2, np.float32)}, 4)
-        rews, human, penalty = [-0.05, -0.05, -0.05, -0.05, 10.0], [0, 1, 1, 0, 1], [0, -0.02, 0, 0, -0.02]
-        for t in range(5):
-            episode.add({"state": np.zeros(2)}, np.zeros(4), rews[t], {"state": np.zeros(2)}, t == 4, False, human[t], penalty[t])
+        rews, human, gripper = [-0.05, -0.05, -0.05, -0.05, 10.0], [0, 1, 1, 0, 1], [0.4, -1, 0, -0.7, 0.6]
+        for t in range(5):   # with --grasp_penalty 0: no step pays for the gripper, yet it closes at 1 and opens at 4
+            episode.add({"state": np.zeros(2)}, [0, 0, 0, gripper[t]], rews[t], {"state": np.zeros(2)}, t == 4, False, human[t], 0.0)
         proposed = np.array([[1, 0, 0, 1], [0.5, -1, 0, 0], [0, 0, 0, -1], [0.995, 0, 0.98, 0], [0, 0, 0, 1]])
         d = diagnostics.episode_diagnostics(episode, proposed, np.array([1.0, 2, 3, 4, 5]), discount=0.9)
         # returns from the end: 10, -0.05 + 0.9 * 10 = 8.95, 8.005, 7.1545, 6.38905 (the buffer keeps float32)
         assert math.isclose(d["return/mc"], (10 + 8.95 + 8.005 + 7.1545 + 6.38905) / 5, rel_tol=1e-6) and d["q/episode"] == 3.0
-        assert d["action/saturated"] == 3 / 15 and d["gripper/flips"] == 2            # 1, -1, 0.995 of 15
+        assert d["action/saturated"] == 3 / 15 and d["gripper/flips"] == 2            # saturated: 1, -1, 0.995 of 15
         assert (d["intervention/count"], d["intervention/mean_length"], d["intervention/first_step"]) == (2, 1.5, 1)
 
     def test_episode_q_is_the_critics_mean_q_of_the_actions_taken(self):
@@ -1017,6 +1017,8 @@ class TestConfig:
         (["--utd_ratoi", "3"], "unknown option --utd_ratoi"),
         (["--utd_ratio", "ten"], "--utd_ratio expects int, got 'ten'"),
         (["--discount"], "--discount needs a value"),
+        (["--eval", ""], "--eval needs a run folder (runs/...), got ''"),
+        (["--resume=", "--seed", "1"], "--resume needs a run folder"),
         (["--utd_ratio", "0"], "--utd_ratio 0: must be >= 1"),
         (["--batch_size", "0"], "--batch_size 0: must be >= 2"),
         (["--batch_size", "7"], "--batch_size 7: must be even"),
