@@ -21,6 +21,7 @@ import hilserl
 from buffer import ReplayBuffer, sample_batches
 from config import load_config
 from networks import Actor, Agent, Encoder, GraspCritic, mlp, pick_device
+from vision import FrameFeatures
 from robot import ACT_DIM, EE_DIM, IDS, BusError, FeetechBus, ServoEmulator, SO101Env
 
 STATE_DIM = 12   # the sim's state: 5 joints, gripper, EE position, cube relative to the EE
@@ -131,8 +132,12 @@ def device_name(device):
 
 def setup(cfg, example, slots, rng, device):
     """An agent, its optimizers, (demo, online) buffers half full of random transitions shaped like `example` (frames
-    from a pool of 16: the timings do not depend on the pictures), and batches(), a control step's batches."""
+    from a pool of 16: the timings do not depend on the pictures), and batches(), a control step's batches.
+    With the ResNet-10, random numbers stand in for the features of the frames (the caches: `features`)."""
     demo, online = ReplayBuffer(slots, example, ACT_DIM), ReplayBuffer(slots, example, ACT_DIM)
+    agent = Agent(STATE_DIM, cfg, hilserl.image_shapes(example)).to(device)
+    copies = hilserl.SHIFTED_COPIES if cfg.augment else 1
+    features = [FrameFeatures(b, agent.backbone, device, copies) for b in (demo, online)] if agent.backbone else [None] * 2
     pool = {k: rng.integers(0, 256, (16, *v.shape), dtype=np.uint8) for k, v in example.items() if v.dtype == np.uint8}
     for buf in (demo, online):
         for t in range(slots // 2):
@@ -140,18 +145,18 @@ def setup(cfg, example, slots, rng, device):
                               for k, v in example.items()} for i in (0, 1))
             act = np.append(rng.uniform(-1, 1, EE_DIM), rng.integers(-1, 2)).astype(np.float32)
             buf.add(obs, act, rng.normal(), next_obs, t % 100 == 99, False, False)
-    agent = Agent(STATE_DIM, cfg, hilserl.image_shapes(example)).to(device)
-    features = [hilserl.FrameFeatures(b, agent.backbone, device) for b in (demo, online)] if agent.backbone else [None] * 2
-    for table in (t for f in features if f for t in f.table.values()):   # random features stand in for the backbone's
-        table.normal_()
-    return agent, hilserl.make_optimizers(agent, cfg), demo, online, \
+    for cache in (f for f in features if f):
+        for key in cache.table:
+            cache.table[key].random_(0, 256)
+            cache.scale[key].uniform_(0, 0.05)
+    return agent, hilserl.make_optimizers(agent, cfg), demo, online, features, \
         lambda: hilserl.control_step_batches(demo, online, cfg, rng, device, *features)
 
 
 def bench_update(cfg, device, rounds=5):
     """The eager spine is timed first: fast.Learner changes the process (keep_freed_memory) and the agent."""
     rng = np.random.default_rng(cfg.seed)
-    agent, optimizers, demo, online, batches = setup(cfg, {"state": np.zeros(STATE_DIM, np.float32)}, 20_000, rng, device)
+    agent, optimizers, demo, online, _, batches = setup(cfg, {"state": np.zeros(STATE_DIM, np.float32)}, 20_000, rng, device)
     reference = ReferenceLearner(STATE_DIM, cfg, device)
     spine, ref = lambda: hilserl.learn(agent, optimizers, cfg, batches()), lambda: reference.learn(demo, online, rng)
     with torch.utils.flop_counter.FlopCounterMode(display=False) as counter:   # the matmuls learn runs (a test checks
@@ -184,18 +189,27 @@ def bench_update(cfg, device, rounds=5):
               f"{min(shares):.0%} - {max(shares):.0%}); reference {ref_seconds * 1e3:.1f} ms, {ref_seconds / seconds:.2f}x")
 
 
-def bench_images(cfg, device, slots=4_000):
-    """Two cameras: the update reads the frozen backbone's cached features, here random numbers."""
-    size, frame = cfg.image_size, np.zeros((cfg.image_size, cfg.image_size, 3), np.uint8)
+def bench_images(cfg, device, slots=2_000):
+    """Two cameras, each encoder, with and without --augment: a control step's parts that the encoder changes,
+    eager. The ResNet-10 runs when a frame is stored (its copies too); the small CNN in every update."""
+    frame = np.zeros((cfg.image_size, cfg.image_size, 3), np.uint8)
     example = {"state": np.zeros(STATE_DIM, np.float32), "front": frame, "wrist": frame}
-    agent, optimizers, _, _, batches = setup(cfg, example, slots, np.random.default_rng(cfg.seed), device)
-    print(f"images: {device_name(device)}; two {size}x{size} cameras, ResNet-10 features; "
-          f"utd_ratio {cfg.utd_ratio}, batch {cfg.batch_size}")
-    spine = lambda: hilserl.learn(agent, optimizers, cfg, batches())
-    spine()
-    print(f"  hilserl (eager): {timed(spine, device) * 1e3:7.1f} ms per control step")
-    learner = fast.Learner(agent, optimizers, cfg, batches())
-    print(f"  compiled (fast.py): {timed(lambda: learner(batches()), device) * 1e3:7.1f} ms per control step")
+    print(f"images: {device_name(device)}; two {cfg.image_size}x{cfg.image_size} cameras; utd_ratio {cfg.utd_ratio}, "
+          f"batch {cfg.batch_size}; ms per control step, eager; bytes each frame keeps on the {device.type}")
+    for encoder, augment in (("resnet10", False), ("resnet10", True), ("small", False), ("small", True)):
+        c = dataclasses.replace(cfg, encoder=encoder, augment=augment)
+        agent, optimizers, demo, online, (_, cache), batches = setup(c, example, slots, np.random.default_rng(0), device)
+        store_ms = timed(lambda: cache.compute(np.array([2])), device) * 1e3 if cache else 0.0   # a frame per camera
+        obs = {k: torch.as_tensor(v, device=device)[None] for k, v in example.items()}
+        obs.update(cache.add(2) if cache else {})   # resnet10 acts on the cached features of the new frames
+        act_ms = timed(lambda: agent.act(obs), device) * 1e3
+        spine = lambda: hilserl.learn(agent, optimizers, c, batches())
+        spine()
+        update_ms = timed(spine, device) * 1e3
+        kept = sum(t[0].nbytes + cache.scale[k][0].nbytes for k, t in cache.table.items()) / 2 if cache else 0
+        print(f"  {encoder:>8}, augment {'on' if augment else 'off':>3}: {act_ms + store_ms + update_ms:7.1f} (act "
+              f"{act_ms:5.1f}, store {store_ms:5.1f}, updates {update_ms:7.1f}); features: {kept * 1e5 / 1e9:.2f} GB "
+              f"per 100,000 frames per camera")
 
 
 def bench_bus(cfg, n=2000):

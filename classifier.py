@@ -14,7 +14,8 @@ import torch.nn as nn
 
 from buffer import read_npz
 from config import load_config
-from networks import ImageHead, ResNet10, load_resnet10, pick_device, resnet10_weights
+from networks import ImageHead, pick_device
+from vision import ResNet10, load_resnet10, resnet10_weights
 
 
 class RewardClassifier(nn.Module):

@@ -50,6 +50,8 @@ class Config:
     demo_capacity: int = 100_000         # demo ring buffer size, transitions (LeRobot)
 
     # --- images (networks.py) ------------------------------------------------------------------
+    encoder: str = "resnet10"            # camera trunk: resnet10 (pretrained, frozen; hil-serl) or small (trained, no weights file; DrQ)
+    augment: bool = True                 # random shift of the frames, pad 4 (DrQ; hil-serl random-crops every batch)
     resnet_weights: str = ""             # ResNet-10 .safetensors (HF lerobot/resnet10 layout); empty = download once to ~/.cache/hilserl-so101
     image_latent_dim: int = 256          # features per camera after the image head (hil-serl)
     classifier: str = ""                 # reward classifier file; when set, it too decides success from the frames (hil-serl)
@@ -124,7 +126,7 @@ RANGES = {
     "serve_fault_rate": ">= 0 and <= 1", "serve_http_port": ">= 1",
     "dead_zone": ">= 0 and < 1", "teleop_speed": "> 0 and <= 1",
 }
-CHOICES = {"teleop": ("auto", "gamepad", "leader", "expert", "virtual"),
+CHOICES = {"encoder": ("resnet10", "small"), "teleop": ("auto", "gamepad", "leader", "expert", "virtual"),
            "gamepad_layout": ("auto", "xbox", "playstation")}
 BOXES = {"workspace_m": "x0,x1,y0,y1,z0,z1", "cube_area_m": "x0,x1,y0,y1"}   # each low < its high
 ROI = r"\w+=\d+:\d+:[1-9]\d*:[1-9]\d*"   # a regular expression for each format, and how to say it

@@ -115,11 +115,13 @@ def episode_video(path, env, obs, fps):
 @torch.no_grad()
 def episode_q(agent, episode, features=None, slots=()):
     """The critics' mean Q(s, a) at each step of a finished episode (its own buffer), for the action
-    taken: (T,). With cameras, `features` is the online buffer's FrameFeatures, `slots` the episode's there."""
+    taken: (T,). With the ResNet-10, `features` is the online buffer's FrameFeatures, `slots` the episode's there."""
     a, n, device = episode.arrays, len(episode), agent.log_alpha.device
-    obs = {k: torch.from_numpy(a[k][:n]).to(device) for k in episode.vector_keys}
+    keys = episode.vector_keys + (episode.image_keys if features is None else [])   # the small CNN reads frames
+    obs = {k: torch.from_numpy(a[k][:n]).to(device) for k in keys}
     if features is not None:
-        obs.update({k: table[torch.as_tensor(slots, device=device)] for k, table in features.table.items()})
+        slots = torch.as_tensor(slots, device=device)
+        obs.update({k: features.read(k, slots, torch.zeros_like(slots)) for k in features.table})
     act = torch.from_numpy(a["act"][:n]).to(device)
     return agent.critic(agent.encoder(obs), act[:, :EE_DIM]).mean(0).cpu().numpy()   # SYNC POINT: logging
 

@@ -6,7 +6,7 @@
     python hilserl.py --plot runs/A,runs/B,out.png  learning curves of runs side by side
 
 Reading order: the update (critic_step, actor_step, learn), a control step's batches (with
-FrameFeatures, the frozen camera backbone's features), the loop (train: set-up, one episode, its
+vision.FrameFeatures, the frozen camera backbone's features), the loop (train: set-up, one episode, its
 bookkeeping; evaluate), the run folder (checkpoints, config, log, plots), main.
 The update is RLPD's recipe (Ball et al. 2023) with HIL-SERL's choices (Luo et al. 2024):
 every control step does `utd_ratio` critic updates, each on a fresh batch that is half demo
@@ -32,9 +32,10 @@ from buffer import ReplayBuffer, load_episodes, sample_batches, write_atomically
 from classifier import load_classifier
 from config import Config, load_run_config, warnings_for
 from diagnostics import diagnose, episode_diagnostics, episode_q, episode_video, plot_runs
-from networks import Agent, load_resnet10, pick_device, resnet10_weights
+from networks import Agent, pick_device
 from robot import ACT_DIM, EE_DIM, RobotError
 from teleop import EmergencyStop, StatusLine, make_env, make_teleop, record_demos, wait_for_start
+from vision import SHIFTED_COPIES, FrameFeatures, load_resnet10, random_shift, resnet10_weights
 
 
 TARGET_ENTROPY = -ACT_DIM / 2   # -|A|/2, the gripper counted as one action dimension (hil-serl's hybrid agent): -2
@@ -127,6 +128,9 @@ def learn(agent, optimizers, cfg, batches, critic_update=critic_step, actor_upda
     batches: tensors shaped (utd_ratio, B, ...) on the agent's device. Returns detached tensors;
     nothing here waits for the GPU (no .item()). fast.py passes compiled forms of the three functions.
     """
+    if cfg.augment and agent.image_encoder == "small":   # DrQ: each frame of obs and of next_obs shifted on its own
+        batches = {**batches, **{group: {k: random_shift(v) if k in agent.encoder.images else v
+                                         for k, v in batches[group].items()} for group in ("obs", "next_obs")}}
     next_act = None     # with cameras, critic_losses draws a' from the actor after each encoder update
     if not agent.encoder.images:
         with torch.no_grad():   # the actor does not change during the critic updates: draw all a' at once
@@ -155,36 +159,6 @@ def to_device(arrays, device):
     return out
 
 
-class FrameFeatures:
-    """The frozen ResNet-10's features of every frame in a replay buffer, kept on the device in float16.
-    Row i of `table[camera]` holds the features of the frame in the buffer's slot i: the backbone runs
-    once per stored frame, never in an update (~12 TFLOP a control step: 20 updates of 256 rows, 2 cameras)."""
-
-    def __init__(self, buffer, backbone, device):
-        self.buffer, self.backbone = buffer, backbone
-        frame = torch.zeros(1, *buffer.arrays[buffer.image_keys[0]].shape[1:], dtype=torch.uint8, device=device)
-        shape = backbone(frame).shape[1:]                                          # (512, h, w)
-        self.table = {k: torch.zeros(buffer.capacity, *shape, dtype=torch.float16, device=device)
-                      for k in buffer.image_keys}
-        self.next_slot = None   # where the frame of the next add's obs already is, while an episode runs
-        self.compute(np.arange(buffer.size))   # frames loaded from a file
-
-    def compute(self, slots, chunk=256):
-        for start in range(0, len(slots), chunk):
-            s = slots[start:start + chunk]
-            for key, table in self.table.items():
-                frames = torch.from_numpy(self.buffer.arrays[key][s]).to(table.device)   # (n, H, W, 3)
-                table[torch.as_tensor(s, device=table.device)] = self.backbone(frames).half()
-
-    def add(self, slot):
-        """Features of the frames buffer.add wrote at `slot` (next_obs's; obs's too when an episode
-        starts). Returns next_obs's {camera: (1, 512, h, w)}, for the policy's next action."""
-        j = (slot + 1) % self.buffer.capacity
-        self.compute(np.array([j] if slot == self.next_slot else [slot, j]))
-        self.next_slot = j
-        return {key: table[j:j + 1] for key, table in self.table.items()}
-
-
 def control_step_batches(demo, online, cfg, rng, device, demo_features=None, online_features=None):
     """One control step's utd_ratio batches on the device, half demo, half online rows (FrameFeatures: features for frames)."""
     cached = online_features is not None
@@ -193,10 +167,10 @@ def control_step_batches(demo, online, cfg, rng, device, demo_features=None, onl
         slots = batches.pop("slot")                                                # (U, B)
         half = slots.shape[1] // 2
         for key in online_features.table:
-            d, o = demo_features.table[key], online_features.table[key]
             for group, offset in (("obs", 0), ("next_obs", 1)):   # next_obs's frame is in the next slot
-                batches[group][key] = torch.cat([d[(slots[:, :half] + offset) % len(d)],
-                                                 o[(slots[:, half:] + offset) % len(o)]], dim=1)   # (U, B, 512, h, w)
+                rows = [f.read(key, (s + offset) % f.buffer.capacity, torch.randint_like(s, f.copies))   # any copy
+                        for f, s in ((demo_features, slots[:, :half]), (online_features, slots[:, half:]))]
+                batches[group][key] = torch.cat(rows, dim=1)                           # (U, B, 512, h, w)
     return batches
 
 
@@ -261,7 +235,8 @@ def start_run(cfg, obs, folder):
     hints = [f"diagnosis: {hint}" for hint in diagnose(rows, cfg, TARGET_ENTROPY)]   # a resumed run's log may tell
     for line in warnings_for(cfg, None if cfg.resume else demo.num_episodes) + hints:
         print(line)
-    features = [FrameFeatures(b, agent.backbone, device) if agent.backbone is not None else None for b in (demo, online)]
+    copies = SHIFTED_COPIES if cfg.augment else 1
+    features = [FrameFeatures(b, agent.backbone, device, copies) if agent.backbone else None for b in (demo, online)]
     run = Run(cfg, folder, device, agent, optimizers, functools.partial(learn, agent, optimizers, cfg),
               demo, online, *features, progress, rows, np.random.default_rng(cfg.seed))
     if cfg.compile:   # fast.py imports this file: only a run that asks for it reads it
@@ -422,7 +397,7 @@ def evaluate(cfg, env, folder, teleop=None):
 def save_checkpoint(run):
     """The agent, its optimizers and counters, atomically, then the curves. The buffers need no saving:
     a resume rebuilds them from demo.npz and the episode files."""
-    torch.save({"agent": run.agent.state_dict(), "progress": run.progress,
+    torch.save({"agent": run.agent.state_dict(), "progress": run.progress, "image_encoder": run.agent.image_encoder,
                 "optimizers": {k: o.state_dict() for k, o in run.optimizers.items()}}, run.folder / "checkpoint.pt.tmp")
     os.replace(run.folder / "checkpoint.pt.tmp", run.folder / "checkpoint.pt")     # atomic
     if run.rows:
@@ -436,9 +411,13 @@ def load_checkpoint(folder, agent, optimizers=None):
     try:   # weights only, as torch does by default: never unpickle what this project did not write
         state = torch.load(path, map_location=next(agent.parameters()).device)
         agent_state, progress = state["agent"], state["progress"]
+        trained_with = state.get("image_encoder", agent.image_encoder)   # older checkpoints do not say
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, KeyError, TypeError, IndexError):
         raise SystemExit(f"error: {path}: not a readable checkpoint (truncated, corrupt or not written by "
                          "hilserl.py)") from None
+    if trained_with and trained_with != agent.image_encoder:
+        raise SystemExit(f"error: {path} was trained with --encoder {trained_with}; pass --encoder {trained_with}, "
+                         "or start a new run for the other encoder")
     try:
         agent.load_state_dict(agent_state)
     except RuntimeError as error:   # other network sizes, cameras or state than this run's

@@ -16,26 +16,25 @@ Who trains what: the critic losses train the encoder, the critics and the grasp 
 actor has its own small state encoder, so it is fixed while the critics learn, and the critic
 target's next actions for a whole control step can be drawn in one batched call.
 With cameras, each camera adds an image head to the `Encoder` (hil-serl's
-SpatialLearnedEmbeddings -> Linear -> LayerNorm -> tanh) on the pretrained ResNet-10, frozen:
-hilserl.py computes its features once per stored frame and the update sees only features (hil-serl's
-encoder, cached). The actor still has its own state encoder; with images it also reads the critic
-encoder's image features, detached (hil-serl and LeRobot), so only the critic losses train the heads.
+SpatialLearnedEmbeddings -> Linear -> LayerNorm -> tanh) on one of two trunks (--encoder):
+  resnet10  hil-serl's pretrained ResNet-10, frozen: vision.FrameFeatures computes its features
+            once per stored frame (and of shifted copies, hil-serl's augmentation) and the update
+            sees only features
+  small     a small CNN trained end to end by the critic losses, each update's frames randomly
+            shifted (DrQ); it needs no weights file
+The actor reads the critic encoder's image features, detached (hil-serl and LeRobot), so only the
+critic losses train the image heads and the small CNN.
 """
 
 import copy
 import math
-import os
-import re
-import sys
-import urllib.request
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file   # HF's reader of the weights' format
 
 from robot import EE_DIM   # the action's layout is the env's: act[:EE_DIM] moves the EE, act[EE_DIM] the gripper
+from vision import ResNet10, as_stored
 
 GRIPPER_CLASSES = 3  # the grasp critic's classes: close, stay, open (hil-serl's hybrid agent)
 
@@ -80,58 +79,23 @@ class Encoder(nn.Module):
 
 
 # --- images -------------------------------------------------------------------------------------
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-RESNET10_URL = "https://huggingface.co/lerobot/resnet10/resolve/main/model.safetensors"
 NUM_SPATIAL_FEATURES = 8  # learned spatial embeddings per feature map (hil-serl)
 
 
-def pad_same(x, kernel, stride, value=0.0):
-    """JAX's 'SAME' padding of square maps: output side = ceil(side / stride), the odd pixel at the bottom/right."""
-    side = x.shape[-1]
-    total = max(0, (math.ceil(side / stride) - 1) * stride + kernel - side)
-    return F.pad(x, (total // 2, total - total // 2) * 2, value=value)
+class SmallCNN(nn.Module):
+    """`--encoder small`: uint8 frames (N, H, W, 3) -> (N, 32, H/8, W/8), trained end to end.
 
-
-class BasicBlock(nn.Module):
-    def __init__(self, c_in, c_out, stride):
-        super().__init__()
-        self.stride = stride
-        self.conv1, self.norm1 = nn.Conv2d(c_in, c_out, 3, stride, bias=False), nn.GroupNorm(4, c_out)
-        self.conv2, self.norm2 = nn.Conv2d(c_out, c_out, 3, 1, bias=False), nn.GroupNorm(4, c_out)
-        self.shortcut = (nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.GroupNorm(4, c_out))
-                         if c_in != c_out else None)
-
-    def forward(self, x):
-        h = F.relu(self.norm1(self.conv1(pad_same(x, 3, self.stride))))
-        h = self.norm2(self.conv2(pad_same(h, 3, 1)))
-        return F.relu(h + (x if self.shortcut is None else self.shortcut(x)))
-
-
-class ResNet10(nn.Module):
-    """hil-serl's frozen trunk: ResNet-10, stage sizes (1, 1, 1, 1), 64 base filters, GroupNorm(4), ReLU.
-
-    uint8 frames (N, H, W, 3) -> (N, 512, H/32, W/32), 4x4 at 128x128. ImageNet normalisation
-    happens here, as in hil-serl's encoder (the HF port leaves it to its image processor). The
-    stem conv pads 3 on every side, as the HF port does; the other convs pad like JAX ('SAME').
-    """
+    DrQ's encoder (Yarats et al. 2021) is four 3x3 convs of 32 filters, the first with stride 2; ours
+    strides three of them, which makes it about 10x cheaper (serl_launcher too keeps small encoders
+    beside its ResNets)."""
 
     def __init__(self):
         super().__init__()
-        self.embedder = nn.Sequential(nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.GroupNorm(4, 64), nn.ReLU())
-        self.stages = nn.ModuleList([BasicBlock(64, 64, 1), BasicBlock(64, 128, 2),
-                                     BasicBlock(128, 256, 2), BasicBlock(256, 512, 2)])
-        self.register_buffer("mean", 255 * torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", 255 * torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
-        self.requires_grad_(False)   # frozen: never trained, no target copy
+        self.net = nn.Sequential(nn.Conv2d(3, 32, 3, 2, 1), nn.ReLU(), nn.Conv2d(32, 32, 3, 2, 1), nn.ReLU(),
+                                 nn.Conv2d(32, 32, 3, 2, 1), nn.ReLU(), nn.Conv2d(32, 32, 3, 1, 1), nn.ReLU())
 
-    @torch.no_grad()
     def forward(self, frames):
-        x = (frames.permute(0, 3, 1, 2).float() - self.mean) / self.std           # (N, 3, H, W)
-        x = self.embedder(x)                                                      # (N, 64, H/2, W/2)
-        x = F.max_pool2d(pad_same(x, 3, 2, -math.inf), 3, 2)                      # (N, 64, H/4, W/4)
-        for stage in self.stages:
-            x = stage(x)
-        return x                                                                  # (N, 512, H/32, W/32)
+        return self.net(frames.permute(0, 3, 1, 2).float() / 255 - 0.5)          # (N, 32, H/8, W/8)
 
 
 class SpatialLearnedEmbeddings(nn.Module):
@@ -147,65 +111,26 @@ class SpatialLearnedEmbeddings(nn.Module):
 
 
 class ImageHead(nn.Module):
-    """One camera (hil-serl): ResNet-10 features -> SpatialLearnedEmbeddings(8) -> Linear(256) -> LayerNorm -> tanh.
+    """One camera (hil-serl): trunk -> SpatialLearnedEmbeddings(8) -> Linear(256) -> LayerNorm -> tanh.
 
-    Its input is the frozen backbone's features, computed elsewhere once per frame; the backbone is
-    passed only to learn their shape. (hil-serl adds Dropout 0.1 after the pooling; we leave it
+    With a backbone (the frozen ResNet-10) the head's input is its features, computed elsewhere once
+    per frame; the backbone is passed only to learn their shape. Without, a SmallCNN trained with the
+    head turns frames into features. (hil-serl adds Dropout 0.1 after the pooling; we leave it
     out: the agent never switches to eval mode, so acting would be noisy.)
     """
 
-    def __init__(self, frame_shape, latent_dim, backbone):
+    def __init__(self, frame_shape, latent_dim, backbone=None):
         super().__init__()
+        self.cnn = SmallCNN() if backbone is None else None
         with torch.no_grad():
-            c, h, w = backbone(torch.zeros(1, *frame_shape, dtype=torch.uint8)).shape[1:]
+            c, h, w = (self.cnn or backbone)(torch.zeros(1, *frame_shape, dtype=torch.uint8)).shape[1:]
         self.pool = SpatialLearnedEmbeddings(c, h, w)
         self.proj = nn.Sequential(nn.Linear(c * NUM_SPATIAL_FEATURES, latent_dim), nn.LayerNorm(latent_dim), nn.Tanh())
         self.out_dim = latent_dim
 
-    def forward(self, features):                                                   # (B, 512, h, w), float16
-        return self.proj(self.pool(features.float()))                             # (B, latent)
-
-
-# --- pretrained weights: the HF port of hil-serl's ResNet-10, a .safetensors file ----------------
-def port_key(name):
-    """Our parameter name -> the HF port's (lerobot/resnet10): its convs and norms sit in wrapper modules."""
-    name = re.sub(r"^stages\.", "encoder.stages.", name)
-    name = re.sub(r"(conv\d|shortcut\.0)\.", r"\1.conv.", name)
-    return re.sub(r"(norm\d|embedder\.1|shortcut\.1)\.", r"\1.group_norm.", name)
-
-
-def load_resnet10(backbone, path):
-    """Copy the weights in `path` (the HF port's key layout) into backbone; a clear error if they do not fit."""
-    try:
-        theirs = load_file(path)
-    except (SafetensorError, OSError) as error:
-        raise ValueError(f"{path}: not a readable .safetensors file ({error})") from None
-    ours = {port_key(name): p for name, p in backbone.named_parameters()}
-    missing, unexpected = sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours))
-    if missing or unexpected:
-        problem = f"missing key '{missing[0]}'" if missing else f"unexpected key '{unexpected[0]}'"
-        raise ValueError(f"{path}: {problem}; expected the key layout of lerobot/resnet10 ({RESNET10_URL})")
-    for key, p in ours.items():
-        if theirs[key].shape != p.shape:
-            raise ValueError(f"{path}: key '{key}' has shape {list(theirs[key].shape)}, expected {list(p.shape)}")
-        p.data.copy_(theirs[key].float())
-
-
-def resnet10_weights(cfg):
-    """cfg.resnet_weights, or the HF port's file, downloaded once into ~/.cache/hilserl-so101/."""
-    if cfg.resnet_weights:
-        return cfg.resnet_weights
-    path = os.path.join(os.path.expanduser("~"), ".cache", "hilserl-so101", "resnet10.safetensors")
-    if not os.path.exists(path):
-        print(f"downloading hil-serl's pretrained ResNet-10 (ImageNet-1k, about 20 MB) from {RESNET10_URL}")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        try:
-            urllib.request.urlretrieve(RESNET10_URL, path + ".tmp")
-        except OSError as error:
-            sys.exit(f"error: cannot download the ResNet-10 weights ({error}); put {RESNET10_URL} at {path} "
-                     "or pass --resnet_weights FILE")
-        os.replace(path + ".tmp", path)
-    return path
+    def forward(self, x):            # frames (B, H, W, 3) uint8 for the small CNN, else (B, 512, h, w) features
+        x = self.cnn(x) if self.cnn is not None else x.float()                    # (B, C, h, w)
+        return self.proj(self.pool(x))                                             # (B, latent)
 
 
 class Actor(nn.Module):
@@ -283,14 +208,15 @@ class GraspCritic(nn.Module):
 class Agent(nn.Module):
     """Everything the update trains, plus the polyak-averaged target copies (hil-serl averages all).
 
-    image_shapes: {camera: (H, W, 3)} when observations hold frames; the agent then also holds the
-    frozen ResNet-10 (`backbone`), whose features the update reads from hilserl.FrameFeatures.
+    image_shapes: {camera: (H, W, 3)} when observations hold frames. With --encoder resnet10 the agent
+    also holds the frozen ResNet-10 (`backbone`), whose features the update reads from vision.FrameFeatures.
     """
 
     def __init__(self, state_dim, cfg, image_shapes=None):
         super().__init__()
         image_shapes = image_shapes or {}
-        self.backbone = ResNet10() if image_shapes else None
+        self.image_encoder = cfg.encoder if image_shapes else None   # a checkpoint refuses the other
+        self.backbone = ResNet10() if self.image_encoder == "resnet10" else None
         self.actor = Actor(state_dim, EE_DIM, cfg, len(image_shapes) * cfg.image_latent_dim)
         self.encoder = Encoder(state_dim, cfg.state_latent_dim, image_shapes, cfg, self.backbone)
         self.critic = CriticEnsemble(cfg.num_critics, self.encoder.out_dim + EE_DIM, cfg.hidden_dim)
@@ -311,9 +237,10 @@ class Agent(nn.Module):
     @torch.no_grad()
     def act(self, obs, deterministic=False):
         """One action for the robot: EE deltas from the actor, the gripper from the grasp critic's argmax."""
-        if self.backbone is not None:   # frames -> frozen features, rounded as FrameFeatures stores them,
-            obs = {**obs, **{name: self.backbone(obs[name]).half() for name in self.encoder.images
-                             if obs[name].dtype == torch.uint8}}   # unless the caller has them already
+        for name in self.encoder.images if self.backbone is not None else ():   # frames -> frozen features,
+            if obs[name].dtype == torch.uint8:                     # rounded as FrameFeatures stores them,
+                q, scale = as_stored(self.backbone(obs[name]))     # unless the caller has them already
+                obs = {**obs, name: q * scale}
         z = self.encoder(obs)                                                   # (B, F)
         ee, _ = self.actor(obs, self.image_features(z), deterministic)          # (B, 3)
         gripper = self.grasp_critic(z).argmax(-1) - 1                           # class -> {-1, 0, 1}

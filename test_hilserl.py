@@ -28,6 +28,7 @@ import runpy  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
+import types  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pygame  # noqa: E402
@@ -2130,6 +2131,7 @@ class TestTeleop:
 
 # Vision: the frozen ResNet-10 and its weights, cached
 import networks  # noqa: E402
+import vision  # noqa: E402
 
 
 IMAGES = {"front": (64, 64, 3), "wrist": (64, 64, 3)}
@@ -2150,8 +2152,8 @@ def write_safetensors(path, tensors):
 def port_weights(path, seed=1):
     """A ResNet-10 weight file with the HF port's key layout (lerobot/resnet10), random weights."""
     torch.manual_seed(seed)
-    backbone = networks.ResNet10()
-    write_safetensors(path, {networks.port_key(n): p for n, p in backbone.named_parameters()})
+    backbone = vision.ResNet10()
+    write_safetensors(path, {vision.port_key(n): p for n, p in backbone.named_parameters()})
     return backbone
 
 
@@ -2167,11 +2169,11 @@ def image_batch(batch_size=8, seed=0):
 
 def features_of(agent, obs):
     """obs with each camera's frames replaced by the frozen backbone's features, as FrameFeatures stores them."""
-    return {**obs, **{k: agent.backbone(obs[k]).half() for k in IMAGES}}
+    return {**obs, **{k: torch.mul(*vision.as_stored(agent.backbone(obs[k]))) for k in IMAGES}}
 
 
 def counting_backbone():
-    backbone = networks.ResNet10()
+    backbone = vision.ResNet10()
     calls = []
     forward = backbone.forward
     backbone.forward = lambda frames: calls.append(len(frames)) or forward(frames)
@@ -2194,11 +2196,25 @@ def sim_frames(cube_z, seeds, size=64):
     return {k: np.stack(v) for k, v in frames.items()}
 
 
+def pad_and_crop(image, dy, dx, pad=4):
+    """DrQ's random shift written as DrQ does it: pad by `pad` replicating the edges, then crop back at the
+    offset (pad + dy, pad + dx). image (H, W, C) uint8."""
+    h, w, _ = image.shape
+    padded = torch.nn.functional.pad(image.permute(2, 0, 1)[None].float(), (pad,) * 4, mode="replicate")[0]
+    return padded[:, pad + dy:pad + dy + h, pad + dx:pad + dx + w].permute(1, 2, 0).to(torch.uint8)
+
+
+def shift_of(image, original, pad=4):
+    """The (dy, dx) within pad by which `image` is `original` shifted, edges replicated; None when it is none."""
+    return next(((dy, dx) for dy in range(-pad, pad + 1) for dx in range(-pad, pad + 1)
+                 if torch.equal(image, pad_and_crop(original, dy, dx, pad))), None)
+
+
 class TestImages:
     """networks.py's image encoders, cached features, the reward classifier, pixels in the sim."""
 
     def test_resnet10_gives_512_maps_at_a_32nd_of_the_side_and_is_frozen(self):
-        backbone = networks.ResNet10()
+        backbone = vision.ResNet10()
         frames = torch.randint(0, 256, (2, 128, 128, 3), dtype=torch.uint8)
         features = backbone(frames)
         assert features.shape == (2, 512, 4, 4) and features.grad_fn is None
@@ -2216,28 +2232,28 @@ class TestImages:
         names = set(json.loads((tmp_path / "resnet10.safetensors").read_bytes()[8:].split(b"}}")[0] + b"}}"))
         assert {"embedder.0.weight", "embedder.1.group_norm.weight", "encoder.stages.0.conv1.conv.weight",
                 "encoder.stages.3.shortcut.0.conv.weight", "encoder.stages.3.shortcut.1.group_norm.bias"} <= names
-        backbone = networks.ResNet10()
-        networks.load_resnet10(backbone, tmp_path / "resnet10.safetensors")
+        backbone = vision.ResNet10()
+        vision.load_resnet10(backbone, tmp_path / "resnet10.safetensors")
         for p, q in zip(backbone.parameters(), source.parameters()):
             assert torch.equal(p, q)
 
     def test_weights_with_a_wrong_key_layout_name_the_key(self, tmp_path):
-        backbone = networks.ResNet10()
-        tensors = {networks.port_key(n): p for n, p in backbone.named_parameters()}
+        backbone = vision.ResNet10()
+        tensors = {vision.port_key(n): p for n, p in backbone.named_parameters()}
         tensors["stages.0.conv1.weight"] = tensors.pop("encoder.stages.0.conv1.conv.weight")   # torchvision-like name
         write_safetensors(tmp_path / "bad.safetensors", tensors)
         with pytest.raises(ValueError, match=r"bad.safetensors: missing key 'encoder.stages.0.conv1.conv.weight'; "
                                              r"expected the key layout of lerobot/resnet10"):
-            networks.load_resnet10(backbone, tmp_path / "bad.safetensors")
+            vision.load_resnet10(backbone, tmp_path / "bad.safetensors")
         (tmp_path / "junk.safetensors").write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00hello")
         with pytest.raises(ValueError, match="not a readable .safetensors file"):
-            networks.load_resnet10(backbone, tmp_path / "junk.safetensors")
+            vision.load_resnet10(backbone, tmp_path / "junk.safetensors")
 
     def test_no_weights_and_no_network_is_one_line_naming_the_file_and_the_setting(self, tmp_path, monkeypatch):
         monkeypatch.setenv("HOME", str(tmp_path))
-        monkeypatch.setattr(networks.urllib.request, "urlretrieve", lambda *a: (_ for _ in ()).throw(OSError("offline")))
+        monkeypatch.setattr(vision.urllib.request, "urlretrieve", lambda *a: (_ for _ in ()).throw(OSError("offline")))
         with pytest.raises(SystemExit) as exit_info:
-            networks.resnet10_weights(Config())
+            vision.resnet10_weights(Config())
         message = str(exit_info.value)
         assert "\n" not in message and "--resnet_weights FILE" in message and "resnet10.safetensors" in message
 
@@ -2270,9 +2286,9 @@ class TestImages:
                 next_obs = frame(t + 1)
                 buf.add(obs, np.zeros(4, np.float32), 0.0, next_obs, t % 6 == 5, False, False)
                 obs = frame(t + 1) if t % 6 == 5 else next_obs
-        demo_features = hilserl.FrameFeatures(demo, backbone, torch.device("cpu"))   # loaded buffer: all at once
+        demo_features = vision.FrameFeatures(demo, backbone, torch.device("cpu"))   # loaded buffer: all at once
         online = buffer.ReplayBuffer(40, example, 4)
-        online_features = hilserl.FrameFeatures(online, backbone, torch.device("cpu"))
+        online_features = vision.FrameFeatures(online, backbone, torch.device("cpu"))
         calls.clear()
         obs = frame(0)
         for t in range(12):
@@ -2290,7 +2306,104 @@ class TestImages:
         assert sum(calls) == 14                                                       # updates read the cache only
         slots = buffer.sample_batches(demo, online, cfg.utd_ratio, cfg.batch_size, np.random.default_rng(seed), False)["slot"][0]
         frames = np.concatenate([demo.arrays["front"][(slots[:4] + 1) % 40], online.arrays["front"][(slots[4:] + 1) % 40]])
-        assert torch.allclose(batches["next_obs"]["front"][0].float(), backbone(torch.from_numpy(frames)), atol=1e-2, rtol=1e-2)
+        expected = backbone(torch.from_numpy(frames))
+        # stored in a byte a value (half a step: a map's largest / 510), read out in float16 (2^-11 relative)
+        bound = expected.amax(dim=(1, 2, 3), keepdim=True) / 510 + expected.abs() / 2 ** 11 + 1e-6
+        assert ((batches["next_obs"]["front"][0].float() - expected).abs() <= bound).all()
+
+    def test_random_shift_moves_each_image_by_at_most_pad_with_edges_replicated(self):
+        frames = torch.randint(0, 256, (2, 150, 12, 12, 3), dtype=torch.uint8)
+        out = vision.random_shift(frames, pad=4)
+        assert out.shape == frames.shape
+        seen = [shift_of(image, original) for image, original in zip(out.flatten(0, 1), frames.flatten(0, 1))]
+        assert None not in seen and len(set(seen)) > 60                               # of 81, each image its own
+
+    def test_the_small_encoder_shifts_obs_and_next_obs_independently_in_every_update(self):
+        cfg = small_cfg(encoder="small", image_latent_dim=8, utd_ratio=2)
+        agent = Agent(STATE_DIM, cfg, IMAGES)
+        optimizers, seen = hilserl.make_optimizers(agent, cfg), []
+        b = image_batch()
+        b["next_obs"] = {**b["next_obs"], "front": b["obs"]["front"]}                 # the same frames in both
+        batches = {k: ({g: v.unsqueeze(0).repeat(2, *[1] * v.dim()) for g, v in x.items()} if isinstance(x, dict)
+                       else x.unsqueeze(0).repeat(2, *[1] * x.dim())) for k, x in b.items()}   # (U=2, B, ...)
+        record = lambda agent, optimizer, batch, *rest: seen.append(batch) or hilserl.critic_step(agent, optimizer, batch, *rest)
+        hilserl.learn(agent, optimizers, cfg, batches, critic_update=record)
+        obs, next_obs = ([list(map(shift_of, batch[group]["front"], b["obs"]["front"])) for batch in seen]
+                         for group in ("obs", "next_obs"))
+        assert None not in obs[0] + obs[1] + next_obs[0] + next_obs[1]                # each row shifted by <= 4 px
+        assert len(set(obs[0])) > 1 and len(set(next_obs[0])) > 1                    # each row its own shift,
+        assert obs[0] != next_obs[0] and obs[0] != obs[1]                              # drawn anew for each
+        assert torch.equal(seen[0]["obs"]["state"], b["obs"]["state"])                # vectors untouched
+        unshifted = []
+        hilserl.learn(agent, optimizers, dataclasses.replace(cfg, augment=False), batches,
+                      critic_update=lambda agent, optimizer, batch, *rest: unshifted.append(batch) or
+                      hilserl.critic_step(agent, optimizer, batch, *rest))
+        assert torch.equal(unshifted[0]["obs"]["front"], b["obs"]["front"])           # --augment false
+
+    def test_the_small_encoder_learns_from_the_critic_loss_and_never_from_the_actor_loss(self):
+        cfg = small_cfg(encoder="small", image_latent_dim=8)
+        agent = Agent(STATE_DIM, cfg, IMAGES)
+        cnn = [p for name, p in agent.named_parameters() if name.startswith("encoder.images.front.cnn.")]
+        assert agent.backbone is None and len(cnn) == 8 and all(p.requires_grad for p in cnn)   # 4 convs
+        b = image_batch()
+        actor_loss, temperature_loss, _ = hilserl.actor_losses(agent, b["obs"], -2.0)
+        (actor_loss + temperature_loss).backward()
+        assert all(p.grad is None for p in cnn)
+        critic_loss, grasp_loss, _ = hilserl.critic_losses(agent, b, None, cfg.discount)
+        (critic_loss + grasp_loss).backward()
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in cnn)
+        assert all(p.grad is None for p in agent.target.parameters())                # the target copy: polyak only
+
+    def test_the_augmented_cache_holds_the_backbone_features_of_shifted_frames(self):
+        torch.manual_seed(0)
+        backbone = vision.ResNet10()
+        example = {"state": np.zeros(STATE_DIM, np.float32), "front": np.zeros((32, 32, 3), np.uint8)}
+        demo, rng = buffer.ReplayBuffer(10, example, 4), np.random.default_rng(0)
+        frames = rng.integers(0, 256, (4, 32, 32, 3), np.uint8)
+        for t in range(3):
+            demo.add({**example, "front": frames[t]}, np.zeros(4, np.float32), 0.0, {**example, "front": frames[t + 1]},
+                     t == 2, False, True)
+        cache = vision.FrameFeatures(demo, backbone, torch.device("cpu"), copies=4)
+        for slot, frame in enumerate(torch.from_numpy(frames)):
+            every_shift = torch.stack([pad_and_crop(frame, dy, dx) for dy in range(-4, 5) for dx in range(-4, 5)])
+            exact = backbone(every_shift)                                                 # (81, 512, 1, 1)
+            # one byte a value: within half a step (the map's largest / 510) of the backbone's own, float16 aside
+            bound = exact.amax(dim=(1, 2, 3), keepdim=True) / 510 + exact.abs() / 2 ** 11 + 1e-6
+            matches = []
+            for copy_index in range(4):
+                stored = cache.read("front", torch.tensor(slot), torch.tensor(copy_index)).float()
+                matches.append([i for i in range(81) if ((stored - exact[i]).abs() <= bound[i]).all()])
+            assert matches[0] == [40]                                                    # the first copy: unshifted
+            assert all(matches[1:]) and len({m[0] for m in matches}) > 2                # the others: shifted frames
+        cfg = small_cfg(utd_ratio=3, batch_size=8)
+        batches = hilserl.control_step_batches(demo, demo, cfg, rng, torch.device("cpu"), cache, cache)
+        for group in ("obs", "next_obs"):                                                # each row: one of its copies
+            rows = batches[group]["front"].flatten(0, 1).float()                         # (U B, 512, 1, 1)
+            copies = torch.stack([cache.read("front", torch.tensor(s), torch.arange(4)).float() for s in range(4)])
+            assert all(any(torch.equal(row, c) for c in copies.flatten(0, 1)) for row in rows)
+            assert len({tuple(row.flatten().tolist()) for row in rows}) > 4              # not always the same copy
+
+    def test_a_checkpoint_refuses_the_other_encoder_in_one_line(self, tmp_path):
+        cfg = small_cfg(encoder="small", image_latent_dim=8)
+        agent = Agent(STATE_DIM, cfg, IMAGES)
+        run = types.SimpleNamespace(agent=agent, progress={"episode": 3}, folder=tmp_path, rows=[],
+                                    optimizers=hilserl.make_optimizers(agent, cfg))
+        hilserl.save_checkpoint(run)
+        assert hilserl.load_checkpoint(tmp_path, Agent(STATE_DIM, cfg, IMAGES)) == {"episode": 3}
+        with pytest.raises(SystemExit) as exit_info:
+            hilserl.load_checkpoint(tmp_path, Agent(STATE_DIM, dataclasses.replace(cfg, encoder="resnet10"), IMAGES))
+        message = str(exit_info.value)
+        assert "\n" not in message and re.fullmatch(r"error: .*checkpoint.pt was trained with --encoder small; "
+                                                    r"pass --encoder small, .*", message), message
+
+    def test_bench_images_prints_both_encoders_and_what_the_augmentation_keeps(self, capsys):
+        bench.bench_images(small_cfg(image_size=32, utd_ratio=2, image_latent_dim=8), torch.device("cpu"), slots=40)
+        lines = capsys.readouterr().out.splitlines()
+        assert len(lines) == 5 and all(re.search(r"\d+\.\d \(act +\d+\.\d, store +\d+\.\d, updates", x) for x in lines[1:])
+        # at 32x32 a camera's features are 512 x 1 x 1 bytes and a float32 scale, once or 4 times a frame
+        assert [re.search(r"features: (\S+) GB", x)[1] for x in lines[1:]] == ["0.05", "0.21", "0.00", "0.00"]
+        assert [x.split(":")[0].split() for x in lines[1:]] == [["resnet10,", "augment", a] for a in ("off", "on")] + \
+            [["small,", "augment", a] for a in ("off", "on")]
 
     def test_classifier_learns_to_tell_a_lifted_cube_from_one_on_the_table(self):
         cfg = small_cfg(hidden_dim=64)
@@ -2482,8 +2595,8 @@ class TestVirtualArm:
         assert re.search(r"1000 transactions .* [3-9]\d faults injected .*: 0 wrong values, 0 errors", out), out
 
     def test_the_real_arm_workflow_end_to_end_on_the_virtual_arm(self, tmp_path):
-        """calibrate -> record 2 demos -> label frames -> train the classifier -> train (the classifier deciding
-        success too) -> kill -9 -> resume -> Ctrl-C, SIGTERM, SIGHUP, a servo error -> eval, every program on
+        """calibrate -> record 2 demos -> label frames -> train the classifier -> train (the small encoder, the
+        classifier deciding success too) -> kill -9 -> resume -> Ctrl-C, SIGTERM, SIGHUP, a servo error -> eval, every program on
         the virtual arm's serial port and camera streams as on a real arm, the human scripted; on the wire:
         torque off after every exit but the kill, and no goal outside the calibrated limits."""
         import subprocess
@@ -2514,7 +2627,7 @@ class TestVirtualArm:
                     "--cameras", f"front={url}/front,wrist={url}/wrist", "--resnet_weights",
                     str(tmp_path / "resnet10.safetensors"), "--hidden_dim", "16", "--image_latent_dim", "8"]
             small = ["--state_latent_dim", "8", "--batch_size", "16", "--utd_ratio", "1", "--training_starts", "20",
-                     "--checkpoint_every", "1", "--classifier", str(tmp_path / "classifier.pt")]
+                     "--checkpoint_every", "1", "--classifier", str(tmp_path / "classifier.pt"), "--encoder", "small"]
             run, demos = tmp_path / "run", str(tmp_path / "demos.npz")
 
             def start(*args):   # SIGINT as at a terminal, also when this runs in the background (it would be ignored)
