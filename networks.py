@@ -240,7 +240,7 @@ class Agent(nn.Module):
         for name in self.encoder.images if self.backbone is not None else ():   # frames -> frozen features,
             if obs[name].dtype == torch.uint8:                     # rounded as FrameFeatures stores them,
                 q, scale = as_stored(self.backbone(obs[name]))     # unless the caller has them already
-                obs = {**obs, name: q * scale}
+                obs = {**obs, name: (q * scale).half()}
         z = self.encoder(obs)                                                   # (B, F)
         ee, _ = self.actor(obs, self.image_features(z), deterministic)          # (B, 3)
         gripper = self.grasp_critic(z).argmax(-1) - 1                           # class -> {-1, 0, 1}

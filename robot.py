@@ -862,16 +862,16 @@ def check(arm, ask=input, distance_m=0.03, torque_limit=500, step_rad=0.03, shor
 
 
 def print_status(bus):
-    print(f"{'joint':14} {'id':>3} {'ticks':>6} {'temp C':>7} {'volt V':>7} {'load %':>7}  errors")
+    print(f"{'joint':14} {'id':>3} {'ticks':>6} {'temp C':>7} {'volt V':>7} {'load %':>7} {'torque':>6}  errors")
     for name, servo_id in zip(JOINTS, IDS):
         try:
-            ticks, temperature, voltage, load, status = [bus.read(servo_id, register) for register in (
-                "Present_Position", "Present_Temperature", "Present_Voltage", "Present_Load", "Status")]
+            ticks, temperature, voltage, load, torque, status = [bus.read(servo_id, register) for register in (
+                "Present_Position", "Present_Temperature", "Present_Voltage", "Present_Load", "Torque_Enable", "Status")]
         except (BusError, ServoError) as error:
             print(f"{name:14} {servo_id:>3}  {error}")
             continue
-        print(f"{name:14} {servo_id:>3} {ticks:>6} {temperature:>7} {voltage / 10:>7.1f} {load / 10:>7.1f}  "
-              f"{error_names(status) if status else '-'}")
+        print(f"{name:14} {servo_id:>3} {ticks:>6} {temperature:>7} {voltage / 10:>7.1f} {load / 10:>7.1f} "
+              f"{'on' if torque else 'off':>6}  {error_names(status) if status else '-'}")
 
 
 def open_bus(port, cfg):
@@ -888,10 +888,13 @@ def open_bus(port, cfg):
 def main():
     cfg, words = load_config()
     command = words[0] if words else "status"
-    if command not in ("status", "calibrate", "check") or not cfg.port:
-        raise SystemExit("usage: python robot.py --port /dev/ttyACM0 status|calibrate|check")
+    if command not in ("status", "torque-off", "calibrate", "check") or not cfg.port:
+        raise SystemExit("usage: python robot.py --port /dev/ttyACM0 status|torque-off|calibrate|check")
     bus = open_bus(cfg.port, cfg)
     if command == "status":
+        return print_status(bus)
+    if command == "torque-off":   # SAFETY: after a crash or kill -9 torque stays on (the STS3215 has no watchdog)
+        bus.sync_write("Torque_Enable", {servo_id: 0 for servo_id in IDS})
         return print_status(bus)
     if command == "check":
         try:

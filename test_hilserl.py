@@ -1600,6 +1600,20 @@ class TestRobot:
         assert "wrist_flex" in out and "-5.0" in out and "7.4" in out
         assert {p[4] for p in emulator.received} == {robot.READ}
 
+    def test_status_shows_torque_and_torque_off_turns_every_servo_off(self, capsys, monkeypatch):
+        emulator, bus = make_bus()
+        for servo_id in IDS[:3]:
+            emulator.set(servo_id, "Torque_Enable", 1)                               # as a killed run leaves it
+        monkeypatch.setattr(robot, "open_bus", lambda port, cfg: bus)
+        monkeypatch.setattr("sys.argv", ["robot.py", "--port", "/dev/ttyACM0", "status"])
+        robot.main()
+        rows = capsys.readouterr().out.splitlines()
+        assert "torque" in rows[0] and [row.split()[6] for row in rows[1:]] == ["on"] * 3 + ["off"] * 3
+        monkeypatch.setattr("sys.argv", ["robot.py", "--port", "/dev/ttyACM0", "torque-off"])
+        robot.main()
+        assert all(emulator.get(servo_id, "Torque_Enable") == 0 for servo_id in IDS)
+        assert [row.split()[6] for row in capsys.readouterr().out.splitlines()[1:]] == ["off"] * 6
+
     def test_bench_reports_driver_and_wire_time(self, capsys):
         bench.bench_bus(Config(), n=50)
         assert "wire time of the 88 bytes at 1000000 baud 0.880 ms" in capsys.readouterr().out
@@ -2353,6 +2367,12 @@ class TestImages:
         (critic_loss + grasp_loss).backward()
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in cnn)
         assert all(p.grad is None for p in agent.target.parameters())                # the target copy: polyak only
+
+    def test_features_are_kept_in_a_byte_a_value_scaled_to_the_largest_of_their_map(self):
+        features = torch.tensor([[0.0, 1.0, 2.55, 0.004]]).view(1, 4, 1, 1)          # one map of 4 channels
+        stored, scale = vision.as_stored(features)
+        assert stored.dtype == torch.uint8 and stored.flatten().tolist() == [0, 100, 255, 0]
+        assert scale.item() == pytest.approx(0.01)                                    # 2.55 / 255
 
     def test_the_augmented_cache_holds_the_backbone_features_of_shifted_frames(self):
         torch.manual_seed(0)

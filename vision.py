@@ -74,14 +74,6 @@ class ResNet10(nn.Module):
         return x                                                                  # (N, 512, H/32, W/32)
 
 
-def as_stored(features):
-    """What hilserl.FrameFeatures keeps of backbone features (N, C, h, w), never negative (a ReLU ends the
-    ResNet): one byte a value, 0..255 times a scale per map -> (uint8 (N, C, h, w), scale (N, 1, 1, 1)).
-    Four shifted copies of every frame then fit in 13 GB at the default capacities (float16: 26 GB)."""
-    scale = features.amax(dim=(1, 2, 3), keepdim=True).clamp(min=1e-8) / 255
-    return (features / scale).round().to(torch.uint8), scale
-
-
 # --- augmentation and the cache ---------------------------------------------------------------------
 def random_shift(frames, pad=4):
     """DrQ's augmentation (Yarats et al. 2021): each image moved by up to `pad` pixels each way, edges
@@ -94,12 +86,20 @@ def random_shift(frames, pad=4):
     return x[torch.arange(len(x), device=x.device).view(-1, 1, 1), rows, cols].reshape(frames.shape)
 
 
+def as_stored(features):
+    """What FrameFeatures keeps of backbone features (N, C, h, w), never negative (a ReLU ends the
+    ResNet): one byte a value, 0..255 times a scale per map -> (uint8 (N, C, h, w), scale (N, 1, 1, 1)).
+    Four shifted copies of every frame then fit in 13 GB at the default capacities (float16: 26 GB)."""
+    scale = features.amax(dim=(1, 2, 3), keepdim=True).clamp(min=1e-8) / 255
+    return (features / scale).round().to(torch.uint8), scale
+
+
 SHIFTED_COPIES = 4   # --augment with resnet10: features kept of each frame, itself and 3 random shifts
 
 
 class FrameFeatures:
     """The frozen ResNet-10's features of every frame in a replay buffer, kept on the device, one byte a value
-    (networks.as_stored). Row i of `table[camera]` holds those of the frame in the buffer's slot i: the backbone
+    (as_stored). Row i of `table[camera]` holds those of the frame in the buffer's slot i: the backbone
     runs when a frame is stored, never in an update (~12 TFLOP a control step: 20 updates of 256 rows, 2 cameras).
     A row holds `copies` copies: the frame's features, then those of the frame randomly shifted (pad 4), of
     which each batch row reads one (hil-serl random-crops every batch; the policy acts on the first)."""
