@@ -352,8 +352,10 @@ def train(cfg, env, teleop, folder):
         raise SystemExit(f"error: {error}; training stopped and saved nothing since the last checkpoint "
                          "(usual causes: --lr too high, rewards far out of scale)") from None
     except BaseException:              # Ctrl-C, SIGTERM, a bus error: save, losing at most this episode
-        env.arm.close()                # SAFETY: torque off first: saving takes seconds
-        save_checkpoint(run)
+        try:
+            env.arm.close()            # SAFETY: torque off first: saving takes seconds
+        finally:                       # and save even when it fails: a pulled cable fails both the run and it
+            save_checkpoint(run)
         raise
     env.arm.close()
     save_checkpoint(run)
