@@ -137,7 +137,8 @@ def setup(cfg, example, slots, rng, device):
     demo, online = ReplayBuffer(slots, example, ACT_DIM), ReplayBuffer(slots, example, ACT_DIM)
     agent = Agent(STATE_DIM, cfg, hilserl.image_shapes(example)).to(device)
     copies = hilserl.SHIFTED_COPIES if cfg.augment else 1
-    features = [FrameFeatures(b, agent.backbone, device, copies) for b in (demo, online)] if agent.backbone else [None] * 2
+    features = [FrameFeatures(b, agent.backbone, device, copies) if agent.backbone else None
+                for b in (demo, online)]
     pool = {k: rng.integers(0, 256, (16, *v.shape), dtype=np.uint8) for k, v in example.items() if v.dtype == np.uint8}
     for buf in (demo, online):
         for t in range(slots // 2):
@@ -156,7 +157,8 @@ def setup(cfg, example, slots, rng, device):
 def bench_update(cfg, device, rounds=5):
     """The eager spine is timed first: fast.Learner changes the process (keep_freed_memory) and the agent."""
     rng = np.random.default_rng(cfg.seed)
-    agent, optimizers, demo, online, _, batches = setup(cfg, {"state": np.zeros(STATE_DIM, np.float32)}, 20_000, rng, device)
+    example = {"state": np.zeros(STATE_DIM, np.float32)}
+    agent, optimizers, demo, online, _, batches = setup(cfg, example, 20_000, rng, device)
     reference = ReferenceLearner(STATE_DIM, cfg, device)
     spine, ref = lambda: hilserl.learn(agent, optimizers, cfg, batches()), lambda: reference.learn(demo, online, rng)
     with torch.utils.flop_counter.FlopCounterMode(display=False) as counter:   # the matmuls learn runs (a test checks
@@ -194,12 +196,13 @@ def bench_images(cfg, device, slots=2_000):
     eager. The ResNet-10 runs when a frame is stored (its copies too); the small CNN in every update."""
     frame = np.zeros((cfg.image_size, cfg.image_size, 3), np.uint8)
     example = {"state": np.zeros(STATE_DIM, np.float32), "front": frame, "wrist": frame}
-    print(f"images: {device_name(device)}; two {cfg.image_size}x{cfg.image_size} cameras; utd_ratio {cfg.utd_ratio}, "
-          f"batch {cfg.batch_size}; ms per control step, eager; bytes each frame keeps on the {device.type}")
+    print(f"images: {device_name(device)}; two {cfg.image_size}x{cfg.image_size} cameras; utd_ratio "
+          f"{cfg.utd_ratio}, batch {cfg.batch_size}; ms per control step, eager; store: a frame per camera")
     for encoder, augment in (("resnet10", False), ("resnet10", True), ("small", False), ("small", True)):
         c = dataclasses.replace(cfg, encoder=encoder, augment=augment)
-        agent, optimizers, demo, online, (_, cache), batches = setup(c, example, slots, np.random.default_rng(0), device)
-        store_ms = timed(lambda: cache.compute(np.array([2])), device) * 1e3 if cache else 0.0   # a frame per camera
+        rng = np.random.default_rng(0)
+        agent, optimizers, demo, online, (_, cache), batches = setup(c, example, slots, rng, device)
+        store_ms = timed(lambda: cache.compute(np.array([2])), device) * 1e3 if cache else 0.0
         obs = {k: torch.as_tensor(v, device=device)[None] for k, v in example.items()}
         obs.update(cache.add(2) if cache else {})   # resnet10 acts on the cached features of the new frames
         act_ms = timed(lambda: agent.act(obs), device) * 1e3
@@ -207,9 +210,10 @@ def bench_images(cfg, device, slots=2_000):
         spine()
         update_ms = timed(spine, device) * 1e3
         kept = sum(t[0].nbytes + cache.scale[k][0].nbytes for k, t in cache.table.items()) / 2 if cache else 0
-        print(f"  {encoder:>8}, augment {'on' if augment else 'off':>3}: {act_ms + store_ms + update_ms:7.1f} (act "
-              f"{act_ms:5.1f}, store {store_ms:5.1f}, updates {update_ms:7.1f}); features: {kept * 1e5 / 1e9:.2f} GB "
-              f"per 100,000 frames per camera")
+        total_ms = act_ms + store_ms + update_ms
+        print(f"  {encoder:>8}, augment {'on' if augment else 'off':>3}: {total_ms:7.1f} (act {act_ms:5.1f}, "
+              f"store {store_ms:5.1f}, updates {update_ms:7.1f}); features: "
+              f"{kept * 1e5 / 1e9:.2f} GB per 100,000 frames per camera")
 
 
 def bench_bus(cfg, n=2000):

@@ -50,8 +50,8 @@ class Config:
     demo_capacity: int = 100_000         # demo ring buffer size, transitions (LeRobot)
 
     # --- images (networks.py) ------------------------------------------------------------------
-    encoder: str = "resnet10"            # camera trunk: resnet10 (pretrained, frozen; hil-serl) or small (trained, no weights file; DrQ)
-    augment: bool = True                 # random shift of the frames, pad 4 (DrQ; hil-serl random-crops every batch)
+    encoder: str = "resnet10"            # cameras: resnet10 (pretrained, frozen; hil-serl); small (DrQ)
+    augment: bool = True                 # frames shifted at random, pad 4 (DrQ; hil-serl crops every batch)
     resnet_weights: str = ""             # ResNet-10 .safetensors (HF lerobot/resnet10 layout); empty = download once to ~/.cache/hilserl-so101
     image_latent_dim: int = 256          # features per camera after the image head (hil-serl)
     classifier: str = ""                 # reward classifier file; when set, it too decides success from the frames (hil-serl)

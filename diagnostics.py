@@ -115,9 +115,10 @@ def episode_video(path, env, obs, fps):
 @torch.no_grad()
 def episode_q(agent, episode, features=None, slots=()):
     """The critics' mean Q(s, a) at each step of a finished episode (its own buffer), for the action
-    taken: (T,). With the ResNet-10, `features` is the online buffer's FrameFeatures, `slots` the episode's there."""
+    taken: (T,). With the ResNet-10, `features` is the online buffer's FrameFeatures, `slots` the
+    episode's there."""
     a, n, device = episode.arrays, len(episode), agent.log_alpha.device
-    keys = episode.vector_keys + (episode.image_keys if features is None else [])   # the small CNN reads frames
+    keys = episode.vector_keys + (episode.image_keys if features is None else [])   # small CNN: frames
     obs = {k: torch.from_numpy(a[k][:n]).to(device) for k in keys}
     if features is not None:
         slots = torch.as_tensor(slots, device=device)

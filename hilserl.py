@@ -33,7 +33,7 @@ from classifier import load_classifier
 from config import Config, load_run_config, warnings_for
 from diagnostics import diagnose, episode_diagnostics, episode_q, episode_video, plot_runs
 from networks import Agent, pick_device
-from robot import ACT_DIM, EE_DIM, RobotError
+from robot import ACT_DIM, EE_DIM, BusError, RobotError
 from teleop import EmergencyStop, StatusLine, make_env, make_teleop, record_demos, wait_for_start
 from vision import SHIFTED_COPIES, FrameFeatures, load_resnet10, random_shift, resnet10_weights
 
@@ -128,9 +128,10 @@ def learn(agent, optimizers, cfg, batches, critic_update=critic_step, actor_upda
     batches: tensors shaped (utd_ratio, B, ...) on the agent's device. Returns detached tensors;
     nothing here waits for the GPU (no .item()). fast.py passes compiled forms of the three functions.
     """
-    if cfg.augment and agent.image_encoder == "small":   # DrQ: each frame of obs and of next_obs shifted on its own
-        batches = {**batches, **{group: {k: random_shift(v) if k in agent.encoder.images else v
-                                         for k, v in batches[group].items()} for group in ("obs", "next_obs")}}
+    if cfg.augment and agent.image_encoder == "small":   # DrQ: each frame of obs, next_obs shifted on its own
+        for group in ("obs", "next_obs"):
+            batches = {**batches, group: {k: random_shift(v) if k in agent.encoder.images else v
+                                          for k, v in batches[group].items()}}
     next_act = None     # with cameras, critic_losses draws a' from the actor after each encoder update
     if not agent.encoder.images:
         with torch.no_grad():   # the actor does not change during the critic updates: draw all a' at once
@@ -166,10 +167,11 @@ def control_step_batches(demo, online, cfg, rng, device, demo_features=None, onl
     if cached:
         slots = batches.pop("slot")                                                # (U, B)
         half = slots.shape[1] // 2
+        halves = ((demo_features, slots[:, :half]), (online_features, slots[:, half:]))
         for key in online_features.table:
             for group, offset in (("obs", 0), ("next_obs", 1)):   # next_obs's frame is in the next slot
-                rows = [f.read(key, (s + offset) % f.buffer.capacity, torch.randint_like(s, f.copies))   # any copy
-                        for f, s in ((demo_features, slots[:, :half]), (online_features, slots[:, half:]))]
+                rows = [f.read(key, (s + offset) % f.buffer.capacity, torch.randint_like(s, f.copies))
+                        for f, s in halves]                                    # a row: any copy of its frame
                 batches[group][key] = torch.cat(rows, dim=1)                           # (U, B, 512, h, w)
     return batches
 
@@ -236,7 +238,8 @@ def start_run(cfg, obs, folder):
     for line in warnings_for(cfg, None if cfg.resume else demo.num_episodes) + hints:
         print(line)
     copies = SHIFTED_COPIES if cfg.augment else 1
-    features = [FrameFeatures(b, agent.backbone, device, copies) if agent.backbone else None for b in (demo, online)]
+    features = [FrameFeatures(b, agent.backbone, device, copies) if agent.backbone is not None else None
+                for b in (demo, online)]
     run = Run(cfg, folder, device, agent, optimizers, functools.partial(learn, agent, optimizers, cfg),
               demo, online, *features, progress, rows, np.random.default_rng(cfg.seed))
     if cfg.compile:   # fast.py imports this file: only a run that asks for it reads it
@@ -400,7 +403,8 @@ def save_checkpoint(run):
     """The agent, its optimizers and counters, atomically, then the curves. The buffers need no saving:
     a resume rebuilds them from demo.npz and the episode files."""
     torch.save({"agent": run.agent.state_dict(), "progress": run.progress, "image_encoder": run.agent.image_encoder,
-                "optimizers": {k: o.state_dict() for k, o in run.optimizers.items()}}, run.folder / "checkpoint.pt.tmp")
+                "optimizers": {k: o.state_dict() for k, o in run.optimizers.items()}},
+               run.folder / "checkpoint.pt.tmp")
     os.replace(run.folder / "checkpoint.pt.tmp", run.folder / "checkpoint.pt")     # atomic
     if run.rows:
         plot_runs([run.folder], run.folder / "curves.png", TARGET_ENTROPY)
@@ -418,8 +422,8 @@ def load_checkpoint(folder, agent, optimizers=None):
         raise SystemExit(f"error: {path}: not a readable checkpoint (truncated, corrupt or not written by "
                          "hilserl.py)") from None
     if trained_with and trained_with != agent.image_encoder:
-        raise SystemExit(f"error: {path} was trained with --encoder {trained_with}; pass --encoder {trained_with}, "
-                         "or start a new run for the other encoder")
+        raise SystemExit(f"error: {path} was trained with --encoder {trained_with}; pass --encoder "
+                         f"{trained_with}, or start a new run for the other encoder")
     try:
         agent.load_state_dict(agent_state)
     except RuntimeError as error:   # other network sizes, cameras or state than this run's
@@ -472,7 +476,9 @@ def main():
             print(f"run folder: {folder}")
             train(cfg, env, make_teleop(cfg, env), folder)
     except (ValueError, OSError, RobotError, EmergencyStop) as error:
-        raise SystemExit(f"error: {error}") from None
+        lost = isinstance(error, BusError) and not cfg.eval and (folder / "checkpoint.pt").exists()   # saved
+        raise SystemExit(f"error: {error}" + (f"; then continue with: python hilserl.py --resume {folder}"
+                                              if lost else "")) from None
     except KeyboardInterrupt:   # Ctrl-C: train() has saved the checkpoint on its way out
         raise SystemExit("stopped" if cfg.eval else f"stopped; continue with: python hilserl.py --resume {folder}") from None
 

@@ -128,7 +128,7 @@ class ImageHead(nn.Module):
         self.proj = nn.Sequential(nn.Linear(c * NUM_SPATIAL_FEATURES, latent_dim), nn.LayerNorm(latent_dim), nn.Tanh())
         self.out_dim = latent_dim
 
-    def forward(self, x):            # frames (B, H, W, 3) uint8 for the small CNN, else (B, 512, h, w) features
+    def forward(self, x):          # the small CNN's: frames (B, H, W, 3) uint8; else (B, 512, h, w) features
         x = self.cnn(x) if self.cnn is not None else x.float()                    # (B, C, h, w)
         return self.proj(self.pool(x))                                             # (B, latent)
 

@@ -334,14 +334,23 @@ class FeetechBus:
         """One broadcast packet setting `name` on several servos ({id: value}); servos do not reply."""
         address, size, _ = REGISTERS[name]
         params = bytes([address, size]) + b"".join(bytes([i]) + register_bytes(name, v) for i, v in values.items())
-        self.port.write(packet(BROADCAST_ID, SYNC_WRITE, params))
+        self._port(self.port.write, packet(BROADCAST_ID, SYNC_WRITE, params))
+
+    def _port(self, call, *args):
+        """A call on the serial port, whose OSError (pyserial's SerialException: a pulled cable, the arm's
+        power gone) becomes one BusError naming the port and what to check."""
+        try:
+            return call(*args)
+        except OSError as error:
+            raise BusError(f"the arm's serial port {getattr(self.port, 'port', '')} failed ({error}): "
+                           "check its USB cable and the arm's power") from None
 
     def _transact(self, request, ids, size, what):
         timeout_s = (len(request) + len(ids) * (6 + size)) * 10 / self.baudrate + self.latency_s  # 10 bits a byte
         for _ in range(1 + self.retries):
-            self.port.reset_input_buffer()  # a late reply to an earlier try must not pass for this one
+            self._port(self.port.reset_input_buffer)  # a late reply to an earlier try must not pass for this
             self._rx.clear()
-            self.port.write(request)
+            self._port(self.port.write, request)
             deadline = time.monotonic() + timeout_s
             try:
                 replies = [self._receive(servo_id, size, deadline) for servo_id in ids]
@@ -398,7 +407,7 @@ class FeetechBus:
         if remaining <= 0:
             return b""
         self.port.timeout = remaining
-        return self.port.read(size)
+        return self._port(self.port.read, size)
 
 
 class _BadReply(Exception):
@@ -862,11 +871,13 @@ def check(arm, ask=input, distance_m=0.03, torque_limit=500, step_rad=0.03, shor
 
 
 def print_status(bus):
-    print(f"{'joint':14} {'id':>3} {'ticks':>6} {'temp C':>7} {'volt V':>7} {'load %':>7} {'torque':>6}  errors")
+    print(f"{'joint':14} {'id':>3} {'ticks':>6} {'temp C':>7} {'volt V':>7} {'load %':>7} {'torque':>6}  "
+          "errors")
+    registers = ("Present_Position", "Present_Temperature", "Present_Voltage", "Present_Load",
+                 "Torque_Enable", "Status")
     for name, servo_id in zip(JOINTS, IDS):
         try:
-            ticks, temperature, voltage, load, torque, status = [bus.read(servo_id, register) for register in (
-                "Present_Position", "Present_Temperature", "Present_Voltage", "Present_Load", "Torque_Enable", "Status")]
+            ticks, temperature, voltage, load, torque, status = [bus.read(servo_id, r) for r in registers]
         except (BusError, ServoError) as error:
             print(f"{name:14} {servo_id:>3}  {error}")
             continue
@@ -893,7 +904,7 @@ def main():
     bus = open_bus(cfg.port, cfg)
     if command == "status":
         return print_status(bus)
-    if command == "torque-off":   # SAFETY: after a crash or kill -9 torque stays on (the STS3215 has no watchdog)
+    if command == "torque-off":   # SAFETY: after kill -9 torque stays on (the STS3215 has no watchdog)
         bus.sync_write("Torque_Enable", {servo_id: 0 for servo_id in IDS})
         return print_status(bus)
     if command == "check":

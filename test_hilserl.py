@@ -737,24 +737,27 @@ class TestLoop:
             hilserl.main()
         assert torque[0] and torque[-1] is False                      # on while training, off before the last save
 
-    def test_a_lost_arm_saves_what_was_learned_although_torque_off_fails_too(self, tmp_path, monkeypatch):
+    def test_a_lost_arm_saves_what_was_learned_and_says_what_to_check_and_how_to_resume(self, tmp_path, monkeypatch):
         envs, make_env, run_episode = [], hilserl.make_env, hilserl.run_episode
-        def lost(*a):                                                  # the cable pulled: every write fails
-            raise robot.BusError("write failed: [Errno 5] Input/output error")
+        def lost(*a):                                                  # the cable pulled: pyserial's error on every write
+            raise OSError(5, "Input/output error")
         def episode(run, env, *a):
-            if run.progress["episode"] == 3:
-                env.arm.torque = lost
-                lost()
+            if run.progress["episode"] == 3:                           # torque-off fails with it
+                env.arm.bus.port.write = lost
             return run_episode(run, env, *a)
         monkeypatch.setattr(hilserl, "make_env", lambda *a: envs.append(make_env(*a)) or envs[-1])
         monkeypatch.setattr(hilserl, "run_episode", episode)
         small = ["--hidden_dim", "16", "--state_latent_dim", "8", "--batch_size", "16", "--utd_ratio", "1",
                  "--training_starts", "20", "--demo_episodes", "2", "--episode_steps", "30", "--checkpoint_every", "10"]
-        monkeypatch.setattr("sys.argv", ["hilserl.py", "--demos", str(tmp_path / "d.npz"), "--run_dir",
-                                         str(tmp_path / "run"), *small])
-        with pytest.raises(SystemExit, match="Input/output error"):
+        run = tmp_path / "run"
+        monkeypatch.setattr("sys.argv", ["hilserl.py", "--demos", str(tmp_path / "d.npz"), "--run_dir", str(run), *small])
+        with pytest.raises(SystemExit) as exit_info:
             hilserl.main()
-        assert torch.load(tmp_path / "run" / "checkpoint.pt")["progress"]["episode"] == 3   # not the first one's 0
+        assert torch.load(run / "checkpoint.pt")["progress"]["episode"] == 3   # not the first one's 0
+        message = str(exit_info.value)
+        assert "\n" not in message and re.fullmatch(
+            r"error: the arm's serial port .*failed \(\[Errno 5\] Input/output error\): check its USB cable and the "
+            rf"arm's power; then continue with: python hilserl.py --resume {re.escape(str(run))}", message), message
 
     def test_compile_happens_before_the_first_episode_and_never_again(self, tmp_path, monkeypatch):
         torch._dynamo.reset()                                         # forget graphs other tests compiled

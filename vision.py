@@ -26,7 +26,8 @@ RESNET10_URL = "https://huggingface.co/lerobot/resnet10/resolve/main/model.safet
 
 # --- the frozen trunk -------------------------------------------------------------------------------
 def pad_same(x, kernel, stride, value=0.0):
-    """JAX's 'SAME' padding of square maps: output side = ceil(side / stride), the odd pixel at the bottom/right."""
+    """JAX's 'SAME' padding of square maps: output side = ceil(side / stride), the odd pixel at the
+    bottom/right."""
     side = x.shape[-1]
     total = max(0, (math.ceil(side / stride) - 1) * stride + kernel - side)
     return F.pad(x, (total // 2, total - total // 2) * 2, value=value)
@@ -98,19 +99,21 @@ SHIFTED_COPIES = 4   # --augment with resnet10: features kept of each frame, its
 
 
 class FrameFeatures:
-    """The frozen ResNet-10's features of every frame in a replay buffer, kept on the device, one byte a value
-    (as_stored). Row i of `table[camera]` holds those of the frame in the buffer's slot i: the backbone
-    runs when a frame is stored, never in an update (~12 TFLOP a control step: 20 updates of 256 rows, 2 cameras).
-    A row holds `copies` copies: the frame's features, then those of the frame randomly shifted (pad 4), of
-    which each batch row reads one (hil-serl random-crops every batch; the policy acts on the first)."""
+    """The frozen ResNet-10's features of every frame in a replay buffer, kept on the device, one byte a
+    value (as_stored). Row i of `table[camera]` holds those of the frame in the buffer's slot i: the
+    backbone runs when a frame is stored, never in an update (~12 TFLOP a control step: 20 updates of
+    256 rows, 2 cameras). A row holds `copies` copies: the frame's features, then those of the frame
+    randomly shifted (pad 4), of which each batch row reads one (hil-serl random-crops every batch;
+    the policy acts on the first)."""
 
     def __init__(self, buffer, backbone, device, copies=1):
         self.buffer, self.backbone, self.copies = buffer, backbone, copies
-        frame = torch.zeros(1, *buffer.arrays[buffer.image_keys[0]].shape[1:], dtype=torch.uint8, device=device)
-        shape = backbone(frame).shape[1:]                                          # (512, h, w)
+        frame_shape = buffer.arrays[buffer.image_keys[0]].shape[1:]                # (H, W, 3)
+        shape = backbone(torch.zeros(1, *frame_shape, dtype=torch.uint8, device=device)).shape[1:]   # C, h, w
         self.table = {k: torch.zeros(buffer.capacity, copies, *shape, dtype=torch.uint8, device=device)
                       for k in buffer.image_keys}
-        self.scale = {k: torch.zeros(buffer.capacity, copies, 1, 1, 1, device=device) for k in buffer.image_keys}
+        self.scale = {k: torch.zeros(buffer.capacity, copies, 1, 1, 1, device=device)
+                      for k in buffer.image_keys}
         self.next_slot = None   # where the frame of the next add's obs already is, while an episode runs
         self.compute(np.arange(buffer.size))   # frames loaded from a file
 
@@ -126,7 +129,8 @@ class FrameFeatures:
                 table[at], self.scale[key][at] = (x.unflatten(0, frames.shape[:2]) for x in (features, scale))
 
     def read(self, key, slots, copy):
-        """Features (..., 512, h, w) in float16 of the frames in slots (a tensor), copy `copy` (same shape) of each."""
+        """Features (..., 512, h, w) in float16 of the frames in slots (a tensor), copy `copy` (same
+        shape) of each."""
         return (self.table[key][slots, copy] * self.scale[key][slots, copy]).half()
 
     def add(self, slot):
@@ -148,7 +152,8 @@ def port_key(name):
 
 
 def load_resnet10(backbone, path):
-    """Copy the weights in `path` (the HF port's key layout) into backbone; a clear error if they do not fit."""
+    """Copy the weights in `path` (the HF port's key layout) into backbone; a clear error if they do
+    not fit."""
     try:
         theirs = load_file(path)
     except (SafetensorError, OSError) as error:
@@ -160,7 +165,8 @@ def load_resnet10(backbone, path):
         raise ValueError(f"{path}: {problem}; expected the key layout of lerobot/resnet10 ({RESNET10_URL})")
     for key, p in ours.items():
         if theirs[key].shape != p.shape:
-            raise ValueError(f"{path}: key '{key}' has shape {list(theirs[key].shape)}, expected {list(p.shape)}")
+            raise ValueError(f"{path}: key '{key}' has shape {list(theirs[key].shape)}, "
+                             f"expected {list(p.shape)}")
         p.data.copy_(theirs[key].float())
 
 
