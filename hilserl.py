@@ -291,12 +291,15 @@ def run_episode(run, env, teleop, obs, status, writer=None, picture=None):
             slot = run.demo.add(*transition)
             if run.demo_features:
                 run.demo_features.add(slot)
-        timings.append((t1 - t0, time.perf_counter() - t1 - update_s, update_s))
-        if cfg.port and info["overrun_s"] > 0 and not run.warned_slow:
+        timings.append((t1 - t0, time.perf_counter() - t1 - update_s, update_s, info["io_s"]))
+        if info["overrun_s"] > 0 and len(timings) >= 10 and not run.warned_slow:   # late for the arm's tick
             run.warned_slow = True
-            act_ms, robot_ms, update_ms = (1e3 * np.mean(x) for x in zip(*timings))
-            print(f"warning: the loop cannot keep {cfg.control_hz} Hz: act {act_ms:.0f} ms, robot {robot_ms:.0f} ms, "
-                  f"{cfg.utd_ratio} updates {update_ms:.0f} ms per step; lower --utd_ratio or train on a GPU")
+            act_ms, _, update_ms, io_ms = (1e3 * np.mean(x) for x in zip(*timings))
+            slowest = max((act_ms, "act: train on a GPU, or lower --image_size"),
+                          (io_ms, "robot I/O (bus and cameras): check --baudrate, --bus_latency_s, the cameras"),
+                          (update_ms, "updates: lower --utd_ratio or train on a GPU"))[1]
+            print(f"warning: the loop cannot keep {cfg.control_hz} Hz: act {act_ms:.0f} ms, robot I/O "
+                  f"{io_ms:.0f} ms, {cfg.utd_ratio} updates {update_ms:.0f} ms per step; the most is {slowest}")
         status.count(intervened, rew)
         obs, ret = next_obs, ret + rew
         human_steps += intervened

@@ -737,17 +737,22 @@ class SO101Env:
         command = int(round(float(act[EE_DIM])))  # hil-serl's coding: -1 close, 0 stay, +1 open
         gripper = float(command > 0) if command else self.gripper_target
         flipped, self.gripper_target = gripper != self.gripper_target, gripper
+        start = time.perf_counter()
         self.arm.write_joints(np.append(self.q_target, self.gripper_target))
+        io_s = time.perf_counter() - start   # the bus and cameras, without the wait for the tick
         if while_moving is not None:
             while_moving()
         overrun_s, before = self.world.tick(), self.joints
+        start = time.perf_counter()
         obs = self.observe()
+        io_s += time.perf_counter() - start
         self.watch(*self.arm.health(), moved=np.abs(self.joints - before)[:5])
         self.steps += 1
         success = bool(self.world.success()) or (self.classifier is not None and self.classifier(obs))
         rew = self.cfg.reward_success if success else self.cfg.reward_step
         truncated = self.steps >= self.cfg.episode_steps and not success
-        info = {"success": success, "grasp_penalty": self.cfg.grasp_penalty if flipped else 0.0, "overrun_s": overrun_s}
+        info = {"success": success, "grasp_penalty": self.cfg.grasp_penalty if flipped else 0.0,
+                "overrun_s": overrun_s, "io_s": io_s}
         return obs, rew, success, truncated, info
 
     def watch(self, temperature, voltage, load, moved):

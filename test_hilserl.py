@@ -43,6 +43,7 @@ import diagnostics  # noqa: E402
 import fast  # noqa: E402
 import hilserl  # noqa: E402
 import robot  # noqa: E402
+import sim  # noqa: E402
 import teleop  # noqa: E402
 from config import Config  # noqa: E402
 from networks import Agent  # noqa: E402
@@ -758,6 +759,26 @@ class TestLoop:
         assert "\n" not in message and re.fullmatch(
             r"error: the arm's serial port .*failed \(\[Errno 5\] Input/output error\): check its USB cable and the "
             rf"arm's power; then continue with: python hilserl.py --resume {re.escape(str(run))}", message), message
+
+    @pytest.mark.parametrize("slow, says", [
+        ("learn", "the most is updates: lower --utd_ratio or train on a GPU"),
+        ("act", "the most is act: train on a GPU, or lower --image_size"),
+        ("read_joints", r"the most is robot I/O \(bus and cameras\): check --baudrate, --bus_latency_s")])
+    def test_a_loop_late_for_its_tick_says_which_part_takes_the_most(self, slow, says, tmp_path, monkeypatch, capsys):
+        def slowed(original):
+            return lambda *a, **k: time.sleep(0.05) or original(*a, **k)
+        owner = {"learn": hilserl, "act": Agent, "read_joints": robot.SO101}[slow]
+        monkeypatch.setattr(owner, slow, slowed(getattr(owner, slow)))
+        tick = sim.SimWorld.tick
+        monkeypatch.setattr(sim.SimWorld, "tick", lambda *a: tick(*a) or 0.01)   # every step late, as a real clock says
+        small = ["--hidden_dim", "16", "--state_latent_dim", "8", "--batch_size", "16", "--utd_ratio", "1",
+                 "--training_starts", "1", "--demo_episodes", "2", "--episode_steps", "30"]
+        monkeypatch.setattr("sys.argv", ["hilserl.py", "--demos", str(tmp_path / "d.npz"), "--run_dir",
+                                         str(tmp_path / "run"), "--max_env_steps", "30", *small])
+        hilserl.main()
+        warnings = [line for line in capsys.readouterr().out.splitlines() if "cannot keep" in line]
+        assert len(warnings) == 1 and re.fullmatch(r"warning: the loop cannot keep 10.0 Hz: act \d+ ms, robot I/O \d+ ms, "
+                                                   rf"1 updates \d+ ms per step; {says}.*", warnings[0]), warnings
 
     def test_compile_happens_before_the_first_episode_and_never_again(self, tmp_path, monkeypatch):
         torch._dynamo.reset()                                         # forget graphs other tests compiled
