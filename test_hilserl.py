@@ -2330,6 +2330,14 @@ class TestImages:
         changed = {k.rsplit(".", 1)[0] for k in before if not torch.equal(before[k], agent.state_dict()[k])}
         assert {"encoder.images.front.pool", "encoder.images.wrist.proj.0", "grasp_critic.net.0"} <= changed
 
+    def test_the_features_of_a_loaded_buffer_say_how_far_they_are(self, capsys):
+        example = {"state": np.zeros(STATE_DIM, np.float32), "front": np.zeros((8, 8, 3), np.uint8)}
+        loaded = buffer.ReplayBuffer(3000, example, 4)
+        loaded.size = 3000                                                            # as a resume's files fill it
+        vision.FrameFeatures(loaded, lambda frames: torch.ones(len(frames), 512, 1, 1), torch.device("cpu"), 4)
+        assert capsys.readouterr().out.splitlines() == [
+            f"the ResNet-10's features of 3000 stored frames, 4 copies each: {share}" for share in ("0%", "43%", "85%")]
+
     def test_backbone_runs_once_per_stored_frame_and_never_while_learning(self):
         cfg = small_cfg(utd_ratio=4)
         backbone, calls = counting_backbone()

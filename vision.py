@@ -115,7 +115,10 @@ class FrameFeatures:
         self.scale = {k: torch.zeros(buffer.capacity, copies, 1, 1, 1, device=device)
                       for k in buffer.image_keys}
         self.next_slot = None   # where the frame of the next add's obs already is, while an episode runs
-        self.compute(np.arange(buffer.size))   # frames loaded from a file
+        for start in range(0, buffer.size, 1280):   # frames loaded from files: minutes on a CPU, so say how far
+            print(f"the ResNet-10's features of {buffer.size} stored frames, {copies} copies each: "
+                  f"{start / buffer.size:.0%}", flush=True)
+            self.compute(np.arange(start, min(start + 1280, buffer.size)))
 
     def compute(self, slots, chunk=64):
         for start in range(0, len(slots), chunk):
