@@ -803,33 +803,50 @@ class SO101Env:
 # --- Command line: status (read-only), calibrate, check -----------------------------------------
 def calibrate(arm, ask=input):
     """Guided calibration like LeRobot's: offsets make the centred pose read 2047, then each joint's min and max are
-    recorded while the owner sweeps it. wrist_roll has no end stops: it keeps 0..4095 (a range breaks at the wrap)."""
-    arm.torque(False)
-    for servo_id in IDS:
-        for register, value in (("Lock", 0), ("Homing_Offset", 0), ("Min_Position_Limit", 0),
-                                ("Max_Position_Limit", 4095)):
+    recorded while the owner sweeps it. wrist_roll has no end stops: it keeps 0..4095 (a range breaks at the wrap).
+    Nothing is written before the owner's first answer, and a calibration that fails leaves the servos'
+    offsets and limits as they were."""
+    kept = ("Homing_Offset", "Min_Position_Limit", "Max_Position_Limit")
+    before = {(servo_id, register): arm.bus.read(servo_id, register) for servo_id in IDS for register in kept}
+    try:
+        ask("Move every joint to the middle of its range, then press ENTER ")
+    except EOFError:
+        raise RobotError("no answer at the prompt; nothing changed") from None
+    try:
+        arm.configure()   # torque off, and LeRobot's settings: the readings below need multi-turn off
+        for servo_id in IDS:
+            for register, value in zip(kept, (0, 0, 4095)):   # wide open: raw readings over the whole turn
+                arm.bus.write(servo_id, register, value)
+        offsets = arm.read_ticks() - 2047
+        for name, servo_id, offset in zip(JOINTS, IDS, offsets):
+            if abs(offset) > 2047:
+                raise RobotError(f"joint {name!r} reads {offset + 2047}, beyond one turn: power-cycle "
+                                 "the arm and retry")
+            arm.bus.write(servo_id, "Homing_Offset", int(offset))
+        low, high = arm.read_ticks(), arm.read_ticks()
+
+        def sweep_prompt():   # no answer (EOF) ends the sweep: a joint that did not move says so below
+            try:
+                ask("Move every joint through its whole range, then press ENTER ")
+            except EOFError:
+                pass
+        prompt = threading.Thread(target=sweep_prompt, daemon=True)   # an error must not wait for ENTER
+        prompt.start()
+        while prompt.is_alive():  # record the extremes while the owner sweeps
+            ticks = arm.read_ticks()
+            low, high = np.minimum(low, ticks), np.maximum(high, ticks)
+            time.sleep(0.02)
+        low[4], high[4] = 0, 4095
+        calibration = {}
+        for name, servo_id, offset, lo, hi in zip(JOINTS, IDS, offsets, low, high):
+            if lo >= hi:
+                raise RobotError(f"joint {name!r} did not move: run calibrate again and move it end to end")
+            calibration[name] = JointCalibration(servo_id, 0, int(offset), int(lo), int(hi))
+        return calibration
+    except BaseException:   # SAFETY: the servos' limits as they were, not the wide-open ones of the sweep
+        for (servo_id, register), value in before.items():
             arm.bus.write(servo_id, register, value)
-    ask("Move every joint to the middle of its range, then press ENTER ")
-    offsets = arm.read_ticks() - 2047
-    for name, servo_id, offset in zip(JOINTS, IDS, offsets):
-        if abs(offset) > 2047:
-            raise RobotError(f"joint {name!r} reads {offset + 2047}, beyond one turn: power-cycle the arm and retry")
-        arm.bus.write(servo_id, "Homing_Offset", int(offset))
-    low, high = arm.read_ticks(), arm.read_ticks()
-    prompt = threading.Thread(target=ask, args=("Move every joint through its whole range, then press ENTER ",),
-                              daemon=True)  # daemon: an error below must not wait for the ENTER
-    prompt.start()
-    while prompt.is_alive():  # record the extremes while the owner sweeps
-        ticks = arm.read_ticks()
-        low, high = np.minimum(low, ticks), np.maximum(high, ticks)
-        time.sleep(0.02)
-    low[4], high[4] = 0, 4095
-    calibration = {}
-    for name, servo_id, offset, lo, hi in zip(JOINTS, IDS, offsets, low, high):
-        if lo >= hi:
-            raise RobotError(f"joint {name!r} did not move: run calibrate again and move it end to end")
-        calibration[name] = JointCalibration(servo_id, 0, int(offset), int(lo), int(hi))
-    return calibration
+        raise
 
 
 def move_to(arm, joints, period_s=0.1, timeout_s=20.0):
@@ -926,8 +943,7 @@ def main():
     try:
         with SO101(bus, None, cfg.max_joint_step_rad) as arm:
             arm.connect()
-            arm.configure()
-            arm.calibration = calibrate(arm)
+            arm.calibration = calibrate(arm)   # it configures the servos once the owner answers
             arm.configure()  # writes the new offsets and limits to the servos
         save_calibration(cfg.calibration, arm.calibration)
     except (RobotError, EOFError, OSError) as error:   # EOFError: the terminal closed at a prompt

@@ -1401,6 +1401,25 @@ class TestRobot:
         robot.save_calibration(tmp_path / "c.json", calibration)
         assert robot.load_calibration(tmp_path / "c.json") == calibration
 
+    def test_calibrate_writes_nothing_before_the_first_answer_and_restores_the_servos_when_it_fails(self):
+        emulator, bus = make_bus()
+        arm = robot.SO101(bus, None)
+        for servo_id in IDS:
+            emulator.set(servo_id, "Homing_Offset", 30 + servo_id)                    # an earlier calibration's
+            emulator.set(servo_id, "Max_Position_Limit", 3000 + servo_id)
+        registers = lambda: [emulator.get(i, r) for i in IDS for r in ("Homing_Offset", "Min_Position_Limit",  # noqa: E731
+                                                                       "Max_Position_Limit")]
+        before, written = registers(), len(emulator.received)
+        def no_answer(prompt):                                                        # stdin closed: EOF
+            raise EOFError
+        with pytest.raises(robot.RobotError, match=r"^no answer at the prompt; nothing changed$"):
+            robot.calibrate(arm, ask=no_answer)
+        assert {p[4] for p in emulator.received[written:]} == {robot.READ}           # read, never written
+        answers = iter([None])                                                        # centred, then EOF at the sweep
+        with pytest.raises(robot.RobotError, match="did not move"):
+            robot.calibrate(arm, ask=lambda prompt: next(answers) if "middle" in prompt else no_answer(prompt))
+        assert registers() == before                                                  # offsets and limits as they were
+
     def test_ticks_and_radians_convert_both_ways(self):
         calibration = robot.chain_calibration()
         joints = np.array([0.3, -0.5, 1.0, -1.2, 2.0, 0.25])
