@@ -45,14 +45,25 @@ class RewardClassifier(nn.Module):
 
 
 def classifier_data(path):
-    """(frames {camera: (N, H, W, 3)}, labels (N,), held_out (N,) bool) from `python teleop.py label`'s file;
-    every fifth episode is held out whole, as neighbouring frames look nearly the same."""
+    """(frames {camera: (N, H, W, 3)}, labels (N,), held_out (N,) bool) from `python teleop.py label`'s file.
+    Episodes are held out whole, as neighbouring frames look nearly the same: every fifth of those with success
+    frames (at least one of them) and every fifth of the others, so that recall can be measured."""
     data = read_npz(path)
     labels, episodes = data.pop("success", None), data.pop("episode", None)
     if labels is None or episodes is None or not data or any(f.shape[1:] != (*f.shape[1:3], 3) or f.dtype != np.uint8
                                                               or len(f) != len(labels) for f in data.values()):
         raise ValueError(f"{path} holds no labelled frames; record them with python teleop.py label --frames {path}")
-    return data, labels.astype(np.float32), episodes % 5 == 4
+    held_out = np.zeros(len(labels), bool)
+    for with_success in (True, False):
+        group = [e for e in np.unique(episodes) if labels[episodes == e].any() == with_success]
+        chosen = group[4::5] or group[-1:]                   # every fifth, at least one,
+        if with_success and len(group) < 2:                  # but not the only episode to learn success from
+            chosen = []
+        held_out |= np.isin(episodes, chosen)
+    if not (labels[held_out] == 1).any():
+        raise ValueError(f"{path}: fewer than two episodes hold success frames, so none can be held out to measure "
+                         "the classifier's recall; label more with python teleop.py label")
+    return data, labels.astype(np.float32), held_out
 
 
 def backbone_features(backbone, frames, device, chunk=256):
@@ -78,11 +89,11 @@ def fit_classifier(classifier, features, labels, train_idx, steps, rng, batch_si
 
 @torch.no_grad()
 def precision_recall(classifier, features, labels, idx):
-    """Of the frames in idx called success, the share that are; of the successes, the share found."""
+    """Counts over the frames in idx: (successes called success, frames called success, successes).
+    Precision is the first over the second, recall the first over the third."""
     called = (torch.sigmoid(classifier({k: f[idx] for k, f in features.items()})) > classifier.threshold).cpu().numpy()
     actual = labels[idx] == 1                                                    # SYNC POINT above: the scores
-    hits = (called & actual).sum()
-    return hits / max(called.sum(), 1), hits / max(actual.sum(), 1)
+    return int((called & actual).sum()), int(called.sum()), int(actual.sum())
 
 
 def train_classifier(cfg):
@@ -96,15 +107,18 @@ def train_classifier(cfg):
     load_resnet10(classifier.backbone, resnet10_weights(cfg))
     features = {k: backbone_features(classifier.backbone, f, device) for k, f in frames.items()}
     train_idx, test_idx = np.flatnonzero(~held_out), np.flatnonzero(held_out)
-    if not len(test_idx):
-        raise ValueError(f"{cfg.frames} has fewer than 5 episodes; every fifth is held out to test on")
     fit_classifier(classifier, features, labels, train_idx, cfg.classifier_steps, np.random.default_rng(cfg.seed))
-    precision, recall = precision_recall(classifier, features, labels, test_idx)
-    print(f"{cfg.frames}: {int(labels.sum())} success frames of {len(labels)}; held out "
-          f"{len(test_idx)} frames ({int(labels[test_idx].sum())} successes): precision {precision:.0%}, "
-          f"recall {recall:.0%} at threshold {cfg.classifier_threshold}")
+    hits, called, actual = precision_recall(classifier, features, labels, test_idx)
+    held_out = (f"held out {len(test_idx)} frames of {len(labels)}: precision {hits / max(called, 1):.0%} ({hits} "
+                f"of {called} called success), recall {hits / max(actual, 1):.0%} ({hits} of {actual} successes) "
+                f"at threshold {cfg.classifier_threshold}")
+    print(f"{cfg.frames}: {int(labels.sum())} success frames; {held_out}")
+    floor = [float(x) for x in cfg.classifier_floor.split(",")]
+    if (hits / max(called, 1) < floor[0] or hits / max(actual, 1) < floor[1]) and not cfg.classifier_force:
+        raise ValueError(f"below --classifier_floor {cfg.classifier_floor} (precision,recall), so not saved: it "
+                         "would decide rewards wrongly; label more frames, or pass --classifier_force true")
     torch.save({"image_shapes": shapes, "hidden_dim": cfg.hidden_dim, "image_latent_dim": cfg.image_latent_dim,
-                "classifier": classifier.state_dict()}, cfg.classifier + ".tmp")
+                "held_out": held_out, "classifier": classifier.state_dict()}, cfg.classifier + ".tmp")
     os.replace(cfg.classifier + ".tmp", cfg.classifier)   # atomically
     print(f"wrote {cfg.classifier}; use it with --classifier {cfg.classifier} --use_images true")
 
@@ -124,6 +138,7 @@ def load_classifier(cfg, device):
     if any(cameras.get(name) != tuple(shape) for name, shape in saved["image_shapes"].items()):
         raise ValueError(f"--classifier {cfg.classifier}: trained on frames {saved['image_shapes']}, these "
                          f"settings make {cameras}; train it again on frames labelled with these settings")
+    print(f"--classifier {cfg.classifier}: {saved.get('held_out', 'no held-out figures (an older file)')}")
     return classifier
 
 

@@ -57,6 +57,8 @@ class Config:
     classifier: str = ""                 # reward classifier file; when set, it too decides success from the frames (hil-serl)
     classifier_threshold: float = 0.7    # success when sigmoid(logit) > this (hil-serl USB task)
     classifier_steps: int = 150          # gradient steps of 128 positive + 128 negative frames (hil-serl)
+    classifier_floor: str = "0.9,0.5"    # held-out precision,recall below which classifier.py saves nothing (ours)
+    classifier_force: bool = False       # classifier.py: save it below the floor all the same
     frames: str = "data/frames.npz"      # camera frames labelled success or not: teleop.py label writes them, classifier.py trains on them
     success_frames: int = 200            # label until the frames file holds this many successes (hil-serl: 200)
 
@@ -131,6 +133,7 @@ CHOICES = {"encoder": ("resnet10", "small"), "teleop": ("auto", "gamepad", "lead
 BOXES = {"workspace_m": "x0,x1,y0,y1,z0,z1", "cube_area_m": "x0,x1,y0,y1"}   # each low < its high
 ROI = r"\w+=\d+:\d+:[1-9]\d*:[1-9]\d*"   # a regular expression for each format, and how to say it
 FORMATS = {"cameras": (r"\w+=[^,=]+(,\w+=[^,=]+)*", "name=index-or-path, comma separated"),
+           "classifier_floor": (r"(0(\.\d+)?|1(\.0*)?),(0(\.\d+)?|1(\.0*)?)", "precision,recall, each 0 to 1"),
            "camera_roi": (rf"({ROI}(,{ROI})*)?", "name=x:y:w:h in pixels (w and h at least 1), comma separated")}
 
 

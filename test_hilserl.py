@@ -2506,7 +2506,31 @@ class TestImages:
         features = {k: classifier.backbone_features(model.backbone, f, torch.device("cpu")) for k, f in frames.items()}
         rng = np.random.default_rng(0)
         classifier.fit_classifier(model, features, labels, np.flatnonzero(~held_out), 150, rng, batch_size=32)
-        assert classifier.precision_recall(model, features, labels, np.flatnonzero(held_out)) == (1.0, 1.0)
+        assert classifier.precision_recall(model, features, labels, np.flatnonzero(held_out)) == (6, 6, 6)   # all right
+
+    def test_the_classifier_holds_out_success_episodes_and_is_not_saved_below_its_floor(self, tmp_path, capsys):
+        episodes = np.repeat(np.arange(7), 10)                                        # 7 episodes of 10 frames
+        success = np.tile(np.arange(10) >= 7, 7) & (episodes != 6)                    # the last has no success
+        rng = np.random.default_rng(0)
+        frames = {"front": rng.integers(0, 256, (70, 32, 32, 3), np.uint8), "success": success, "episode": episodes}
+        np.savez(tmp_path / "frames.npz", **frames)
+        _, labels, held_out = classifier.classifier_data(tmp_path / "frames.npz")
+        assert sorted(set(episodes[held_out])) == [4, 6]                              # a fifth of each kind
+        np.savez(tmp_path / "one.npz", **{**frames, "success": success & (episodes == 2)})
+        with pytest.raises(ValueError, match="one.npz: fewer than two episodes hold success frames, so none can be "
+                                             "held out to measure the classifier's recall"):
+            classifier.classifier_data(tmp_path / "one.npz")
+        port_weights(tmp_path / "resnet10.safetensors")
+        cfg = Config(frames=str(tmp_path / "frames.npz"), classifier=str(tmp_path / "c.pt"), classifier_steps=2,
+                     resnet_weights=str(tmp_path / "resnet10.safetensors"), hidden_dim=16, image_latent_dim=8,
+                     classifier_floor="1,1")                                          # noise frames: never perfect
+        with pytest.raises(ValueError, match=r"^below --classifier_floor 1,1 \(precision,recall\), so not saved"):
+            classifier.train_classifier(cfg)
+        assert not (tmp_path / "c.pt").exists()
+        assert re.search(r"held out 20 frames of 70: precision \d+% \(\d+ of \d+ called success\), recall \d+% "
+                         r"\(\d+ of 3 successes\)", capsys.readouterr().out)            # episode 4's 3 success frames
+        classifier.train_classifier(dataclasses.replace(cfg, classifier_force=True))
+        assert (tmp_path / "c.pt").exists()
 
     def test_pixels_only_on_the_sim_train_eval_and_classifier(self, tmp_path, monkeypatch, capsys):
         """The whole pixel loop without privileged cube state: demos with frames, training on cached
@@ -2529,10 +2553,11 @@ class TestImages:
         frames = str(tmp_path / "frames.npz")
         held = teleop.label_frames(label_cfg(privileged_state=False), frames, success_frames=1)   # 5 episodes at least
         monkeypatch.setattr("sys.argv", ["classifier.py", "--frames", frames, "--classifier", str(clf),
-                                         "--classifier_steps", "5", *pixels, *small])
-        runpy.run_path("classifier.py", run_name="__main__")
-        out = capsys.readouterr().out
-        assert re.search(rf"{held} success frames of 200; held out 40 frames \(\d+ successes\): precision \d+%, recall \d+%", out)
+                                         "--classifier_steps", "5", "--classifier_force", "true", *pixels, *small])
+        runpy.run_path("classifier.py", run_name="__main__")                        # random weights: forced
+        figures = (r"held out \d+ frames of 200: precision \d+% \((\d+) of \d+ called success\), recall \d+% "
+                   r"\(\1 of [1-9]\d* successes\) at threshold 0.7")
+        assert re.search(rf"{held} success frames; {figures}", capsys.readouterr().out)
         cfg = Config(classifier=str(clf), image_latent_dim=16, hidden_dim=32, use_images=True, image_size=32,
                      privileged_state=False)
         arm, cameras, world = make_sim(cfg, seed=3)
@@ -2541,6 +2566,7 @@ class TestImages:
             env.reset(seed=3)
             assert env.step(np.zeros(4, np.float32))[2]                                # ends the episode as a success
             env.classifier = classifier.load_classifier(cfg, torch.device("cpu")).success
+            assert re.fullmatch(rf"--classifier {re.escape(str(clf))}: {figures}\n", capsys.readouterr().out)
             assert isinstance(env.step(np.zeros(4, np.float32))[2], bool)
 
 
@@ -2739,7 +2765,8 @@ class TestVirtualArm:
             assert start("teleop.py", "label", "--frames", str(tmp_path / "frames.npz"), "--success_frames",
                          "30").wait() == 0 and torque_off(), out.read_text()
             assert start("classifier.py", "--frames", str(tmp_path / "frames.npz"), "--classifier",
-                         str(tmp_path / "classifier.pt"), "--classifier_steps", "5").wait() == 0, out.read_text()
+                         str(tmp_path / "classifier.pt"), "--classifier_steps", "5", "--classifier_force",
+                         "true").wait() == 0, out.read_text()                        # random weights: forced
             process = start("hilserl.py", "--demos", demos, "--run_dir", str(run), "--max_env_steps", "400", *small)
             until_training(process)
             process.send_signal(signal.SIGKILL)                                       # nothing runs on its way out
