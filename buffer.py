@@ -170,9 +170,22 @@ def write_atomically(path, text):
     os.replace(f"{path}.tmp", path)
 
 
+def writable(path):
+    """path, once its folder exists and takes files: checked before a human records into it."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as error:
+        raise ValueError(f"{path}: cannot write in {folder} ({error.strerror}); pick another path") from None
+    return path
+
+
 def read_npz(path):
     """{name: array} of an .npz file, or one line saying it cannot be read. No Python objects: a file
     of someone else's is data, never code."""
+    if os.path.exists(path) and not os.path.isfile(path):   # a FIFO or a device would block np.load
+        raise ValueError(f"{path}: not a regular file; pass an .npz file")
     try:
         with np.load(path) as data:
             return {k: data[k] for k in data.files}

@@ -11,6 +11,7 @@ Any field can be overridden on the command line: `python hilserl.py --utd_ratio 
 
 import dataclasses
 import json
+import math
 import os
 import re
 import sys
@@ -115,7 +116,7 @@ class Config:
 
 # What each setting must be, checked whenever settings are parsed: "OP BOUND", joined by "and".
 RANGES = {
-    "eval_episodes": ">= 1", "max_env_steps": ">= 0", "checkpoint_every": ">= 1", "diagnose_after_steps": ">= 0",
+    "seed": ">= 0", "eval_episodes": ">= 1", "max_env_steps": ">= 0", "checkpoint_every": ">= 1", "diagnose_after_steps": ">= 0",
     "video_every": ">= 0", "utd_ratio": ">= 1", "batch_size": ">= 2", "discount": ">= 0 and <= 1", "tau": "> 0 and <= 1",
     "lr": "> 0", "temperature_init": "> 0", "num_critics": ">= 1", "hidden_dim": ">= 1", "state_latent_dim": ">= 1",
     "actor_std_min": "> 0", "actor_std_max": "> 0", "training_starts": ">= 1", "replay_capacity": ">= 2",
@@ -140,6 +141,9 @@ FORMATS = {"cameras": (r"\w+=[^,=]+(,\w+=[^,=]+)*", "name=index-or-path, comma s
 def check(cfg):
     """Raise ValueError naming the first setting outside what it may be, its value and what is allowed."""
     compare = {">": float.__gt__, ">=": float.__ge__, "<": float.__lt__, "<=": float.__le__}
+    for name in (f.name for f in dataclasses.fields(cfg) if isinstance(getattr(cfg, f.name), float)):
+        if not math.isfinite(getattr(cfg, name)):   # NaN passes every comparison below
+            raise ValueError(f"--{name} {getattr(cfg, name)}: must be a finite number")
     for name, rule in RANGES.items():
         value = getattr(cfg, name)
         if not all(compare[op](float(value), float(bound)) for op, bound in (part.split() for part in rule.split(" and "))):
@@ -164,6 +168,15 @@ def check(cfg):
         raise ValueError(f"--batch_size {cfg.batch_size}: must be even (half demo, half online)")
     if cfg.actor_std_min > cfg.actor_std_max:
         raise ValueError(f"--actor_std_min {cfg.actor_std_min}: must be at most --actor_std_max {cfg.actor_std_max}")
+    names = [item.split("=")[0] for item in cfg.cameras.split(",")]
+    if len(set(names)) < len(names):   # a dict of cameras would keep only the last of each name
+        raise ValueError(f"--cameras {cfg.cameras!r}: each camera needs a name of its own")
+    if cfg.control_hz * cfg.sim_timestep_s > 0.5:   # the sim rounds the physics steps per control step to 0
+        raise ValueError(f"--control_hz {cfg.control_hz} with --sim_timestep_s {cfg.sim_timestep_s}: the sim needs "
+                         "at least one physics step per control step; lower one of them")
+    if cfg.training_starts >= cfg.replay_capacity:   # its last slot holds a frame, never a transition
+        raise ValueError(f"--training_starts {cfg.training_starts}: must be below --replay_capacity "
+                         f"{cfg.replay_capacity}, or no update would ever run")
 
 
 def _parse_value(name, text, default):
@@ -244,6 +257,10 @@ def load_run_config(args):
     folder = cfg.resume or cfg.eval
     if not folder:
         return cfg
+    if cfg.resume and cfg.eval:
+        raise SystemExit(f"error: --eval {cfg.eval} and --resume {cfg.resume}: pick one run folder")
+    if any(word.split("=")[0] == "--demos" for word in args):   # the folder's demo.npz is what it learned from
+        raise SystemExit(f"error: --demos: {folder} keeps its own demos ({folder}/demo.npz); leave --demos out")
     path = os.path.join(folder, "config.json")
     try:
         with open(path) as f:

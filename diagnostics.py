@@ -204,8 +204,14 @@ def plot_runs(folders, out_path, entropy_target=None):
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(3, 4, figsize=(17, 10))
     for colour, folder in enumerate(folders):
-        rows = list(csv.DictReader(open(pathlib.Path(folder) / "log.csv")))
-        steps = [float(r["env_steps"]) for r in rows]
+        with open(pathlib.Path(folder) / "log.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+        try:
+            steps = [float(r["env_steps"]) for r in rows]
+        except (KeyError, TypeError, ValueError):   # not hilserl.py's log
+            steps = []
+        if not steps:
+            raise ValueError(f"{pathlib.Path(folder) / 'log.csv'}: no episode rows of hilserl.py's; nothing to plot")
         for ax, (keys, title) in zip(axes.flat, PANELS):
             for key, style in zip((keys,) if isinstance(keys, str) else keys, ("-", "--")):
                 values = [float(r.get(key) or "nan") for r in rows]

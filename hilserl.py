@@ -475,9 +475,10 @@ def main():
                 env.classifier = load_classifier(cfg, pick_device(cfg)).success
             if cfg.eval:   # on a real arm, the human's buttons still start, end and stop episodes
                 return evaluate(cfg, env, folder, make_teleop(cfg, env) if cfg.port else None)
+            teleop = make_teleop(cfg, env)   # before the folder: a device that is not there leaves none
             folder.mkdir(parents=True, exist_ok=True)
             print(f"run folder: {folder}")
-            train(cfg, env, make_teleop(cfg, env), folder)
+            train(cfg, env, teleop, folder)
     except (ValueError, OSError, RobotError, EmergencyStop) as error:
         lost = isinstance(error, BusError) and not cfg.eval and (folder / "checkpoint.pt").exists()   # saved
         raise SystemExit(f"error: {error}" + (f"; then continue with: python hilserl.py --resume {folder}"

@@ -24,7 +24,7 @@ os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
 import numpy as np
 import pygame
 
-from buffer import ReplayBuffer, read_npz, save_npz
+from buffer import ReplayBuffer, read_npz, save_npz, writable
 from config import load_config
 from robot import (ACT_DIM, EE_DIM, IDS, JOINTS, SO101, FeetechBus, RealWorld, RobotError, SO101Env, forward_kinematics,
                    load_calibration, make_cameras, open_bus, parse_cameras, process_frame, ticks_to_joints)
@@ -268,6 +268,9 @@ def make_teleop(cfg, env):
         from sim import ScriptedExpert   # lazily: only the sim has one
         return Teleop(ScriptedExpert(cfg, env.world, cfg.seed))
     if choice == "virtual":
+        if not cfg.port:   # its operator moves the virtual arm's own twin, which only answers on its port
+            raise ValueError("--teleop virtual: the virtual arm's operator needs its arm; start python sim.py serve "
+                             "and pass the --port it prints")
         device = VirtualOperator(cfg)
     elif pygame.joystick.get_count():
         device = Gamepad(cfg)
@@ -321,6 +324,7 @@ def wait_for_start(teleop, env, obs):
 def record_demos(cfg, path, episodes):
     """Record until `path` holds `episodes` episodes (successes, unless cfg.demo_keep_failed) -> how many it holds.
     Rewritten atomically after each, the file loses at most the episode in progress to a stop; a rerun continues."""
+    writable(path)   # before the first episode: a human's demo must not be lost to a path
     with make_env(cfg, cfg.seed) as env:
         teleop, status = make_teleop(cfg, env), StatusLine()
         obs = env.reset()
@@ -358,6 +362,7 @@ def label_frames(cfg, path, success_frames):
     what it sees. In the sim the expert drives and the physics labels. Episodes: cfg.episode_steps (failure ends one
     early), 5 at least (classifier.py tests on every fifth), each saved atomically; a rerun adds to the file."""
     cfg.use_images = True
+    writable(path)
     with make_env(cfg, cfg.seed) as env:
         teleop, status = make_teleop(cfg, env), StatusLine()
         obs = env.reset()

@@ -2598,6 +2598,10 @@ def bad_files(tmp_path_factory):
             torch.save(checkpoint, d / name / "checkpoint.pt")
     (d / "run").mkdir()
     (d / "run" / "log.csv").write_text("episode,env_steps\n1,10\n")
+    for name, log in (("empty_run", ""), ("garbage_run", "\x00\x13 not a log\n,,,\n")):
+        (d / name).mkdir()
+        (d / name / "log.csv").write_text(log)
+    os.mkfifo(d / "fifo")                                             # reading it would wait for a writer forever
     robot.save_calibration(d / "calibration.json", robot.chain_calibration())
     master, servant = os.openpty()                                    # a serial port where no servo answers
     return {**{p.name.split(".")[0]: str(p) for p in d.iterdir()}, "dir": str(d), "silent_port": os.ttyname(servant)}
@@ -2633,6 +2637,21 @@ BAD_INPUT = [   # (command line, the one line it answers); {name}: a file of bad
     ("classifier.py --frames {frames} --classifier {dir}/c.pt --resnet_weights {garbage}", "not a readable .safetensors"),
     ("classifier.py --frames {demos} --classifier {dir}/c.pt", "holds no labelled frames"),
     ("bench.py sprint", "usage: python bench.py"),
+    ("hilserl.py --cameras front=0,front=1", "--cameras 'front=0,front=1': each camera needs a name of its own"),
+    ("hilserl.py --control_hz 1000", "--sim_timestep_s 0.002: the sim needs at least one physics step per control"),
+    ("hilserl.py --sim_timestep_s 0.5", "the sim needs at least one physics step per control step; lower one"),
+    ("hilserl.py --replay_capacity 8 --training_starts 10", "--training_starts 10: must be below --replay_capacity 8"),
+    ("hilserl.py --reward_success nan", "--reward_success nan: must be a finite number"),
+    ("hilserl.py --seed -1", "--seed -1: must be >= 0"),
+    ("hilserl.py --resume {run} --demos {demos}", "keeps its own demos"),
+    ("hilserl.py --eval {run} --resume {run}", "pick one run folder"),
+    ("hilserl.py --plot {empty_run},{dir}/out.png", "empty_run/log.csv: no episode rows of hilserl.py's"),
+    ("hilserl.py --plot {garbage_run},{dir}/out.png", "garbage_run/log.csv: no episode rows of hilserl.py's"),
+    ("hilserl.py --demos {fifo} --run_dir {dir}/r7", "fifo: not a regular file"),
+    ("hilserl.py --demos /proc/nope.npz --run_dir {dir}/r8", "/proc/nope.npz: cannot write in /proc"),
+    ("teleop.py record --demos /proc/nope/x.npz", "/proc/nope/x.npz: cannot write in /proc/nope"),
+    ("teleop.py label --frames /proc/nope/f.npz", "/proc/nope/f.npz: cannot write in /proc/nope"),
+    ("hilserl.py --teleop virtual --demos {demos} --run_dir {dir}/r9", "the virtual arm's operator needs its arm"),
 ]
 
 
