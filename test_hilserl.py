@@ -2669,6 +2669,13 @@ class TestBadInput:
         print(out, err, answer)                                                  # for -rP | grep -c Traceback
         assert says in answer and "\n" not in answer and "Traceback" not in out + err
 
+    def test_a_device_that_is_not_there_leaves_no_run_folder_behind(self, bad_files, monkeypatch):
+        monkeypatch.setattr("sys.argv", ["hilserl.py", "--teleop", "virtual", "--demos", bad_files["demos"],
+                                         "--run_dir", f"{bad_files['dir']}/not_made"])
+        with pytest.raises(SystemExit, match="needs its arm"):
+            hilserl.main()
+        assert not os.path.exists(f"{bad_files['dir']}/not_made")                 # the same --run_dir works next time
+
 
 # =================================================================================================
 # TestVirtualArm: sim.py serve, the real-arm path on a pseudo-terminal and camera streams.
