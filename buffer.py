@@ -13,6 +13,7 @@ starts at i+2. That costs one slot per episode, and the last step of an episode 
 bootstraps from the first frame of the next one.
 """
 
+import fcntl
 import os
 import pathlib
 import tempfile
@@ -151,16 +152,33 @@ class ReplayBuffer:
                      saved["intervened"][i], saved["grasp_penalty"][i])
 
 
-def load_episodes(folder, online, demo):
+def load_episodes(folder, online, demo, at_least=0):
     """A run folder's episode files, in order, into the online buffer, and their human steps into the
-    demo buffer, as the loop added them -> the episodes' log rows."""
+    demo buffer, as the loop added them -> the episodes' log rows. Files 1..N, N >= at_least, or none."""
+    paths = sorted(pathlib.Path(folder).glob("episode_*.npz"))
+    numbers = [int(path.stem.split("_")[1]) for path in paths]
+    missing = sorted(set(range(1, max([at_least, *numbers]) + 1)) - set(numbers))
+    if missing:   # a resume over the gap would learn as if those episodes never happened
+        raise ValueError(f"{folder}: episode files {', '.join(map(str, missing[:3]))}{' ...' * (len(missing) > 3)} "
+                         "are missing; restore them from a copy, or start a new run")
     rows = []
-    for path in sorted(pathlib.Path(folder).glob("episode_*.npz")):
+    for path in paths:
         saved = online.read(path)
         online.extend(saved)
         demo.extend(saved, intervened_only=True)
         rows.append({k[4:]: saved[k].item() for k in saved if k.startswith("log/")})
     return rows
+
+
+def lock_run_folder(folder):
+    """The folder's lock file, held until it is closed or the process ends (even killed): a second run on
+    the same folder would mix its episodes and config with this one's."""
+    lock = open(pathlib.Path(folder) / "lock", "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise ValueError(f"{folder} is in use by another run; wait for it to end, or pick another --run_dir") from None
+    return lock
 
 
 def write_atomically(path, text):
@@ -207,8 +225,12 @@ def save_npz(path, arrays):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         os.unlink(tmp)
+        if isinstance(error, OSError):   # a full disk: say which file, and how much it needs
+            size_mb = sum(a.nbytes for a in arrays.values()) / 1e6
+            raise OSError(f"{path}: not written ({error.strerror or error}); it needs {size_mb:.1f} MB: free "
+                          "disk space (the file as it was is kept)") from None
         raise
 
 

@@ -28,7 +28,7 @@ import time
 import numpy as np
 import torch
 
-from buffer import ReplayBuffer, load_episodes, sample_batches, write_atomically
+from buffer import ReplayBuffer, load_episodes, lock_run_folder, sample_batches, write_atomically
 from classifier import load_classifier
 from config import Config, load_run_config, warnings_for
 from diagnostics import diagnose, episode_diagnostics, episode_q, episode_video, plot_runs
@@ -224,7 +224,7 @@ def start_run(cfg, obs, folder):
     if cfg.resume:
         progress = load_checkpoint(folder, agent, optimizers)
         demo.load(folder / "demo.npz")
-        rows = load_episodes(folder / "episodes", online, demo)   # also those after the checkpoint: none is lost
+        rows = load_episodes(folder / "episodes", online, demo, progress["episode"])   # after the checkpoint too
         progress.update({k: rows[-1][k] if rows else 0 for k in ("episode", "env_steps")})   # one row per episode
         print(f"resumed {folder} at episode {progress['episode']}, {progress['env_steps']} steps")
     else:
@@ -405,10 +405,16 @@ def evaluate(cfg, env, folder, teleop=None):
 def save_checkpoint(run):
     """The agent, its optimizers and counters, atomically, then the curves. The buffers need no saving:
     a resume rebuilds them from demo.npz and the episode files."""
-    torch.save({"agent": run.agent.state_dict(), "progress": run.progress, "image_encoder": run.agent.image_encoder,
-                "optimizers": {k: o.state_dict() for k, o in run.optimizers.items()}},
-               run.folder / "checkpoint.pt.tmp")
-    os.replace(run.folder / "checkpoint.pt.tmp", run.folder / "checkpoint.pt")     # atomic
+    state = {"agent": run.agent.state_dict(), "progress": run.progress, "image_encoder": run.agent.image_encoder,
+             "optimizers": {k: o.state_dict() for k, o in run.optimizers.items()}}
+    try:
+        torch.save(state, run.folder / "checkpoint.pt.tmp")
+        os.replace(run.folder / "checkpoint.pt.tmp", run.folder / "checkpoint.pt")     # atomic
+    except (OSError, RuntimeError) as error:   # a full disk (torch raises RuntimeError): the last one is kept
+        (run.folder / "checkpoint.pt.tmp").unlink(missing_ok=True)
+        size_mb = sum(t.nbytes for t in run.agent.state_dict().values()) * 3 / 1e6   # weights, Adam's 2 moments
+        raise OSError(f"{run.folder / 'checkpoint.pt'}: not written ({error}); it needs about {size_mb:.0f} MB: "
+                      f"free disk space, then --resume {run.folder} (the last checkpoint is kept)") from None
     if run.rows:
         plot_runs([run.folder], run.folder / "curves.png", TARGET_ENTROPY)
 
@@ -462,7 +468,7 @@ def main():
                                  "runs/A,runs/B,out.png")
             return plot_runs(folders, out_path, TARGET_ENTROPY)
         new_run = not (cfg.eval or cfg.resume)
-        if new_run and folder.exists() and any(folder.iterdir()):   # never write over a run
+        if new_run and folder.exists() and any(p.name != "lock" for p in folder.iterdir()):   # never write over a run
             raise ValueError(f"{folder} already holds a run; continue it with --resume {folder} or pick another --run_dir")
         if new_run and not os.path.exists(cfg.demos):
             if cfg.port:
@@ -477,8 +483,9 @@ def main():
                 return evaluate(cfg, env, folder, make_teleop(cfg, env) if cfg.port else None)
             teleop = make_teleop(cfg, env)   # before the folder: a device that is not there leaves none
             folder.mkdir(parents=True, exist_ok=True)
-            print(f"run folder: {folder}")
-            train(cfg, env, teleop, folder)
+            with lock_run_folder(folder):
+                print(f"run folder: {folder}")
+                train(cfg, env, teleop, folder)
     except (ValueError, OSError, RobotError, EmergencyStop) as error:
         lost = isinstance(error, BusError) and not cfg.eval and (folder / "checkpoint.pt").exists()   # saved
         raise SystemExit(f"error: {error}" + (f"; then continue with: python hilserl.py --resume {folder}"

@@ -903,6 +903,45 @@ class TestRunFolder:
         left, right = frames[0][20:100, 20:100].mean((0, 1)), frames[0][20:100, 150:230].mean((0, 1))   # BGR
         assert left[2] > 150 > left[0] and right[0] > 150 > right[2]
 
+    def test_a_resume_refuses_a_folder_with_missing_episode_files_and_a_folder_in_use(self, tmp_path, monkeypatch):
+        run = tmp_path / "run"
+        small = ["--hidden_dim", "16", "--state_latent_dim", "8", "--batch_size", "16", "--utd_ratio", "1",
+                 "--training_starts", "20", "--demo_episodes", "2", "--episode_steps", "30"]
+        monkeypatch.setattr("sys.argv", ["hilserl.py", "--demos", str(tmp_path / "d.npz"), "--run_dir", str(run),
+                                         "--max_env_steps", "90", *small])
+        hilserl.main()                                                                # 3 episodes, checkpoint at 3
+        with buffer.lock_run_folder(run):                                             # another run holds it
+            monkeypatch.setattr("sys.argv", ["hilserl.py", "--resume", str(run)])
+            with pytest.raises(SystemExit, match=rf"^error: {re.escape(str(run))} is in use by another run; wait"):
+                hilserl.main()
+        (run / "episodes" / "episode_000002.npz").unlink()
+        with pytest.raises(SystemExit, match=r"episodes: episode files 2 are missing; restore them from a copy"):
+            hilserl.main()
+        for path in (run / "episodes").iterdir():
+            path.unlink()
+        with pytest.raises(SystemExit, match=r"episodes: episode files 1, 2, 3 are missing"):   # the checkpoint's 3
+            hilserl.main()
+
+    def test_a_full_disk_keeps_the_last_checkpoint_and_file_and_says_what_they_need(self, tmp_path, monkeypatch):
+        agent = Agent(STATE_DIM, small_cfg())
+        run = types.SimpleNamespace(agent=agent, progress={"episode": 1}, folder=tmp_path, rows=[],
+                                    optimizers=hilserl.make_optimizers(agent, small_cfg()))
+        hilserl.save_checkpoint(run)
+        before = (tmp_path / "checkpoint.pt").read_bytes()
+        def full(*args, **kwargs):
+            raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
+        monkeypatch.setattr(torch, "save", full)
+        run.progress = {"episode": 2}
+        with pytest.raises(OSError, match=r"checkpoint.pt: not written \(PytorchStreamWriter failed .*\); it needs "
+                                          r"about \d+ MB: free disk space, then --resume"):
+            hilserl.save_checkpoint(run)
+        assert (tmp_path / "checkpoint.pt").read_bytes() == before and os.listdir(tmp_path) == ["checkpoint.pt"]
+        buffer.save_npz(tmp_path / "e.npz", {"x": np.zeros(250_000)})
+        monkeypatch.setattr(np, "savez", lambda *a, **k: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+        with pytest.raises(OSError, match=r"e.npz: not written \(No space left on device\); it needs 4.0 MB: free disk"):
+            buffer.save_npz(tmp_path / "e.npz", {"x": np.ones(500_000)})
+        assert np.load(tmp_path / "e.npz")["x"].shape == (250_000,) and len(os.listdir(tmp_path)) == 2   # no .tmp
+
     def test_checkpoint_restores_the_agent_and_the_optimizers(self, tmp_path):
         cfg = small_cfg()
         agent, optimizers = trained(cfg)
