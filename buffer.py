@@ -159,8 +159,9 @@ def load_episodes(folder, online, demo, at_least=0):
     numbers = [int(path.stem.split("_")[1]) for path in paths]
     missing = sorted(set(range(1, max([at_least, *numbers]) + 1)) - set(numbers))
     if missing:   # a resume over the gap would learn as if those episodes never happened
-        raise ValueError(f"{folder}: episode files {', '.join(map(str, missing[:3]))}{' ...' * (len(missing) > 3)} "
-                         "are missing; restore them from a copy, or start a new run")
+        named = ", ".join(map(str, missing[:3])) + " ..." * (len(missing) > 3)
+        raise ValueError(f"{folder}: episode files {named} are missing; restore them from a copy, or start "
+                         "a new run")
     rows = []
     for path in paths:
         saved = online.read(path)
@@ -177,7 +178,8 @@ def lock_run_folder(folder):
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        raise ValueError(f"{folder} is in use by another run; wait for it to end, or pick another --run_dir") from None
+        raise ValueError(f"{folder} is in use by another run; wait for it to end, or pick another "
+                         "--run_dir") from None
     return lock
 
 

@@ -46,8 +46,8 @@ class RewardClassifier(nn.Module):
 
 def classifier_data(path):
     """(frames {camera: (N, H, W, 3)}, labels (N,), held_out (N,) bool) from `python teleop.py label`'s file.
-    Episodes are held out whole, as neighbouring frames look nearly the same: every fifth of those with success
-    frames (at least one of them) and every fifth of the others, so that recall can be measured."""
+    Episodes are held out whole, as neighbouring frames look nearly the same: every fifth of those with
+    success frames (at least one of them) and every fifth of the others, so that recall can be measured."""
     data = read_npz(path)
     labels, episodes = data.pop("success", None), data.pop("episode", None)
     if labels is None or episodes is None or not data or any(f.shape[1:] != (*f.shape[1:3], 3) or f.dtype != np.uint8
@@ -61,8 +61,8 @@ def classifier_data(path):
             chosen = []
         held_out |= np.isin(episodes, chosen)
     if not (labels[held_out] == 1).any():
-        raise ValueError(f"{path}: fewer than two episodes hold success frames, so none can be held out to measure "
-                         "the classifier's recall; label more with python teleop.py label")
+        raise ValueError(f"{path}: fewer than two episodes hold success frames, so none can be held out to "
+                         "measure the classifier's recall; label more with python teleop.py label")
     return data, labels.astype(np.float32), held_out
 
 
@@ -109,14 +109,16 @@ def train_classifier(cfg):
     train_idx, test_idx = np.flatnonzero(~held_out), np.flatnonzero(held_out)
     fit_classifier(classifier, features, labels, train_idx, cfg.classifier_steps, np.random.default_rng(cfg.seed))
     hits, called, actual = precision_recall(classifier, features, labels, test_idx)
-    held_out = (f"held out {len(test_idx)} frames of {len(labels)}: precision {hits / max(called, 1):.0%} ({hits} "
-                f"of {called} called success), recall {hits / max(actual, 1):.0%} ({hits} of {actual} successes) "
-                f"at threshold {cfg.classifier_threshold}")
+    precision, recall = hits / max(called, 1), hits / max(actual, 1)
+    held_out = (f"held out {len(test_idx)} frames of {len(labels)}: precision {precision:.0%} ({hits} of "
+                f"{called} called success), recall {recall:.0%} ({hits} of {actual} successes) at threshold "
+                f"{cfg.classifier_threshold}")
     print(f"{cfg.frames}: {int(labels.sum())} success frames; {held_out}")
     floor = [float(x) for x in cfg.classifier_floor.split(",")]
-    if (hits / max(called, 1) < floor[0] or hits / max(actual, 1) < floor[1]) and not cfg.classifier_force:
-        raise ValueError(f"below --classifier_floor {cfg.classifier_floor} (precision,recall), so not saved: it "
-                         "would decide rewards wrongly; label more frames, or pass --classifier_force true")
+    if (precision < floor[0] or recall < floor[1]) and not cfg.classifier_force:
+        raise ValueError(f"below --classifier_floor {cfg.classifier_floor} (precision,recall), so not saved: "
+                         "it would decide rewards wrongly; label more frames, or pass --classifier_force "
+                         "true")
     torch.save({"image_shapes": shapes, "hidden_dim": cfg.hidden_dim, "image_latent_dim": cfg.image_latent_dim,
                 "held_out": held_out, "classifier": classifier.state_dict()}, cfg.classifier + ".tmp")
     os.replace(cfg.classifier + ".tmp", cfg.classifier)   # atomically

@@ -58,7 +58,7 @@ class Config:
     classifier: str = ""                 # reward classifier file; when set, it too decides success from the frames (hil-serl)
     classifier_threshold: float = 0.7    # success when sigmoid(logit) > this (hil-serl USB task)
     classifier_steps: int = 150          # gradient steps of 128 positive + 128 negative frames (hil-serl)
-    classifier_floor: str = "0.9,0.5"    # held-out precision,recall below which classifier.py saves nothing (ours)
+    classifier_floor: str = "0.9,0.5"    # held-out precision,recall needed to save it (classifier.py; ours)
     classifier_force: bool = False       # classifier.py: save it below the floor all the same
     frames: str = "data/frames.npz"      # camera frames labelled success or not: teleop.py label writes them, classifier.py trains on them
     success_frames: int = 200            # label until the frames file holds this many successes (hil-serl: 200)
@@ -116,7 +116,8 @@ class Config:
 
 # What each setting must be, checked whenever settings are parsed: "OP BOUND", joined by "and".
 RANGES = {
-    "seed": ">= 0", "eval_episodes": ">= 1", "max_env_steps": ">= 0", "checkpoint_every": ">= 1", "diagnose_after_steps": ">= 0",
+    "seed": ">= 0", "eval_episodes": ">= 1", "max_env_steps": ">= 0", "checkpoint_every": ">= 1",
+    "diagnose_after_steps": ">= 0",
     "video_every": ">= 0", "utd_ratio": ">= 1", "batch_size": ">= 2", "discount": ">= 0 and <= 1", "tau": "> 0 and <= 1",
     "lr": "> 0", "temperature_init": "> 0", "num_critics": ">= 1", "hidden_dim": ">= 1", "state_latent_dim": ">= 1",
     "actor_std_min": "> 0", "actor_std_max": "> 0", "training_starts": ">= 1", "replay_capacity": ">= 2",
@@ -134,7 +135,7 @@ CHOICES = {"encoder": ("resnet10", "small"), "teleop": ("auto", "gamepad", "lead
 BOXES = {"workspace_m": "x0,x1,y0,y1,z0,z1", "cube_area_m": "x0,x1,y0,y1"}   # each low < its high
 ROI = r"\w+=\d+:\d+:[1-9]\d*:[1-9]\d*"   # a regular expression for each format, and how to say it
 FORMATS = {"cameras": (r"\w+=[^,=]+(,\w+=[^,=]+)*", "name=index-or-path, comma separated"),
-           "classifier_floor": (r"(0(\.\d+)?|1(\.0*)?),(0(\.\d+)?|1(\.0*)?)", "precision,recall, each 0 to 1"),
+           "classifier_floor": (r"(0(\.\d+)?|1(\.0*)?),(0(\.\d+)?|1(\.0*)?)", "precision,recall, 0 to 1"),
            "camera_roi": (rf"({ROI}(,{ROI})*)?", "name=x:y:w:h in pixels (w and h at least 1), comma separated")}
 
 
@@ -172,8 +173,8 @@ def check(cfg):
     if len(set(names)) < len(names):   # a dict of cameras would keep only the last of each name
         raise ValueError(f"--cameras {cfg.cameras!r}: each camera needs a name of its own")
     if cfg.control_hz * cfg.sim_timestep_s > 0.5:   # the sim rounds the physics steps per control step to 0
-        raise ValueError(f"--control_hz {cfg.control_hz} with --sim_timestep_s {cfg.sim_timestep_s}: the sim needs "
-                         "at least one physics step per control step; lower one of them")
+        raise ValueError(f"--control_hz {cfg.control_hz} with --sim_timestep_s {cfg.sim_timestep_s}: the sim "
+                         "needs at least one physics step per control step; lower one of them")
     if cfg.training_starts >= cfg.replay_capacity:   # its last slot holds a frame, never a transition
         raise ValueError(f"--training_starts {cfg.training_starts}: must be below --replay_capacity "
                          f"{cfg.replay_capacity}, or no update would ever run")
@@ -259,8 +260,8 @@ def load_run_config(args):
         return cfg
     if cfg.resume and cfg.eval:
         raise SystemExit(f"error: --eval {cfg.eval} and --resume {cfg.resume}: pick one run folder")
-    if any(word.split("=")[0] == "--demos" for word in args):   # the folder's demo.npz is what it learned from
-        raise SystemExit(f"error: --demos: {folder} keeps its own demos ({folder}/demo.npz); leave --demos out")
+    if any(word.split("=")[0] == "--demos" for word in args):   # its demo.npz is what it learned from
+        raise SystemExit(f"error: --demos: {folder} keeps its own demos ({folder}/demo.npz); leave it out")
     path = os.path.join(folder, "config.json")
     try:
         with open(path) as f:

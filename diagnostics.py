@@ -211,7 +211,8 @@ def plot_runs(folders, out_path, entropy_target=None):
         except (KeyError, TypeError, ValueError):   # not hilserl.py's log
             steps = []
         if not steps:
-            raise ValueError(f"{pathlib.Path(folder) / 'log.csv'}: no episode rows of hilserl.py's; nothing to plot")
+            raise ValueError(f"{pathlib.Path(folder) / 'log.csv'}: no episode rows of hilserl.py's; "
+                             "nothing to plot")
         for ax, (keys, title) in zip(axes.flat, PANELS):
             for key, style in zip((keys,) if isinstance(keys, str) else keys, ("-", "--")):
                 values = [float(r.get(key) or "nan") for r in rows]

@@ -224,7 +224,7 @@ def start_run(cfg, obs, folder):
     if cfg.resume:
         progress = load_checkpoint(folder, agent, optimizers)
         demo.load(folder / "demo.npz")
-        rows = load_episodes(folder / "episodes", online, demo, progress["episode"])   # after the checkpoint too
+        rows = load_episodes(folder / "episodes", online, demo, progress["episode"])   # those after it too
         progress.update({k: rows[-1][k] if rows else 0 for k in ("episode", "env_steps")})   # one row per episode
         print(f"resumed {folder} at episode {progress['episode']}, {progress['env_steps']} steps")
     else:
@@ -296,10 +296,11 @@ def run_episode(run, env, teleop, obs, status, writer=None, picture=None):
             run.warned_slow = True
             act_ms, _, update_ms, io_ms = (1e3 * np.mean(x) for x in zip(*timings))
             slowest = max((act_ms, "act: train on a GPU, or lower --image_size"),
-                          (io_ms, "robot I/O (bus and cameras): check --baudrate, --bus_latency_s, the cameras"),
+                          (io_ms, "robot I/O (bus, cameras): check --baudrate, --bus_latency_s, the cameras"),
                           (update_ms, "updates: lower --utd_ratio or train on a GPU"))[1]
             print(f"warning: the loop cannot keep {cfg.control_hz} Hz: act {act_ms:.0f} ms, robot I/O "
-                  f"{io_ms:.0f} ms, {cfg.utd_ratio} updates {update_ms:.0f} ms per step; the most is {slowest}")
+                  f"{io_ms:.0f} ms, {cfg.utd_ratio} updates {update_ms:.0f} ms per step; the most is "
+                  f"{slowest}")
         status.count(intervened, rew)
         obs, ret = next_obs, ret + rew
         human_steps += intervened
@@ -405,16 +406,17 @@ def evaluate(cfg, env, folder, teleop=None):
 def save_checkpoint(run):
     """The agent, its optimizers and counters, atomically, then the curves. The buffers need no saving:
     a resume rebuilds them from demo.npz and the episode files."""
-    state = {"agent": run.agent.state_dict(), "progress": run.progress, "image_encoder": run.agent.image_encoder,
+    state = {"agent": run.agent.state_dict(), "progress": run.progress,
+             "image_encoder": run.agent.image_encoder,
              "optimizers": {k: o.state_dict() for k, o in run.optimizers.items()}}
     try:
         torch.save(state, run.folder / "checkpoint.pt.tmp")
         os.replace(run.folder / "checkpoint.pt.tmp", run.folder / "checkpoint.pt")     # atomic
     except (OSError, RuntimeError) as error:   # a full disk (torch raises RuntimeError): the last one is kept
         (run.folder / "checkpoint.pt.tmp").unlink(missing_ok=True)
-        size_mb = sum(t.nbytes for t in run.agent.state_dict().values()) * 3 / 1e6   # weights, Adam's 2 moments
-        raise OSError(f"{run.folder / 'checkpoint.pt'}: not written ({error}); it needs about {size_mb:.0f} MB: "
-                      f"free disk space, then --resume {run.folder} (the last checkpoint is kept)") from None
+        size_mb = sum(t.nbytes for t in state["agent"].values()) * 3 / 1e6   # weights and Adam's 2 moments
+        raise OSError(f"{run.folder / 'checkpoint.pt'}: not written ({error}); it needs about {size_mb:.0f} "
+                      f"MB: free disk space, then --resume {run.folder} (the last one is kept)") from None
     if run.rows:
         plot_runs([run.folder], run.folder / "curves.png", TARGET_ENTROPY)
 
@@ -468,7 +470,7 @@ def main():
                                  "runs/A,runs/B,out.png")
             return plot_runs(folders, out_path, TARGET_ENTROPY)
         new_run = not (cfg.eval or cfg.resume)
-        if new_run and folder.exists() and any(p.name != "lock" for p in folder.iterdir()):   # never write over a run
+        if new_run and folder.exists() and any(p.name != "lock" for p in folder.iterdir()):   # never over one
             raise ValueError(f"{folder} already holds a run; continue it with --resume {folder} or pick another --run_dir")
         if new_run and not os.path.exists(cfg.demos):
             if cfg.port:

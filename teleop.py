@@ -269,8 +269,8 @@ def make_teleop(cfg, env):
         return Teleop(ScriptedExpert(cfg, env.world, cfg.seed))
     if choice == "virtual":
         if not cfg.port:   # its operator moves the virtual arm's own twin, which only answers on its port
-            raise ValueError("--teleop virtual: the virtual arm's operator needs its arm; start python sim.py serve "
-                             "and pass the --port it prints")
+            raise ValueError("--teleop virtual: the virtual arm's operator needs its arm; start python "
+                             "sim.py serve and pass the --port it prints")
         device = VirtualOperator(cfg)
     elif pygame.joystick.get_count():
         device = Gamepad(cfg)

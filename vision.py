@@ -115,7 +115,7 @@ class FrameFeatures:
         self.scale = {k: torch.zeros(buffer.capacity, copies, 1, 1, 1, device=device)
                       for k in buffer.image_keys}
         self.next_slot = None   # where the frame of the next add's obs already is, while an episode runs
-        for start in range(0, buffer.size, 1280):   # frames loaded from files: minutes on a CPU, so say how far
+        for start in range(0, buffer.size, 1280):   # frames loaded from files: minutes on a CPU, say how far
             print(f"the ResNet-10's features of {buffer.size} stored frames, {copies} copies each: "
                   f"{start / buffer.size:.0%}", flush=True)
             self.compute(np.arange(start, min(start + 1280, buffer.size)))
