@@ -13,6 +13,7 @@ starts at i+2. That costs one slot per episode, and the last step of an episode 
 bootstraps from the first frame of the next one.
 """
 
+import contextlib
 import fcntl
 import os
 import pathlib
@@ -171,16 +172,21 @@ def load_episodes(folder, online, demo, at_least=0):
     return rows
 
 
+@contextlib.contextmanager
 def lock_run_folder(folder):
-    """The folder's lock file, held until it is closed or the process ends (even killed): a second run on
-    the same folder would mix its episodes and config with this one's."""
-    lock = open(pathlib.Path(folder) / "lock", "w")
+    """The folder locked while the with block runs, or until the process ends, even killed: a second run
+    on the same folder would mix its episodes and config with this one's. The lock is on the folder
+    itself, so it leaves no file behind."""
+    fd = os.open(folder, os.O_RDONLY)
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise ValueError(f"{folder} is in use by another run; wait for it to end, or pick another "
-                         "--run_dir") from None
-    return lock
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"{folder} is in use by another run; wait for it to end, or pick another "
+                             "--run_dir") from None
+        yield
+    finally:
+        os.close(fd)
 
 
 def write_atomically(path, text):

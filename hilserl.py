@@ -470,7 +470,7 @@ def main():
                                  "runs/A,runs/B,out.png")
             return plot_runs(folders, out_path, TARGET_ENTROPY)
         new_run = not (cfg.eval or cfg.resume)
-        if new_run and folder.exists() and any(p.name != "lock" for p in folder.iterdir()):   # never over one
+        if new_run and folder.exists() and any(folder.iterdir()):   # never write over a run
             raise ValueError(f"{folder} already holds a run; continue it with --resume {folder} or pick another --run_dir")
         if new_run and not os.path.exists(cfg.demos):
             if cfg.port:

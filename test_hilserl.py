@@ -763,7 +763,7 @@ class TestLoop:
     @pytest.mark.parametrize("slow, says", [
         ("learn", "the most is updates: lower --utd_ratio or train on a GPU"),
         ("act", "the most is act: train on a GPU, or lower --image_size"),
-        ("read_joints", r"the most is robot I/O \(bus and cameras\): check --baudrate, --bus_latency_s")])
+        ("read_joints", r"the most is robot I/O \(bus, cameras\): check --baudrate, --bus_latency_s")])
     def test_a_loop_late_for_its_tick_says_which_part_takes_the_most(self, slow, says, tmp_path, monkeypatch, capsys):
         def slowed(original):
             return lambda *a, **k: time.sleep(0.05) or original(*a, **k)
@@ -1108,7 +1108,7 @@ class TestConfig:
         (["--control_hz", "0"], "--control_hz 0.0: must be > 0"),
         (["--episode_steps", "-1"], "--episode_steps -1: must be >= 1"),
         (["--max_joint_step_rad", "-0.1"], "--max_joint_step_rad -0.1: must be > 0"),
-        (["--lr", "nan"], "--lr nan: must be > 0"),
+        (["--lr", "nan"], "--lr nan: must be a finite number"),
         (["--discount", "1.5"], "--discount 1.5: must be >= 0 and <= 1"),
         (["--workspace_m", "0.3,0.15,-0.1,0.1,0.0,0.1"], "--workspace_m '0.3,0.15,-0.1,0.1,0.0,0.1': must be x0,x1,y0,y1,z0,z1"),
         (["--workspace_m", "0.1,0.2"], "each low below its high"),
