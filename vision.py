@@ -129,7 +129,8 @@ class FrameFeatures:
                 frames[:, 1:] = random_shift(frames[:, 1:])
                 features, scale = as_stored(self.backbone(frames.flatten(0, 1)))           # (n K, 512, h, w)
                 at = torch.as_tensor(s, device=table.device)
-                table[at], self.scale[key][at] = (x.unflatten(0, frames.shape[:2]) for x in (features, scale))
+                table[at] = features.unflatten(0, frames.shape[:2])                       # (n, K, 512, h, w)
+                self.scale[key][at] = scale.unflatten(0, frames.shape[:2])                # (n, K, 1, 1, 1)
 
     def read(self, key, slots, copy):
         """Features (..., 512, h, w) in float16 of the frames in slots (a tensor), copy `copy` (same
