@@ -7,9 +7,11 @@ operator calls (a GPU at this size waits on kernel launches) and the bytes Adam 
 loop: what episode videos and learning diagnostics add to a training control step, filmed and not, side by side.
 """
 
+import contextlib
 import copy
 import dataclasses
 import math
+import os
 import pathlib
 import time
 
@@ -96,9 +98,22 @@ def launches_kernel(name):
     return alias is None or alias.is_write               # add_ writes its input; view and detach only alias it
 
 
+@contextlib.contextmanager
+def quiet_stderr():
+    """The profiler's C++ side writes a line to stderr as it starts and stops: chatter, not a figure."""
+    saved = os.dup(2)
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def operator_calls(fn):
     """Outermost operator calls while fn() runs, by torch.profiler: every call is a kernel or more."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    with quiet_stderr(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         fn()
     def count(event):
         return 1 if launches_kernel(event.name) else sum(count(child) for child in event.cpu_children)

@@ -2525,6 +2525,11 @@ class TestImages:
         assert "\n" not in message and re.fullmatch(r"error: .*checkpoint.pt was trained with --encoder small; "
                                                     r"pass --encoder small, .*", message), message
 
+    def test_counting_operator_calls_prints_nothing_of_the_profilers_own(self, capfd):
+        assert bench.operator_calls(lambda: torch.ones(4) * 2) >= 1
+        out, err = capfd.readouterr()
+        assert out == "" and "profiler_start" not in err and err == ""                   # its USDT lines
+
     def test_bench_images_prints_both_encoders_and_what_the_augmentation_keeps(self, capsys):
         bench.bench_images(small_cfg(image_size=32, utd_ratio=2, image_latent_dim=8), torch.device("cpu"), slots=40)
         lines = capsys.readouterr().out.splitlines()
