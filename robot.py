@@ -802,11 +802,10 @@ class SO101Env:
 
 # --- Command line: status (read-only), calibrate, check -----------------------------------------
 def calibrate(arm, ask=input):
-    """Guided calibration like LeRobot's: offsets make the centred pose read 2047, then each joint's min and max are
-    recorded while the owner sweeps it. wrist_roll has no end stops: it keeps 0..4095 (a range breaks at
-    the wrap).
-    Nothing is written before the owner's first answer, and a calibration that fails leaves the servos'
-    offsets and limits as they were."""
+    """Guided calibration like LeRobot's: offsets make the centred pose read 2047, then each joint's min
+    and max are recorded while the owner sweeps it. wrist_roll has no end stops: it keeps 0..4095 (a
+    range breaks at the wrap). Nothing is written before the owner's first answer, and a calibration
+    that fails leaves the servos' offsets and limits as they were."""
     kept = ("Homing_Offset", "Min_Position_Limit", "Max_Position_Limit")
     before = {(servo_id, register): arm.bus.read(servo_id, register) for servo_id in IDS for register in kept}
     try:

@@ -107,7 +107,7 @@ class FrameFeatures:
     the policy acts on the first)."""
 
     def __init__(self, buffer, backbone, device, copies=1):
-        self.buffer, self.backbone, self.copies = buffer, backbone, copies
+        self.buffer, self.backbone, self.copies, self.device = buffer, backbone, copies, device
         frame_shape = buffer.arrays[buffer.image_keys[0]].shape[1:]                # (H, W, 3)
         shape = backbone(torch.zeros(1, *frame_shape, dtype=torch.uint8, device=device)).shape[1:]   # C, h, w
         self.table = {k: torch.zeros(buffer.capacity, copies, *shape, dtype=torch.uint8, device=device)
@@ -124,11 +124,11 @@ class FrameFeatures:
         for start in range(0, len(slots), chunk):
             s = slots[start:start + chunk]
             for key, table in self.table.items():
-                frames = torch.from_numpy(self.buffer.arrays[key][s]).to(table.device)     # (n, H, W, 3)
+                frames = torch.from_numpy(self.buffer.arrays[key][s]).to(self.device)      # (n, H, W, 3)
                 frames = frames.unsqueeze(1).repeat(1, self.copies, 1, 1, 1)               # (n, K, H, W, 3)
                 frames[:, 1:] = random_shift(frames[:, 1:])
                 features, scale = as_stored(self.backbone(frames.flatten(0, 1)))           # (n K, 512, h, w)
-                at = torch.as_tensor(s, device=table.device)
+                at = torch.as_tensor(s, device=self.device)
                 table[at] = features.unflatten(0, frames.shape[:2])                       # (n, K, 512, h, w)
                 self.scale[key][at] = scale.unflatten(0, frames.shape[:2])                # (n, K, 1, 1, 1)
 
@@ -143,7 +143,7 @@ class FrameFeatures:
         j = (slot + 1) % self.buffer.capacity
         self.compute(np.array([j] if slot == self.next_slot else [slot, j]))
         self.next_slot = j
-        at = torch.tensor([j], device=self.scale[self.buffer.image_keys[0]].device)
+        at = torch.tensor([j], device=self.device)
         return {key: self.read(key, at, torch.zeros_like(at)) for key in self.table}
 
 
