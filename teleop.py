@@ -469,10 +469,20 @@ def import_lerobot(cfg, folder, path):
     root, info_path = pathlib.Path(folder), pathlib.Path(folder, "meta", "info.json")
     try:
         info = json.loads(info_path.read_text())
-        fps, features, v2 = info["fps"], info["features"], info["codebase_version"].startswith("v2")
-    except (OSError, ValueError, KeyError):
-        raise ValueError(f"{info_path}: missing or not a LeRobot dataset's; pass a LeRobot dataset's folder") from None
-    names = features.get("observation.state", {}).get("names")
+    except (OSError, ValueError):
+        raise ValueError(f"{info_path}: missing or not JSON; pass a LeRobot dataset's folder") from None
+    wanted = {   # field by field: a dataset of another writer, or a damaged one, is named, not a traceback
+        "codebase_version": (lambda v: isinstance(v, str) and v[:2] in ("v2", "v3"), "v2.x or v3.x"),
+        "fps": (lambda v: isinstance(v, (int, float)) and v > 0, "a positive number"),
+        "features": (lambda v: isinstance(v, dict), "a mapping of feature names"),
+        "video_path": (lambda v: isinstance(v, str) or not cfg.use_images, "a path pattern")}
+    for key, (fits, want) in wanted.items():
+        found = info.get(key) if isinstance(info, dict) else f"absent: the file holds {type(info).__name__}"
+        if not isinstance(info, dict) or not fits(found):
+            raise ValueError(f"{info_path}: {key} {found!r}, not {want}; is it a LeRobot dataset's info?")
+    fps, features, v2 = info["fps"], info["features"], info["codebase_version"].startswith("v2")
+    state = features.get("observation.state")
+    names = state.get("names") if isinstance(state, dict) else None
     step = fps / cfg.control_hz   # dataset frames per control step
     cameras = parse_cameras(cfg.cameras, cfg.camera_roi) if cfg.use_images else {}
     videos = [key for key, feature in features.items() if feature.get("dtype") == "video"]
@@ -494,10 +504,23 @@ def import_lerobot(cfg, folder, path):
         if refused:
             raise ValueError(why)
     calibration = load_calibration(cfg.calibration)
-    table = pq.read_table(data_files, columns=["episode_index", "timestamp", "observation.state"])
-    episode = table["episode_index"].to_numpy()
-    time_s = table["timestamp"].to_numpy().astype(float)
-    values = np.array(table["observation.state"].to_pylist(), float)   # (N, 6)
+    try:   # pyarrow's own messages run to several lines
+        table = pq.read_table(data_files, columns=["episode_index", "timestamp", "observation.state"])
+        episode = table["episode_index"].to_numpy()
+        time_s = table["timestamp"].to_numpy().astype(float)
+        values = np.array(table["observation.state"].to_pylist(), float)   # (N, 6)
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"{root}/data: the columns episode_index, timestamp and observation.state do "
+                         f"not read: {str(error).splitlines()[0]}") from None
+    if values.shape[1:] != (6,):
+        raise ValueError(f"{root}/data: observation.state holds {values.shape[1:]} numbers a frame, "
+                         "not the SO-101's 6")
+    ticks = lerobot_to_ticks(values, calibration, cfg.lerobot_use_degrees)
+    bad = np.flatnonzero(~np.all((ticks >= 0) & (ticks <= 4095), axis=1))   # NaN is never in range
+    if len(bad):   # no STS3215 encoder reads it: other units, another arm's calibration, or damage
+        raise ValueError(f"{root}/data: episode {episode[bad[0]]} at {time_s[bad[0]]:.2f} s (and {len(bad) - 1} "
+                         f"more frames): observation.state {values[bad[0]].tolist()} is off the servos' 0-4095 "
+                         f"ticks under {cfg.calibration}; check --calibration and --lerobot_use_degrees")
     meta_files = sorted(root.glob("meta/episodes/*/*.parquet")) if cameras and not v2 else []
     where = {row["episode_index"]: row for row in pq.read_table(meta_files).to_pylist()} if meta_files else {}
     example = {"state": np.zeros(6 + EE_DIM, np.float32),
@@ -508,8 +531,7 @@ def import_lerobot(cfg, folder, path):
         if len(rows) < 2:
             print(f"episode {index}: shorter than a step at --control_hz {cfg.control_hz}, left out")
             continue
-        ticks = lerobot_to_ticks(values[rows], calibration, cfg.lerobot_use_degrees)
-        joints = np.array([ticks_to_joints(t, calibration) for t in ticks])   # (T + 1, 6): 5 rad + gripper opening
+        joints = np.array([ticks_to_joints(t, calibration) for t in ticks[rows]])   # (T + 1, 6): 5 rad + gripper
         frames = {}
         for name, (_, roi) in cameras.items():   # v2.1: a video per episode; v3.0: meta/episodes says which, from when
             key, meta = f"observation.images.{name}", where.get(index, {})
@@ -518,6 +540,9 @@ def import_lerobot(cfg, folder, path):
             times_s = meta.get(f"videos/{key}/from_timestamp", 0.0) + time_s[rows]
             frames[name] = lerobot_frames(root / video, times_s, roi, cfg.image_size, 0.5 / fps)
         add_lerobot_episode(cfg, demos, index, joints, frames)
+    if not demos.num_episodes:
+        raise ValueError(f"{root}: no episode is longer than a control step at --control_hz {cfg.control_hz}; "
+                         f"nothing written to {path}")
     demos.save(path)
     return demos.num_episodes
 

@@ -3115,6 +3115,65 @@ class TestLeRobotImport:
         assert str(exit_info.value).startswith("error: ") and says in str(exit_info.value)
         assert "\n" not in str(exit_info.value) and not (tmp_path / "d.npz").exists()
 
+    INFO_REFUSED = [   # meta/info.json as another writer or a damaged file leaves it -> the one line
+        ([], "codebase_version 'absent: the file holds list', not v2.x or v3.x"),
+        (None, "codebase_version 'absent: the file holds NoneType', not v2.x or v3.x"),
+        ({"codebase_version": 3.0}, "codebase_version 3.0, not v2.x or v3.x"),
+        ({"features": [["observation.state"]]}, "features [['observation.state']], not a mapping of feature names"),
+        ({"fps": "30"}, "fps '30', not a positive number"),
+        ({"fps": 0}, "fps 0, not a positive number"),
+    ]
+
+    @pytest.mark.parametrize("change, says", INFO_REFUSED, ids=["list", "null", "version", "features", "fps", "fps0"])
+    def test_an_info_file_is_checked_field_by_field(self, change, says, tmp_path, monkeypatch):
+        root = write_lerobot(tmp_path)
+        info = json.loads((root / "meta/info.json").read_text())
+        (root / "meta/info.json").write_text(json.dumps({**info, **change} if isinstance(change, dict) else change))
+        self.refused(root, tmp_path, monkeypatch, f"{root / 'meta/info.json'}: {says}; is it a LeRobot dataset's")
+
+    DATA_REFUSED = [   # the data files' column -> (its new values, or None to drop it; the one line)
+        ("observation.state", lambda s: np.where(np.arange(len(s))[:, None] == 4, np.nan, s),
+         "episode 0 at 0.13 s (and 0 more frames): observation.state [nan, nan, nan, nan, nan, nan] is off the "
+         "servos' 0-4095 ticks under"),
+        ("observation.state", lambda s: np.where(np.arange(len(s))[:, None] >= 7, 1e9, s),
+         "episode 1 at 0.00 s (and 9 more frames): observation.state [1000000000.0, 1000000000.0"),
+        ("observation.state", lambda s: np.concatenate([s, s[:, :1]], axis=1),
+         "observation.state holds (7,) numbers a frame, not the SO-101's 6"),
+        ("episode_index", None, "the columns episode_index, timestamp and observation.state do not read: No match "
+         "for FieldRef.Name(episode_index)"),
+    ]
+
+    @pytest.mark.parametrize("column, values, says", DATA_REFUSED, ids=["nan", "1e9", "width", "no_episode_index"])
+    def test_the_data_is_checked_before_anything_is_written(self, column, values, says, tmp_path, monkeypatch):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        root = write_lerobot(tmp_path)
+        path = next(root.glob("data/*/*.parquet"))
+        table = pq.read_table(path)
+        if values is None:
+            table = table.drop_columns([column])
+        else:
+            state = np.array(table[column].to_pylist(), float)
+            table = table.set_column(table.schema.get_field_index(column), column,
+                                     pa.array(values(state).tolist(), pa.list_(pa.float32())))
+        pq.write_table(table, path)
+        self.refused(root, tmp_path, monkeypatch, f"{root / 'data'}: {says}")
+
+    def test_a_dataset_with_no_episode_longer_than_a_step_writes_nothing(self, tmp_path, monkeypatch):
+        root = write_lerobot(tmp_path, fps=30)
+        # at 0.25 Hz a control step is 120 frames at 30 fps: every episode (7 and 10 frames) is shorter
+        self.refused(root, tmp_path, monkeypatch, f"{root}: no episode is longer than a control step at "
+                     f"--control_hz 0.25; nothing written to {tmp_path / 'd.npz'}", "--control_hz", "0.25")
+
+    @staticmethod
+    def refused(root, tmp_path, monkeypatch, says, *options):
+        monkeypatch.setattr("sys.argv", ["teleop.py", "import-lerobot", str(root), "--demos", str(tmp_path / "d.npz"),
+                                         "--calibration", str(root / "calibration.json"), *options])
+        with pytest.raises(SystemExit) as exit_info:
+            teleop.main()
+        assert str(exit_info.value).startswith(f"error: {says}"), str(exit_info.value)
+        assert "\n" not in str(exit_info.value) and not (tmp_path / "d.npz").exists()
+
     def test_without_pyarrow_it_says_what_to_install(self, tmp_path, monkeypatch):
         monkeypatch.setitem(sys.modules, "pyarrow", None)                        # import pyarrow now fails
         monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
