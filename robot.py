@@ -15,6 +15,10 @@ import numpy as np
 
 from config import load_config
 
+# FFmpeg, under OpenCV's cameras, prints its own lines when a stream ends ("[http @ 0x...] Stream ends
+# prematurely"); Camera.read says it once, naming the camera. -8 is AV_LOG_QUIET; set it to 32 to debug.
+os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
+
 JOINTS = ("shoulder_pan", "shoulder_lift", "elbow_flex", "wrist_flex", "wrist_roll", "gripper")
 IDS = (1, 2, 3, 4, 5, 6)  # servo id of each joint, in JOINTS order (LeRobot's SO-101 wiring)
 STS3215_MODEL = 777

@@ -327,7 +327,7 @@ class ScriptedExpert:
         phase, distance = self._progress(obs)
         self.history.append(distance)
         n = self.cfg.expert_patience
-        if self.in_control and phase > self.takeover_phase:
+        if self.in_control and phase > self.takeover_phase and not self.cfg.expert_holds_on:
             self.history, self.in_control = [distance], False
         elif not self.in_control and len(self.history) > n and distance > self.history[-1 - n] - self.PROGRESS_M:
             self.in_control, self.takeover_phase = True, phase
@@ -359,8 +359,10 @@ class VirtualArm:
             tty.setraw(fd)
         self.port = os.ttyname(self._servant)
         self.http = ThreadingHTTPServer(("127.0.0.1", cfg.serve_http_port), self._handler())
-        for target in (self._serve_bus, self._serve_physics, self._serve_cameras, self.http.serve_forever):
-            threading.Thread(target=target, daemon=True).start()
+        self.threads = [threading.Thread(target=target, daemon=True) for target in
+                        (self._serve_bus, self._serve_physics, self._serve_cameras, self.http.serve_forever)]
+        for thread in self.threads:
+            thread.start()
 
     def _serve_bus(self):
         """Bytes from the port to the emulated servos; their replies back after the servo's reply delay
@@ -465,9 +467,16 @@ class VirtualArm:
         return Handler
 
     def close(self):
+        """Stop, as the serve process's end does: the camera streams end and the port's far end closes, which its
+        user sees as a pulled cable."""
         self.running = False
+        self.threads[0].join()   # the bus's thread first: it reads the port's far end, closed next
+        os.close(self.controller)
+        os.close(self._servant)
         self.http.shutdown()
         self.http.server_close()
+        for thread in self.threads[1:]:
+            thread.join()
 
 
 if __name__ == "__main__":

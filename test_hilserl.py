@@ -2865,6 +2865,76 @@ class TestVirtualArm:
         finally:
             virtual.close()
 
+    def test_a_camera_stream_that_ends_is_one_error_without_the_video_library_noise(self, capfd):
+        from sim import VirtualArm
+        port = free_port()
+        virtual = VirtualArm(Config(serve_http_port=port))
+        deadline = time.monotonic() + 30
+        while "front" not in virtual.frames and time.monotonic() < deadline:     # its first frame is rendered
+            time.sleep(0.01)
+        try:
+            camera = robot.Camera("front", f"http://127.0.0.1:{port}/front", 32, timeout_s=5.0)
+        finally:
+            virtual.close()                                                      # the stream ends mid-frame
+        camera._thread.join(timeout=10)
+        with pytest.raises(robot.RobotError, match="camera 'front' .* stopped delivering frames"):
+            camera.read()
+        camera.close()
+        assert capfd.readouterr().err == ""                                      # FFmpeg's lines are not shown
+
+    def test_a_pulled_cable_keeps_every_printed_episode_and_says_how_to_resume(self, tmp_path):
+        """sim.py serve stops mid-run, the port's far end gone and the camera streams cut: one line that names the
+        port, the cable and the power, and the resume command, with no video library noise; the checkpoint holds
+        every printed episode, and the resumed run goes on after the last."""
+        import subprocess
+        from sim import VirtualArm
+        port, out = free_port(), tmp_path / "out.txt"
+        url, run, demos = f"http://127.0.0.1:{port}", tmp_path / "run", str(tmp_path / "demos.npz")
+        settings = ["--use_images", "true", "--image_size", "32", "--encoder", "small", "--episode_steps", "20",
+                    "--hidden_dim", "16", "--image_latent_dim", "8", "--state_latent_dim", "8", "--batch_size", "16",
+                    "--utd_ratio", "1", "--training_starts", "10", "--privileged_state", "false"]
+        subprocess.run([sys.executable, "teleop.py", "record", "--demos", demos, "--demo_episodes", "2", *settings],
+                       cwd=os.path.dirname(os.path.abspath(__file__)), check=True)   # the sim's: the same obs
+
+        def start(virtual, *args):
+            calibration = {name: robot.JointCalibration(i, 0, int(virtual.world.assembly_ticks[i - 1]),
+                                                        c.range_min, c.range_max)        # as calibrate finds it
+                           for (name, c), i in zip(robot.chain_calibration().items(), IDS)}
+            robot.save_calibration(tmp_path / "calibration.json", calibration)
+            return subprocess.Popen([sys.executable, "hilserl.py", *args, *settings, "--port", virtual.port,
+                                     "--calibration", str(tmp_path / "calibration.json"), "--teleop", "virtual",
+                                     "--serve_http_port", str(port), "--cameras", f"front={url}/front,wrist={url}/wrist"],
+                                    stdout=open(out, "w"), stderr=subprocess.STDOUT,
+                                    cwd=os.path.dirname(os.path.abspath(__file__)))
+
+        virtual = VirtualArm(Config(serve_http_port=port))
+        try:
+            process = start(virtual, "--demos", demos, "--run_dir", str(run))
+            while len(re.findall(r"updates/s$", out.read_text(), re.M)) < 2:                # two episodes trained
+                assert process.poll() is None, out.read_text()
+                time.sleep(0.1)
+        finally:
+            virtual.close()                                                                 # the cable is pulled
+        assert process.wait() == 1
+        text = out.read_text()
+        printed = int(re.findall(r"^episode +(\d+) .* updates/s$", text, re.M)[-1])
+        assert re.fullmatch(rf"error: the arm's serial port {virtual.port} failed \((write|read)\b.*\): check its "
+                            rf"USB cable and the arm's power; then continue with: python hilserl.py --resume {run}",
+                            text.strip().splitlines()[-1]), text
+        assert "[http @" not in text and "Stream ends" not in text, text                  # no video library noise
+        assert torch.load(run / "checkpoint.pt")["progress"]["episode"] == printed
+        virtual = VirtualArm(Config(serve_http_port=port))                                  # plugged in again
+        try:
+            process = start(virtual, "--resume", str(run))
+            while "resumed" not in out.read_text():
+                assert process.poll() is None, out.read_text()
+                time.sleep(0.1)
+            process.send_signal(signal.SIGINT)
+            process.wait()
+        finally:
+            virtual.close()
+        assert f"resumed {run} at episode {printed}," in out.read_text(), out.read_text()
+
     @pytest.mark.parametrize("wrong", [None, "shoulder_pan"])
     def test_the_bring_up_check_names_a_joint_with_a_wrong_offset(self, wrong, monkeypatch):
         import serial
