@@ -720,6 +720,25 @@ class TestLoop:
         assert saved["progress"]["updates"] <= 40                                       # from before the poison
         assert all(torch.isfinite(p).all() for p in saved["agent"].values())
 
+    def test_a_warm_start_updates_on_the_demos_alone_before_the_arm_first_moves(self, tmp_path, monkeypatch):
+        small = ["--hidden_dim", "16", "--state_latent_dim", "8", "--batch_size", "16", "--utd_ratio", "2",
+                 "--training_starts", "20", "--demo_episodes", "2", "--episode_steps", "30"]
+        cfg = hilserl.load_run_config(["--demos", str(tmp_path / "d.npz"), *small])
+        teleop.record_demos(cfg, cfg.demos, 2)
+        demo_states = np.load(cfg.demos)["state"]
+        steps, calls, step, learn = [], [], robot.SO101Env.step, hilserl.learn
+        monkeypatch.setattr(robot.SO101Env, "step", lambda env, *a: steps.append(1) or step(env, *a))
+        monkeypatch.setattr(hilserl, "learn", lambda agent, optimizers, cfg, batches: calls.append(
+            (len(steps), batches["obs"]["state"].flatten(0, 1).numpy())) or learn(agent, optimizers, cfg, batches))
+        monkeypatch.setattr("sys.argv", ["hilserl.py", "--demos", cfg.demos, "--run_dir", str(tmp_path / "run"),
+                                         "--max_env_steps", "30", "--pretrain_updates", "7", *small])
+        hilserl.main()
+        before = [states for moved, states in calls if moved == 0]
+        assert len(before) == 3                                      # 7 // utd_ratio 2: whole control steps' worth
+        for states in before:                                        # every row a demo's
+            assert all(np.isclose(demo_states, row).all(1).any() for row in states)
+        assert all(moved >= 20 for moved, _ in calls[3:])            # then as usual, from training_starts on
+
     @pytest.mark.parametrize("ending", ["max_env_steps", "ctrl_c"])
     def test_torque_goes_off_before_the_last_checkpoint_is_written(self, ending, tmp_path, monkeypatch):
         envs, make_env, save, run_episode = [], hilserl.make_env, hilserl.save_checkpoint, hilserl.run_episode
@@ -1845,6 +1864,14 @@ class TestSim:
             info, steps, interventions = run_episode(env, expert, seed=4, policy=stalling_policy)
             assert info["success"]  # the expert's takeovers finish the task
             assert 0 < interventions < steps  # but it handed control back in between
+
+    def test_an_expert_that_holds_on_keeps_control_to_the_end_once_it_took_over(self):
+        cfg = Config(expert_holds_on=True)
+        arm, cameras, world = make_sim(cfg, seed=4)
+        with SO101Env(cfg, arm, cameras, world) as env:
+            stalling_policy = lambda obs: np.zeros(4, np.float32)  # noqa: E731
+            info, steps, interventions = run_episode(env, ScriptedExpert(cfg, world, seed=4), 4, stalling_policy)
+        assert info["success"] and interventions == steps - cfg.expert_patience   # every step after it took over
 
     def test_cameras_return_uint8_rgb_frames_of_image_size(self):
         cfg = Config(use_images=True, image_size=64)
