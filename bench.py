@@ -132,7 +132,7 @@ def matmul_rate(device, n=256, seconds=0.5):
 
 def timed(fn, device, repeats=5):
     """Mean seconds per call of fn, from and to an idle device."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)   # SYNC POINT: timing
+    sync = {"cuda": torch.cuda.synchronize, "mps": torch.mps.synchronize}.get(device.type, lambda: None)   # SYNC POINT
     sync()
     start = time.perf_counter()
     for _ in range(repeats):
@@ -142,7 +142,9 @@ def timed(fn, device, repeats=5):
 
 
 def device_name(device):
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    if device.type == "cpu":
+        return f"cpu, {torch.get_num_threads()} threads"
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "mps (Apple GPU)"
 
 
 def setup(cfg, example, slots, rng, device):

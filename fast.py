@@ -16,6 +16,7 @@ import shutil
 import torch
 
 import hilserl
+from networks import DEVICE_CAN
 
 
 def keep_freed_memory():
@@ -131,17 +132,22 @@ class Learner:
     """hilserl.learn as `Learner(agent, optimizers, cfg, batches)(batches)`, compiled on the first `batches`."""
 
     def __init__(self, agent, optimizers, cfg, batches):
-        check_compiler(batches["act"].device)
+        device = batches["act"].device
+        self.agent, self.optimizers, self.cfg, self.graph = agent, optimizers, cfg, None
+        self.eager = "compile" not in DEVICE_CAN[device.type]   # networks.DEVICE_CAN: what each device can do
+        if self.eager:
+            print(f"--compile: not measured on {device.type}; the eager update runs")
+            return
+        check_compiler(device)
         if batches["act"].device.type == "cpu":
             keep_freed_memory()
             swap_tanh(agent)
-        self.agent, self.optimizers, self.cfg, self.graph = agent, optimizers, cfg, None
         self.adams = {name: AdamState(o, agent) for name, o in optimizers.items()}
         self.critic_losses, self.actor_losses = Losses(agent, hilserl.critic_losses), Losses(agent, hilserl.actor_losses)
         state = [*agent.state_dict().values(), *(t for a in self.adams.values() for t in (*a.m, *a.v, *a.steps))]
         before = [t.clone() for t in state]   # compiling runs real updates; the agent starts untouched
         print("compiling the update (about 30 s)...")
-        if batches["act"].is_cuda:
+        if "cuda_graphs" in DEVICE_CAN[device.type]:
             self.capture(batches)
         else:
             self.learn(batches)
@@ -172,6 +178,8 @@ class Learner:
             self.stats = self.learn(batches)
 
     def __call__(self, batches):
+        if self.eager:
+            return hilserl.learn(self.agent, self.optimizers, self.cfg, batches)
         if self.graph is None:   # after the warm-up, every call brings tensors of the same shapes and types:
             with torch.compiler.set_stance(skip_guard_eval_unsafe=True):   # skip re-checking them each time
                 return self.learn(batches)

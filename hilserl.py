@@ -32,7 +32,7 @@ from buffer import ReplayBuffer, load_episodes, lock_run_folder, sample_batches,
 from classifier import load_classifier
 from config import Config, load_run_config, warnings_for
 from diagnostics import diagnose, episode_diagnostics, episode_q, episode_video, plot_runs
-from networks import Agent, pick_device
+from networks import DEVICE_CAN, Agent, pick_device
 from robot import ACT_DIM, EE_DIM, BusError, RobotError
 from teleop import EmergencyStop, StatusLine, make_env, make_teleop, record_demos, wait_for_start
 from vision import SHIFTED_COPIES, FrameFeatures, load_resnet10, random_shift, resnet10_weights
@@ -44,9 +44,10 @@ TARGET_ENTROPY = -ACT_DIM / 2   # -|A|/2, the gripper counted as one action dime
 def make_optimizers(agent, cfg):
     """Adam everywhere (hil-serl), one for everything the critic losses train. fused: one kernel
     updates every parameter of the list, where the default makes several passes over them."""
-    return {"critic": torch.optim.Adam(agent.critic_params.values(), lr=cfg.lr, fused=True),
-            "actor": torch.optim.Adam(agent.actor.parameters(), lr=cfg.lr, fused=True),
-            "temperature": torch.optim.Adam([agent.log_alpha], lr=cfg.lr, fused=True)}
+    fused = "fused_adam" in DEVICE_CAN[agent.log_alpha.device.type]   # networks.py: what each device can do
+    adam = functools.partial(torch.optim.Adam, lr=cfg.lr, fused=fused)
+    return {"critic": adam(agent.critic_params.values()), "actor": adam(agent.actor.parameters()),
+            "temperature": adam([agent.log_alpha])}
 
 
 # --- the update ---------------------------------------------------------------------------

@@ -39,12 +39,25 @@ from vision import ResNet10, as_stored
 GRIPPER_CLASSES = 3  # the grasp critic's classes: close, stay, open (hil-serl's hybrid agent)
 
 
+# What each device can do, in one place: Adam's fused kernel (every parameter in one pass; torch has it for
+# CUDA, the CPU and, from torch 2.4, Apple's mps), --compile (fast.py: torch.compile, measured here on CUDA and
+# the CPU; on mps the eager update runs) and CUDA graphs (CUDA's alone). uint8 frames and features index and
+# convert on all three.
+DEVICE_CAN = {"cuda": {"fused_adam", "compile", "cuda_graphs"}, "cpu": {"fused_adam", "compile"},
+              "mps": {"fused_adam"}}
+
+
 def pick_device(cfg):
-    """cfg.device, where "auto" is the GPU when there is one; one line when it is not there."""
+    """cfg.device, where "auto" is the CUDA GPU, else Apple's GPU (mps), else the CPU; one line when it is not there."""
+    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
     if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if cfg.device.split(":")[0] not in ("cpu", "cuda") or (cfg.device != "cpu" and not torch.cuda.is_available()):
-        raise SystemExit(f"error: --device {cfg.device!r}: not here; use auto, cpu or cuda (torch sees "
+        return torch.device("cuda" if cuda else "mps" if mps else "cpu")
+    kind = cfg.device.split(":")[0]
+    if kind == "mps" and not mps:
+        raise SystemExit("error: --device mps: mps is not available here (it needs Apple Silicon, macOS 12.3 or "
+                         "later and torch's macOS build); use auto or cpu")
+    if kind not in DEVICE_CAN or (kind == "cuda" and not cuda):
+        raise SystemExit(f"error: --device {cfg.device!r}: not here; use auto, cpu, cuda or mps (torch sees "
                          f"{torch.cuda.device_count()} CUDA GPUs)")
     return torch.device(cfg.device)
 

@@ -1143,10 +1143,41 @@ class TestConfig:
 
     def test_a_device_that_is_not_there_is_one_line(self, monkeypatch):
         monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
         for device in ("cuda", "tpu"):
-            with pytest.raises(SystemExit, match=f"--device '{device}': not here; use auto, cpu or cuda"):
+            with pytest.raises(SystemExit, match=f"--device '{device}': not here; use auto, cpu, cuda or mps"):
                 networks.pick_device(config.load_run_config(["--device", device]))
+        with pytest.raises(SystemExit, match=r"^error: --device mps: mps is not available here \(it needs Apple"):
+            networks.pick_device(config.load_run_config(["--device", "mps"]))
         assert networks.pick_device(config.load_run_config(["--device", "cpu"])).type == "cpu"
+
+    @pytest.mark.parametrize("cuda, mps, picked", [(True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")])
+    def test_auto_picks_cuda_then_apples_mps_then_the_cpu(self, cuda, mps, picked, monkeypatch):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+        assert networks.pick_device(config.load_run_config([])).type == picked
+        if mps:
+            assert networks.pick_device(config.load_run_config(["--device", "mps"])).type == "mps"
+
+    @pytest.mark.parametrize("kind", ["cpu", "mps"])
+    def test_what_a_device_cannot_do_falls_back_to_the_eager_update_and_plain_adam(self, kind, monkeypatch, capsys):
+        """On the CPU, as if it were a device with neither fused Adam nor --compile (mps has no compile)."""
+        monkeypatch.setitem(networks.DEVICE_CAN, "cpu", set() if kind == "mps" else networks.DEVICE_CAN["cpu"])
+        cfg = small_cfg(utd_ratio=2)
+        agent = make_agent(cfg)
+        optimizers = hilserl.make_optimizers(agent, cfg)
+        assert all(o.defaults["fused"] == (kind == "cpu") for o in optimizers.values())
+        if kind == "mps":                       # compiling on the CPU takes a minute: only the fallback is run
+            twin = copy.deepcopy(agent)
+            twin_optimizers = hilserl.make_optimizers(twin, cfg)
+            batches = stacked(random_batch(), 2)
+            learner = fast.Learner(agent, optimizers, cfg, batches)
+            assert capsys.readouterr().out == "--compile: not measured on cpu; the eager update runs\n"
+            torch.manual_seed(0)
+            stats = learner(batches)
+            torch.manual_seed(0)
+            expected = hilserl.learn(twin, twin_optimizers, cfg, batches)
+            assert all(torch.equal(stats[k], expected[k]) for k in expected)
 
     @pytest.mark.parametrize("args, message", [
         (["train"], "unexpected 'train': hilserl.py takes only --setting value options"),
