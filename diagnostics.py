@@ -4,6 +4,7 @@ episodes. README's "Reading a run" shows what healthy and broken look like.
 """
 
 import csv
+import io
 import os
 import pathlib
 import queue
@@ -12,6 +13,7 @@ import threading
 import numpy as np
 import torch
 
+from buffer import write_atomically
 from robot import EE_DIM
 
 RECENT = 20          # episodes a diagnosis and the curves average over
@@ -194,6 +196,24 @@ PANELS = [("success", "success rate"), ("intervention_rate", "intervention rate"
           ("gripper/flips", "gripper flips per episode"),
           (("intervention/count", "intervention/mean_length"), "interventions: count (-), mean length (--)"),
           ("intervention/first_step", "steps before the first intervention")]
+
+
+def write_log(path, rows):
+    """A run's log.csv, one row per episode, rewritten after every episode (a few hundred rows at most)."""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, list(dict.fromkeys(k for r in rows for k in r)))
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomically(path, text.getvalue())
+
+
+def plot_command(spec, entropy_target):
+    """hilserl.py --plot RUN_A,RUN_B,out.png: the runs' curves side by side in out.png."""
+    *folders, out_path = spec.split(",")
+    if not folders or not out_path.endswith(".png") or not all(os.path.exists(f"{f}/log.csv") for f in folders):
+        raise ValueError(f"--plot {spec}: takes run folders with a log.csv, then the PNG to write: "
+                         "runs/A,runs/B,out.png")
+    plot_runs(folders, out_path, entropy_target)
 
 
 def plot_runs(folders, out_path, entropy_target=None):

@@ -14,10 +14,8 @@ and half online data, then one actor and one temperature update. This file is th
 update; fast.py makes the same functions fast (--compile) and is tested against them.
 """
 
-import csv
 import dataclasses
 import functools
-import io
 import json
 import os
 import pathlib
@@ -31,14 +29,15 @@ import torch
 from buffer import ReplayBuffer, load_episodes, lock_run_folder, sample_batches, write_atomically
 from classifier import load_classifier
 from config import Config, load_run_config, warnings_for
-from diagnostics import diagnose, episode_diagnostics, episode_q, episode_video, plot_runs
+from diagnostics import (diagnose, episode_diagnostics, episode_q, episode_video, plot_command, plot_runs,
+                         write_log)
 from networks import DEVICE_CAN, Agent, pick_device
 from robot import ACT_DIM, EE_DIM, BusError, RobotError
 from teleop import EmergencyStop, StatusLine, make_env, make_teleop, record_demos, wait_for_start
 from vision import SHIFTED_COPIES, FrameFeatures, load_resnet10, random_shift, resnet10_weights
 
 
-TARGET_ENTROPY = -ACT_DIM / 2   # -|A|/2, the gripper counted as one action dimension (hil-serl's hybrid agent): -2
+TARGET_ENTROPY = -ACT_DIM / 2   # -|A|/2 = -2, the gripper one action dimension (hil-serl's hybrid agent)
 
 
 def make_optimizers(agent, cfg):
@@ -84,7 +83,7 @@ def critic_step(agent, optimizer, batch, next_act, discount, tau):
     (critic_loss + grasp_loss).backward()
     optimizer.step()
     # PAPER: soft target update thetabar <- (1 - tau) thetabar + tau theta (SAC; hil-serl averages all)
-    with torch.no_grad():   # _foreach_: one call lerps every tensor of the list (the optimizer's, in the targets' order)
+    with torch.no_grad():   # one call lerps every tensor of the list (the optimizer's, in the targets' order)
         torch._foreach_lerp_(agent.target_params, optimizer.param_groups[0]["params"], tau)
     half = len(q) // 2   # a batch's demo rows come first
     return {"loss/critic": critic_loss.detach(), "loss/grasp_critic": grasp_loss.detach(),
@@ -112,7 +111,7 @@ def actor_step(agent, actor_optimizer, temperature_optimizer, obs, entropy_targe
     actor_loss, temperature_loss, stats = actor_losses(agent, obs, entropy_target)
     for loss, optimizer in ((actor_loss, actor_optimizer), (temperature_loss, temperature_optimizer)):
         optimizer.zero_grad(set_to_none=True)
-        loss.backward(inputs=optimizer.param_groups[0]["params"])   # its own parameters: the critics are not trained here
+        loss.backward(inputs=optimizer.param_groups[0]["params"])   # its own parameters, not the critics'
         optimizer.step()
     return {"loss/actor": actor_loss.detach(), "loss/temperature": temperature_loss.detach(), **stats}
 
@@ -141,7 +140,9 @@ def learn(agent, optimizers, cfg, batches, critic_update=critic_step, actor_upda
         batch = index_batch(batches, i)
         stats = critic_update(agent, optimizers["critic"], batch, None if next_act is None else next_act[i],
                               cfg.discount, cfg.tau)
-    return {**stats, **actor_update(agent, optimizers["actor"], optimizers["temperature"], batch["obs"], TARGET_ENTROPY)}
+    actor_stats = actor_update(agent, optimizers["actor"], optimizers["temperature"], batch["obs"],
+                               TARGET_ENTROPY)
+    return {**stats, **actor_stats}
 
 
 # --- a control step's batches -------------------------------------------------------------------
@@ -150,7 +151,7 @@ def index_batch(batches, i):
 
 
 def to_device(arrays, device):
-    """numpy batches from `sample_batches` -> nested dict of tensors ("obs/state" -> ["obs"]["state"]), one copy each."""
+    """numpy batches from `sample_batches` -> nested dict of tensors ("obs/state" -> ["obs"]["state"])."""
     out = {"obs": {}, "next_obs": {}}
     for key, value in arrays.items():
         t = torch.from_numpy(value)
@@ -162,7 +163,7 @@ def to_device(arrays, device):
 
 
 def control_step_batches(demo, online, cfg, rng, device, demo_features=None, online_features=None):
-    """One control step's utd_ratio batches on the device, half demo, half online rows (FrameFeatures: features for frames)."""
+    """One control step's utd_ratio batches on the device, half demo, half online (features, not frames)."""
     cached = online_features is not None
     batches = to_device(sample_batches(demo, online, cfg.utd_ratio, cfg.batch_size, rng, not cached), device)
     if cached:
@@ -183,7 +184,7 @@ class NonFiniteUpdate(ArithmeticError):
 
 
 def image_shapes(obs):
-    return {k: v.shape for k, v in obs.items() if v.dtype == np.uint8}   # {camera: (H, W, 3)}; {} without cameras
+    return {k: v.shape for k, v in obs.items() if v.dtype == np.uint8}   # {camera: (H, W, 3)}, or {}
 
 
 def obs_to_tensors(obs, device):
@@ -209,8 +210,8 @@ class Run:
     warned_slow: bool = False
 
     def batches(self):
-        return control_step_batches(self.demo, self.online, self.cfg, self.rng, self.device, self.demo_features,
-                                    self.online_features)
+        return control_step_batches(self.demo, self.online, self.cfg, self.rng, self.device,
+                                    self.demo_features, self.online_features)
 
 
 def start_run(cfg, obs, folder):
@@ -226,7 +227,7 @@ def start_run(cfg, obs, folder):
         progress = load_checkpoint(folder, agent, optimizers)
         demo.load(folder / "demo.npz")
         rows = load_episodes(folder / "episodes", online, demo, progress["episode"])   # those after it too
-        progress.update({k: rows[-1][k] if rows else 0 for k in ("episode", "env_steps")})   # one row per episode
+        progress.update({k: rows[-1][k] if rows else 0 for k in ("episode", "env_steps")})   # a row each
         print(f"resumed {folder} at episode {progress['episode']}, {progress['env_steps']} steps")
     else:
         if agent.backbone is not None:
@@ -235,7 +236,7 @@ def start_run(cfg, obs, folder):
         if not len(demo):
             raise ValueError(f"{cfg.demos} holds no transitions; record demos into another file")
         print(f"{cfg.demos}: {demo.num_episodes} demo episodes, {len(demo)} transitions")
-    hints = [f"diagnosis: {hint}" for hint in diagnose(rows, cfg, TARGET_ENTROPY)]   # a resumed run's log may tell
+    hints = [f"diagnosis: {hint}" for hint in diagnose(rows, cfg, TARGET_ENTROPY)]   # a resumed run's log
     for line in warnings_for(cfg, None if cfg.resume else demo.num_episodes) + hints:
         print(line)
     copies = SHIFTED_COPIES if cfg.augment else 1
@@ -245,13 +246,13 @@ def start_run(cfg, obs, folder):
               demo, online, *features, progress, rows, np.random.default_rng(cfg.seed))
     if cfg.compile:   # fast.py imports this file: only a run that asks for it reads it
         import fast
-        demo_batches = control_step_batches(demo, demo, cfg, run.rng, device, features[0], features[0])   # to compile on
+        demo_batches = control_step_batches(demo, demo, cfg, run.rng, device, features[0], features[0])
         run.learn_step = fast.Learner(agent, optimizers, cfg, demo_batches)
     return run
 
 
 def learn_now(run, out):
-    """utd_ratio updates once there is data enough: their stats and seconds into `out`. Any not finite stops the run."""
+    """utd_ratio updates once there is data enough: stats and seconds into `out`. A non-finite one stops."""
     begin = time.perf_counter()
     if len(run.online) >= run.cfg.training_starts:
         out["stats"] = stats = run.learn_step(run.batches())
@@ -263,21 +264,22 @@ def learn_now(run, out):
 
 
 def run_episode(run, env, teleop, obs, status, writer=None, picture=None):
-    """One episode: read, act (policy or human), write the goal, learn while the arm moves, store -> row, events,
-    transitions; and its video when there is a writer (diagnostics.episode_video)."""
+    """One episode: read, act (policy or human), write the goal, learn while the arm moves, store -> row,
+    events, transitions; and its video when there is a writer (diagnostics.episode_video)."""
     cfg, agent = run.cfg, run.agent
     ret, human_steps, timings, stats, features, policy_acts, slots = 0.0, 0, [], {}, {}, [], []
     episode = ReplayBuffer(cfg.episode_steps + 2, obs, ACT_DIM)   # its transitions, for the run folder
     updates_before, start = run.progress["updates"], time.perf_counter()
     while True:
         t0 = time.perf_counter()
-        policy_act = agent.act({**obs_to_tensors(obs, run.device), **features})[0].cpu().numpy()   # SYNC POINT
+        observed = {**obs_to_tensors(obs, run.device), **features}   # with the frames' cached features
+        policy_act = agent.act(observed)[0].cpu().numpy()   # SYNC POINT
         act, intervened, events = teleop.poll(policy_act, obs)
         if "success" in events:
             env.world.succeeded = True          # the human says the task is done (real robot)
         shown = picture(obs) if writer else None
-        t1, learned = time.perf_counter(), {"stats": stats}   # the updates run while the arm moves to the goal:
-        next_obs, rew, terminated, truncated, info = env.step(act, lambda: learn_now(run, learned))   # in the tick's wait
+        t1, learned = time.perf_counter(), {"stats": stats}   # updates run in the tick's wait, the arm moving
+        next_obs, rew, terminated, truncated, info = env.step(act, lambda: learn_now(run, learned))
         truncated = truncated or bool(events & {"failure", "rerecord", "quit"})
         stats, update_s = learned["stats"], learned["seconds"]
         transition = (obs, act, rew, next_obs, terminated, truncated, intervened, info["grasp_penalty"])
@@ -287,7 +289,7 @@ def run_episode(run, env, teleop, obs, status, writer=None, picture=None):
         slots.append(slot)
         if writer:
             writer.add(shown, len(slots), act, intervened, info["success"])
-        features = run.online_features.add(slot) if run.online_features else {}   # next_obs's, for the next act
+        features = run.online_features.add(slot) if run.online_features else {}   # next_obs's, to act next
         if intervened:                          # a human correction is a demonstration too (hil-serl)
             slot = run.demo.add(*transition)
             if run.demo_features:
@@ -315,16 +317,17 @@ def run_episode(run, env, teleop, obs, status, writer=None, picture=None):
     row = {"episode": run.progress["episode"], "env_steps": run.progress["env_steps"], "return": ret,
            "length": length, "success": float(terminated), "intervention_rate": human_steps / length,
            "updates_per_s": (run.progress["updates"] - updates_before) / seconds,
-           **{k: v.item() for k, v in stats.items()}, **env.health,   # SYNC POINT: logging; the servos' health
-           **dict(zip(("time/act_ms", "time/robot_ms", "time/update_ms"), (1e3 * np.mean(x) for x in zip(*timings))))}
+           **{k: v.item() for k, v in stats.items()}, **env.health,   # SYNC POINT: logging; servos' health
+           **dict(zip(("time/act_ms", "time/robot_ms", "time/update_ms"), 1e3 * np.mean(timings, 0)[:3]))}
     q = episode_q(agent, episode, run.online_features, slots)
     row.update(episode_diagnostics(episode, np.array(policy_acts), q, cfg.discount))
     return row, events, episode
 
 
 def end_episode(run, row, episode, status):
-    """The episode's bookkeeping: its file, the log, the operator's line, the diagnosis, a checkpoint now and then."""
-    episode.save(run.folder / "episodes" / f"episode_{row['episode']:06d}.npz", {"log/" + k: np.array(v) for k, v in row.items()})
+    """The episode's bookkeeping: its file, the log, the operator's line, the diagnosis, a checkpoint."""
+    path = run.folder / "episodes" / f"episode_{row['episode']:06d}.npz"
+    episode.save(path, {"log/" + k: np.array(v) for k, v in row.items()})
     run.rows.append(row)
     write_log(run.folder / "log.csv", run.rows)
     status.end_episode(row["success"], f"  |  {row['env_steps']} steps, {row['updates_per_s']:.0f} updates/s")
@@ -340,20 +343,23 @@ def train(cfg, env, teleop, folder):
     if not cfg.resume:   # what every resume starts from: the demos as they were, and the untrained agent
         run.demo.save(folder / "demo.npz")
         for _ in range(cfg.pretrain_updates // cfg.utd_ratio):   # a warm start on the demos: no robot time
-            run.learn_step(control_step_batches(run.demo, run.demo, cfg, run.rng, run.device, *[run.demo_features] * 2))
+            demo_batches = control_step_batches(run.demo, run.demo, cfg, run.rng, run.device,
+                                                run.demo_features, run.demo_features)
+            run.learn_step(demo_batches)
         save_checkpoint(run)
-    write_atomically(folder / "config.json", json.dumps(dataclasses.asdict(cfg), indent=1))   # once everything loaded
+    write_atomically(folder / "config.json", json.dumps(dataclasses.asdict(cfg), indent=1))   # all loaded
     status = StatusLine()
     status.episode = run.progress["episode"] + 1
     try:
         while not cfg.max_env_steps or run.progress["env_steps"] < cfg.max_env_steps:
             obs = env.reset() if run.progress["episode"] or cfg.resume else obs
             teleop.reset()
-            if cfg.port and (obs := wait_for_start(teleop, env, obs)) is None:   # the human resets the scene first
+            if cfg.port and (obs := wait_for_start(teleop, env, obs)) is None:   # the human resets the scene
                 break
             number = run.progress["episode"] + 1   # a video every video_every episodes, in videos/
-            video = episode_video(folder / "videos" / f"episode_{number:06d}.webm", env, obs, cfg.control_hz) \
-                if cfg.video_every and number % cfg.video_every == 0 else (None, None)
+            filmed = cfg.video_every and number % cfg.video_every == 0
+            path = folder / "videos" / f"episode_{number:06d}.webm"
+            video = episode_video(path, env, obs, cfg.control_hz) if filmed else (None, None)
             row, events, episode = run_episode(run, env, teleop, obs, status, *video)
             end_episode(run, row, episode, status)
             if "quit" in events:
@@ -384,8 +390,8 @@ def evaluate(cfg, env, folder, teleop=None):
         obs = env.reset() if episode else obs
         if teleop is not None and (obs := wait_for_start(teleop, env, obs)) is None:
             break
-        writer, picture = episode_video(folder / "videos" / f"eval_{episode + 1:03d}.webm", env, obs, cfg.control_hz) \
-            if cfg.video_every else (None, None)
+        path = folder / "videos" / f"eval_{episode + 1:03d}.webm"
+        writer, picture = episode_video(path, env, obs, cfg.control_hz) if cfg.video_every else (None, None)
         for length in range(1, cfg.episode_steps + 1):
             act = agent.act(obs_to_tensors(obs, device), deterministic=True)[0].cpu().numpy()   # SYNC POINT
             events = teleop.read(obs)[2] if teleop is not None else set()   # the e-stop raises EmergencyStop
@@ -401,7 +407,8 @@ def evaluate(cfg, env, folder, teleop=None):
             writer.close()
         episodes.append((terminated, length))
     success, length = np.mean(episodes, axis=0) if episodes else (0.0, 0.0)
-    print(f"eval {folder}: success {success:.0%} over {len(episodes)} episodes, mean length {length:.1f} steps")
+    print(f"eval {folder}: success {success:.0%} over {len(episodes)} episodes, mean length {length:.1f} "
+          "steps")
     return float(success), float(length)
 
 
@@ -441,24 +448,16 @@ def load_checkpoint(folder, agent, optimizers=None):
     try:
         agent.load_state_dict(agent_state)
     except RuntimeError as error:   # other network sizes, cameras or state than this run's
-        raise SystemExit(f"error: {path} does not fit the network these settings make ({str(error).splitlines()[-1].strip()}); "
-                         f"resume and evaluate with the settings in {folder / 'config.json'}") from None
+        why = str(error).splitlines()[-1].strip()
+        raise SystemExit(f"error: {path} does not fit the network these settings make ({why}); resume and "
+                         f"evaluate with the settings in {folder / 'config.json'}") from None
     for name, optimizer in (optimizers or {}).items():
-        try:   # a checkpoint of an older hilserl.py holds its own Adam's moments ("opts"): it can be evaluated only
+        try:   # an older hilserl.py's checkpoint holds its own Adam's moments ("opts"): evaluate it only
             optimizer.load_state_dict(state["optimizers"][name])
         except (KeyError, ValueError) as error:
-            raise SystemExit(f"error: {path}: the {name} optimizer's state does not fit this agent ({error!r}); "
-                             f"evaluate it (--eval {folder}) or start a new run") from None
+            raise SystemExit(f"error: {path}: the {name} optimizer's state does not fit this agent "
+                             f"({error!r}); evaluate it (--eval {folder}) or start a new run") from None
     return progress
-
-
-def write_log(path, rows):
-    """The whole log, rewritten after every episode (a few hundred rows at most)."""
-    text = io.StringIO()
-    writer = csv.DictWriter(text, list(dict.fromkeys(k for r in rows for k in r)))
-    writer.writeheader()
-    writer.writerows(rows)
-    write_atomically(path, text.getvalue())
 
 
 def main():
@@ -467,19 +466,16 @@ def main():
     folder = pathlib.Path(cfg.eval or cfg.resume or cfg.run_dir or time.strftime("runs/%Y%m%d-%H%M%S"))
     try:   # what a user can fix (a file, a setting, the arm's power or cables) is one line that says what
         if cfg.plot:
-            *folders, out_path = cfg.plot.split(",")
-            if not folders or not out_path.endswith(".png") or not all(os.path.exists(f"{f}/log.csv") for f in folders):
-                raise ValueError(f"--plot {cfg.plot}: takes run folders with a log.csv, then the PNG to write: "
-                                 "runs/A,runs/B,out.png")
-            return plot_runs(folders, out_path, TARGET_ENTROPY)
+            return plot_command(cfg.plot, TARGET_ENTROPY)
         new_run = not (cfg.eval or cfg.resume)
         if new_run and folder.exists() and any(folder.iterdir()):   # never write over a run
-            raise ValueError(f"{folder} already holds a run; continue it with --resume {folder} or pick another --run_dir")
+            raise ValueError(f"{folder} already holds a run; continue it with --resume {folder} or pick "
+                             "another --run_dir")
         if new_run and not os.path.exists(cfg.demos):
             if cfg.port:
                 raise ValueError(f"{cfg.demos} does not exist; record demos first: "
                                  f"python teleop.py record --port {cfg.port} --demos {cfg.demos}")
-            print(f"{cfg.demos} does not exist: the scripted expert records {cfg.demo_episodes} demo episodes first")
+            print(f"{cfg.demos} does not exist: the scripted expert records {cfg.demo_episodes} demos first")
             record_demos(cfg, cfg.demos, cfg.demo_episodes)
         with make_env(cfg, cfg.seed + 10_000 * bool(cfg.eval)) as env:   # SAFETY: torque off however it ends
             if cfg.classifier:
@@ -496,7 +492,8 @@ def main():
         raise SystemExit(f"error: {error}" + (f"; then continue with: python hilserl.py --resume {folder}"
                                               if lost else "")) from None
     except KeyboardInterrupt:   # Ctrl-C: train() has saved the checkpoint on its way out
-        raise SystemExit("stopped" if cfg.eval else f"stopped; continue with: python hilserl.py --resume {folder}") from None
+        resume = f"; continue with: python hilserl.py --resume {folder}"
+        raise SystemExit("stopped" + ("" if cfg.eval else resume)) from None
 
 
 if __name__ == "__main__":
