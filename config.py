@@ -47,7 +47,6 @@ class Config:
     actor_std_min: float = 1e-5          # lower clip of the actor's std (hil-serl)
     actor_std_max: float = 5.0           # upper clip of the actor's std (hil-serl launcher)
     training_starts: int = 100           # online transitions collected before updates begin (hil-serl)
-    pretrain_updates: int = 0            # warm start: updates on the demos alone before the arm first moves (ours)
     replay_capacity: int = 100_000       # online ring buffer size, transitions (LeRobot)
     demo_capacity: int = 100_000         # demo ring buffer size, transitions (LeRobot)
 
@@ -100,7 +99,7 @@ class Config:
     sim_timestep_s: float = 0.002        # MuJoCo physics step; 50 per 10 Hz control step (SO-101 MJCF)
     expert_noise: float = 0.2            # std of Gaussian noise on the scripted expert's EE action, so demos vary
     expert_patience: int = 5             # steps the policy may move away from the cube or stall before the expert takes over
-    expert_holds_on: bool = False        # the expert keeps control until the episode ends, not only to the next phase
+    expert_holds_on: bool = True         # a takeover lasts to the episode's end (ours: README's A/B)
     serve_fault_rate: float = 0.0        # sim.py serve: share of the virtual arm's replies dropped, corrupted, cut, garbled or late
     serve_http_port: int = 8101          # sim.py serve: where its cameras and its scripted hand answer, on 127.0.0.1
 
@@ -122,7 +121,7 @@ RANGES = {
     "diagnose_after_steps": ">= 0",
     "video_every": ">= 0", "utd_ratio": ">= 1", "batch_size": ">= 2", "discount": ">= 0 and <= 1", "tau": "> 0 and <= 1",
     "lr": "> 0", "temperature_init": "> 0", "num_critics": ">= 1", "hidden_dim": ">= 1", "state_latent_dim": ">= 1",
-    "actor_std_min": "> 0", "actor_std_max": "> 0", "training_starts": ">= 1", "pretrain_updates": ">= 0", "replay_capacity": ">= 2",
+    "actor_std_min": "> 0", "actor_std_max": "> 0", "training_starts": ">= 1", "replay_capacity": ">= 2",
     "demo_capacity": ">= 2", "image_latent_dim": ">= 1", "classifier_threshold": ">= 0 and <= 1",
     "classifier_steps": ">= 1", "success_frames": ">= 1", "demo_episodes": ">= 1", "demo_max_failures": ">= 1", "baudrate": "> 0",
     "control_hz": "> 0", "episode_steps": ">= 1", "ee_step_m": "> 0", "image_size": ">= 32",

@@ -342,10 +342,6 @@ def train(cfg, env, teleop, folder):
     run = start_run(cfg, obs, folder)
     if not cfg.resume:   # what every resume starts from: the demos as they were, and the untrained agent
         run.demo.save(folder / "demo.npz")
-        for _ in range(cfg.pretrain_updates // cfg.utd_ratio):   # a warm start on the demos: no robot time
-            demo_batches = control_step_batches(run.demo, run.demo, cfg, run.rng, run.device,
-                                                run.demo_features, run.demo_features)
-            run.learn_step(demo_batches)
         save_checkpoint(run)
     write_atomically(folder / "config.json", json.dumps(dataclasses.asdict(cfg), indent=1))   # all loaded
     status = StatusLine()

@@ -720,25 +720,6 @@ class TestLoop:
         assert saved["progress"]["updates"] <= 40                                       # from before the poison
         assert all(torch.isfinite(p).all() for p in saved["agent"].values())
 
-    def test_a_warm_start_updates_on_the_demos_alone_before_the_arm_first_moves(self, tmp_path, monkeypatch):
-        small = ["--hidden_dim", "16", "--state_latent_dim", "8", "--batch_size", "16", "--utd_ratio", "2",
-                 "--training_starts", "20", "--demo_episodes", "2", "--episode_steps", "30"]
-        cfg = hilserl.load_run_config(["--demos", str(tmp_path / "d.npz"), *small])
-        teleop.record_demos(cfg, cfg.demos, 2)
-        demo_states = np.load(cfg.demos)["state"]
-        steps, calls, step, learn = [], [], robot.SO101Env.step, hilserl.learn
-        monkeypatch.setattr(robot.SO101Env, "step", lambda env, *a: steps.append(1) or step(env, *a))
-        monkeypatch.setattr(hilserl, "learn", lambda agent, optimizers, cfg, batches: calls.append(
-            (len(steps), batches["obs"]["state"].flatten(0, 1).numpy())) or learn(agent, optimizers, cfg, batches))
-        monkeypatch.setattr("sys.argv", ["hilserl.py", "--demos", cfg.demos, "--run_dir", str(tmp_path / "run"),
-                                         "--max_env_steps", "30", "--pretrain_updates", "7", *small])
-        hilserl.main()
-        before = [states for moved, states in calls if moved == 0]
-        assert len(before) == 3                                      # 7 // utd_ratio 2: whole control steps' worth
-        for states in before:                                        # every row a demo's
-            assert all(np.isclose(demo_states, row).all(1).any() for row in states)
-        assert all(moved >= 20 for moved, _ in calls[3:])            # then as usual, from training_starts on
-
     @pytest.mark.parametrize("ending", ["max_env_steps", "ctrl_c"])
     def test_torque_goes_off_before_the_last_checkpoint_is_written(self, ending, tmp_path, monkeypatch):
         envs, make_env, save, run_episode = [], hilserl.make_env, hilserl.save_checkpoint, hilserl.run_episode
@@ -1884,7 +1865,7 @@ class TestSim:
         assert not np.allclose(world.cube_pos(), runs[0][1])  # another seed, another cube position
 
     def test_expert_leaves_a_good_policy_alone_and_takes_over_a_stalling_one(self):
-        cfg = Config()
+        cfg = Config(expert_holds_on=False)
         arm, cameras, world = make_sim(cfg, seed=4)
         with SO101Env(cfg, arm, cameras, world) as env:
             expert = ScriptedExpert(cfg, world, seed=4)
@@ -1896,8 +1877,8 @@ class TestSim:
             assert info["success"]  # the expert's takeovers finish the task
             assert 0 < interventions < steps  # but it handed control back in between
 
-    def test_an_expert_that_holds_on_keeps_control_to_the_end_once_it_took_over(self):
-        cfg = Config(expert_holds_on=True)
+    def test_by_default_the_expert_keeps_control_to_the_end_once_it_took_over(self):
+        cfg = Config()
         arm, cameras, world = make_sim(cfg, seed=4)
         with SO101Env(cfg, arm, cameras, world) as env:
             stalling_policy = lambda obs: np.zeros(4, np.float32)  # noqa: E731
