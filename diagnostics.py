@@ -160,7 +160,6 @@ def diagnose(rows, cfg, entropy_target):
     rate, rate_before = mean("intervention_rate"), mean("intervention_rate", before)
     succeeded = [r for r in recent if r.get("success")]   # only their Monte-Carlo return is the whole return
     gap = mean("q/episode", succeeded) - mean("return/mc", succeeded)
-    takeover_s = mean("intervention/mean_length", [r for r in recent if r.get("intervention/count")]) / cfg.control_hz
     checks = [
         (rate >= 0.2 and rate > 0.9 * rate_before, f"the intervention rate is hardly falling ({rate_before:.0%} -> "
          f"{rate:.0%}); usual causes: temperature_init above 0.01 (now {cfg.temperature_init}), utd_ratio below 10 "
@@ -176,8 +175,6 @@ def diagnose(rows, cfg, entropy_target):
          f"with no step penalty (reward_step {cfg.reward_step})"),
         (mean("gripper/flips") > 6, f"the gripper flips {mean('gripper/flips'):.1f} times an episode (a grasp needs "
          f"one); raise --grasp_penalty (now {cfg.grasp_penalty}) or record demos that close the gripper once"),
-        (takeover_s > 2, f"interventions last {takeover_s:.1f} s on average: long takeovers teach what the human "
-         "does, not how to recover; let the policy act and correct it briefly when it goes astray"),
     ]
     return [text for bad, text in checks if bad]
 
