@@ -1,10 +1,10 @@
 """Measurement, beside the spine: one control step's learning, and the robot's side of the loop.
 
-    python bench.py [update] [images] [bus] [sim] [soak] [loop]    the first four, or those named; settings as everywhere
-update: eager (hilserl.py) and compiled (fast.py) against the matmul floor and a plain reference learner, in 5 rounds
-(the speed drifts: the round with the median share of the floor is shown), and two figures that hold on any device:
-operator calls (a GPU at this size waits on kernel launches) and the bytes Adam and the target update move.
-loop: what episode videos and learning diagnostics add to a training control step, filmed and not, side by side.
+    python bench.py [update] [images] [bus] [sim] [soak] [loop] [--setting value]   default: the first four
+update: eager (hilserl.py) and compiled (fast.py) against the matmul floor and a plain reference learner,
+in 5 rounds (the speed drifts: the median round, by share of the floor, is shown), and two figures for any
+device: operator calls (at this size a GPU waits on launches) and the bytes Adam and the target update move.
+loop: what episode videos and diagnostics add to a training control step, filmed and not, side by side.
 """
 
 import contextlib
@@ -27,14 +27,14 @@ from vision import FrameFeatures
 from robot import ACT_DIM, EE_DIM, IDS, BusError, FeetechBus, ServoEmulator, SO101Env
 
 STATE_DIM = 12   # the sim's state: 5 joints, gripper, EE position, cube relative to the EE
-torch._inductor.config.cpp.enable_kernel_profile = True   # compiled CPU kernels name themselves to the profiler
+torch._inductor.config.cpp.enable_kernel_profile = True   # CPU kernels name themselves to the profiler
 NO_KERNEL = {"aten::empty", "aten::empty_strided", "aten::empty_like", "aten::to", "aten::resolve_conj",
              "aten::resolve_neg", "aten::result_type", "aten::lift_fresh", "aten::set_"}
 
 
 class ReferenceLearner:
-    """The same update the straightforward way, the yardstick: separate critic modules in a Python loop, one
-    optimizer per network stepped one at a time, a fresh numpy batch on the device per update, per-tensor targets."""
+    """The same update done plainly, the yardstick: separate critic modules in a Python loop, one optimizer
+    per network stepped one at a time, a fresh numpy batch on the device per update, per-tensor targets."""
 
     def __init__(self, state_dim, cfg, device):
         self.cfg, self.device = cfg, device
@@ -56,9 +56,11 @@ class ReferenceLearner:
             q_next = torch.min(torch.stack([c(torch.cat([z_next, next_act], -1)).squeeze(-1) for c in t_critics]), 0).values
             y = b["rew"] + cfg.discount * (1 - b["terminated"]) * q_next
             best = self.grasp_critic(self.encoder(b["next_obs"])).argmax(-1, keepdim=True)
-            y_grasp = b["rew"] + b["grasp_penalty"] + cfg.discount * (1 - b["terminated"]) * t_grasp(z_next).gather(-1, best).squeeze(-1)
+            q_grasp_next = t_grasp(z_next).gather(-1, best).squeeze(-1)
+            y_grasp = b["rew"] + b["grasp_penalty"] + cfg.discount * (1 - b["terminated"]) * q_grasp_next
         z = self.encoder(b["obs"])
-        loss = sum(((c(torch.cat([z, b["act"][:, :EE_DIM]], -1)).squeeze(-1) - y) ** 2).mean() for c in self.critics) / len(self.critics)
+        loss = sum(((c(torch.cat([z, b["act"][:, :EE_DIM]], -1)).squeeze(-1) - y) ** 2).mean()
+                   for c in self.critics) / len(self.critics)
         cls = b["act"][:, EE_DIM].round().long() + 1
         loss = loss + ((self.grasp_critic(z).gather(-1, cls[:, None]).squeeze(-1) - y_grasp) ** 2).mean()
         for opt in self.opts:
@@ -95,7 +97,7 @@ def launches_kernel(name):
         return False
     returns = getattr(op, op.overloads()[0])._schema.returns if op.overloads() else []
     alias = returns[0].alias_info if returns else None   # _foreach_ ops in place return nothing
-    return alias is None or alias.is_write               # add_ writes its input; view and detach only alias it
+    return alias is None or alias.is_write               # add_ writes its input; view, detach only alias it
 
 
 @contextlib.contextmanager
@@ -148,9 +150,9 @@ def device_name(device):
 
 
 def setup(cfg, example, slots, rng, device):
-    """An agent, its optimizers, (demo, online) buffers half full of random transitions shaped like `example` (frames
-    from a pool of 16: the timings do not depend on the pictures), and batches(), a control step's batches.
-    With the ResNet-10, random numbers stand in for the features of the frames (the caches: `features`)."""
+    """An agent, its optimizers, (demo, online) buffers half full of random transitions shaped like `example`
+    (frames from a pool of 16: timings do not depend on the pictures), and batches(), a control step's
+    batches. With the ResNet-10, random numbers stand in for the frames' features (the caches: `features`)."""
     demo, online = ReplayBuffer(slots, example, ACT_DIM), ReplayBuffer(slots, example, ACT_DIM)
     agent = Agent(STATE_DIM, cfg, hilserl.image_shapes(example)).to(device)
     copies = hilserl.SHIFTED_COPIES if cfg.augment else 1
@@ -178,15 +180,16 @@ def bench_update(cfg, device, rounds=5):
     agent, optimizers, demo, online, _, batches = setup(cfg, example, 20_000, rng, device)
     reference = ReferenceLearner(STATE_DIM, cfg, device)
     spine, ref = lambda: hilserl.learn(agent, optimizers, cfg, batches()), lambda: reference.learn(demo, online, rng)
-    with torch.utils.flop_counter.FlopCounterMode(display=False) as counter:   # the matmuls learn runs (a test checks
-        spine()                                                                # them against the layers' sizes)
+    with torch.utils.flop_counter.FlopCounterMode(display=False) as counter:   # the matmuls learn runs
+        spine()   # (a test checks them against the layers' sizes)
     flops = counter.get_total_flops()
-    print(f"update: {device_name(device)}; torch {torch.__version__}; utd_ratio {cfg.utd_ratio}, batch {cfg.batch_size}, "
-          f"{cfg.num_critics} critics, hidden {cfg.hidden_dim}; one control step = {flops / 1e9:.2f} GFLOP of matmuls")
+    print(f"update: {device_name(device)}; torch {torch.__version__}; utd_ratio {cfg.utd_ratio}, batch "
+          f"{cfg.batch_size}, {cfg.num_critics} critics, hidden {cfg.hidden_dim}; one control step = "
+          f"{flops / 1e9:.2f} GFLOP of matmuls")
     critic = sum(p.numel() for p in agent.critic_params.values())
     actor = sum(p.numel() for p in agent.actor.parameters()) + 1   # + log_alpha
-    # At least, per float32 parameter: Adam reads it, its gradient and two moments and writes three (28 B); the
-    # target update reads target and parameter and writes the target (12 B). utd_ratio critic updates, one actor.
+    # At least, per float32 parameter: Adam reads it, its gradient and two moments, writes three (28 B); the
+    # target update reads target and parameter, writes the target (12 B). utd_ratio critic updates, one actor.
     state_mb = (cfg.utd_ratio * critic * (28 + 12) + actor * 28) / 1e6
     print(f"  optimizer and target state read and written per control step: {state_mb:.1f} MB")
 
@@ -203,9 +206,10 @@ def bench_update(cfg, device, rounds=5):
     print(f"  operator calls per control step: eager {eager_calls}, compiled {operator_calls(compiled)}")
     results = {"hilserl (eager)": eager, "compiled (fast.py)": median_round(compiled)}
     for label, (share, rate, seconds, ref_seconds, shares) in results.items():
-        print(f"  {label:>18}: {seconds * 1e3:6.1f} ms per control step ({cfg.utd_ratio / seconds:4.0f} updates/s), "
-              f"{share:4.0%} of the floor ({flops / rate * 1e3:.1f} ms at {rate / 1e9:.0f} GFLOP/s; {rounds} rounds "
-              f"{min(shares):.0%} - {max(shares):.0%}); reference {ref_seconds * 1e3:.1f} ms, {ref_seconds / seconds:.2f}x")
+        print(f"  {label:>18}: {seconds * 1e3:6.1f} ms per control step ({cfg.utd_ratio / seconds:4.0f} "
+              f"updates/s), {share:4.0%} of the floor ({flops / rate * 1e3:.1f} ms at {rate / 1e9:.0f} "
+              f"GFLOP/s; {rounds} rounds {min(shares):.0%} - {max(shares):.0%}); reference "
+              f"{ref_seconds * 1e3:.1f} ms, {ref_seconds / seconds:.2f}x")
 
 
 def bench_images(cfg, device, slots=2_000):
@@ -244,22 +248,22 @@ def bench_bus(cfg, n=2000):
 
 
 def bench_soak(cfg, n=10_000):
-    """Transactions through the virtual arm's serial port with faults: every answer must be right or an error."""
+    """Transactions over the virtual arm's faulty serial port: every answer must be right or an error."""
     import serial
     from sim import VirtualArm
     arm = VirtualArm(dataclasses.replace(cfg, serve_fault_rate=cfg.serve_fault_rate or 0.05))
     bus = FeetechBus(serial.Serial(arm.port, cfg.baudrate), cfg.baudrate, cfg.read_retries, cfg.bus_latency_s)
     known = {"Model_Number": 777, "Max_Position_Limit": 4095, "Protection_Current": 500, "Max_Torque_Limit": 1000}
     wrong, errors, rng, start = 0, 0, np.random.default_rng(0), time.perf_counter()
-    for _ in range(n):   # factory values, two bytes each: a late reply taken for another request's shows as wrong
+    for _ in range(n):   # factory values, two bytes each: a late reply mistaken for another's shows as wrong
         servo_id, name = int(rng.integers(1, 7)), str(rng.choice(list(known)))
         try:
             wrong += bus.read(servo_id, name) != known[name]
         except BusError:
             errors += 1
     print(f"soak: {n} transactions through the virtual arm's port ({arm.port}), {arm.faults} faults injected "
-          f"({arm.faults / n:.1%}; drop, bad checksum, truncated, garbage, late): {wrong} wrong values, {errors} "
-          f"errors after {cfg.read_retries} retries, {time.perf_counter() - start:.1f} s")
+          f"({arm.faults / n:.1%}; drop, bad checksum, truncated, garbage, late): {wrong} wrong values, "
+          f"{errors} errors after {cfg.read_retries} retries, {time.perf_counter() - start:.1f} s")
     arm.close()
 
 
@@ -307,11 +311,14 @@ def bench_loop(cfg, rounds=3):
             figures[filmed].append((row["time/act_ms"] + row["time/robot_ms"], row["time/update_ms"],
                                     1e3 * (time.perf_counter() - begin) / row["length"]))
     (plain, plain_update, diag), (film, film_update, _) = (np.median(figures[f][-rounds:], axis=0) for f in (False, True))
-    print(f"loop (sim, state, utd_ratio {cfg.utd_ratio}, {cfg.episode_steps}-step episodes; median of {rounds} rounds, side by side):")
+    print(f"loop (sim, state, utd_ratio {cfg.utd_ratio}, {cfg.episode_steps}-step episodes; median of "
+          f"{rounds} rounds, side by side):")
     print(f"  act + robot per step   {plain:6.2f} ms unfilmed, {film:6.2f} ms filmed ({film - plain:+.2f} ms)")
     print(f"  diagnostics per step   {diag:6.3f} ms (once an episode, spread over its steps)")
-    print(f"  updates per step       {plain_update:6.1f} ms unfilmed, {film_update:6.1f} ms filmed (the encoder thread shares the CPU)")
-    print(f"  at --video_every {cfg.video_every}: {(film - plain) / max(cfg.video_every, 1) + diag:+.2f} ms act + robot + logging per step")
+    print(f"  updates per step       {plain_update:6.1f} ms unfilmed, {film_update:6.1f} ms filmed "
+          "(the encoder thread shares the CPU)")
+    per_step = (film - plain) / max(cfg.video_every, 1) + diag
+    print(f"  at --video_every {cfg.video_every}: {per_step:+.2f} ms act + robot + logging per step")
 
 
 if __name__ == "__main__":

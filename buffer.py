@@ -93,7 +93,8 @@ class ReplayBuffer:
         frame of next_obs is in slot idx + 1), for features kept elsewhere (hilserl.FrameFeatures).
         """
         a = self.arrays
-        batch = {k: a[k][idx] for k in ("act", "rew", "grasp_penalty", "terminated", "truncated", "intervened")}
+        keys = ("act", "rew", "grasp_penalty", "terminated", "truncated", "intervened")
+        batch = {k: a[k][idx] for k in keys}
         if not frames:
             batch["slot"] = idx
         for key in self.image_keys if frames else ():
@@ -106,7 +107,7 @@ class ReplayBuffer:
 
     # --- files -------------------------------------------------------------------------------
     def save(self, path, extra=None):
-        """Write the filled slots to `path` atomically, and `extra` arrays beside them (a run folder's log row)."""
+        """Write the filled slots to `path` atomically, plus `extra` arrays (a run folder's log row)."""
         full = self.size == self.capacity
         order = (np.arange(self.size) + (self.cursor + 1 if full else 0)) % self.capacity   # oldest first
         arrays = {k: v[order] for k, v in self.arrays.items()}
@@ -115,12 +116,12 @@ class ReplayBuffer:
         save_npz(path, {**arrays, **(extra or {})})
 
     def read(self, path):
-        """The arrays of a file written by `save`, every key, shape, dtype and value checked against this buffer's."""
+        """The arrays of a `save` file, every key, shape, dtype and value checked against this buffer's."""
         loaded = read_npz(path)
-        odd = sorted(set(self.arrays) ^ {k for k in loaded if not k.startswith("log/")})   # log/: a run folder's
+        odd = sorted(set(self.arrays) ^ {k for k in loaded if not k.startswith("log/")})  # log/: run log rows
         if odd:
-            raise ValueError(f"{path}: {'unexpected' if odd[0] in loaded else 'missing'} key '{odd[0]}'; expected "
-                             f"keys {sorted(self.arrays)} (recorded with other cameras or state?)")
+            raise ValueError(f"{path}: {'unexpected' if odd[0] in loaded else 'missing'} key '{odd[0]}'; "
+                             f"expected keys {sorted(self.arrays)} (recorded with other cameras or state?)")
         n = len(loaded["valid"])
         for key, mine in self.arrays.items():
             theirs = loaded[key]
@@ -129,7 +130,8 @@ class ReplayBuffer:
                                  f"{mine.dtype}{[n, *mine.shape[1:]]} (recorded with other cameras, "
                                  "image size or state?)")
             if theirs.dtype == np.float32 and not np.isfinite(theirs).all():   # NaN would poison every update
-                raise ValueError(f"{path}: key '{key}' holds NaN or infinite values; record it again or restore a copy")
+                raise ValueError(f"{path}: key '{key}' holds NaN or infinite values; record it again or "
+                                 "restore a copy")
         return loaded
 
     def load(self, path):
@@ -148,9 +150,9 @@ class ReplayBuffer:
         """Add, in order, the transitions of `read` arrays of a buffer that never wrapped (one episode)."""
         for i in np.flatnonzero(saved["valid"] & (saved["intervened"] | (not intervened_only))):
             obs = {k: saved[k][i] for k in self.image_keys + self.vector_keys}
-            next_obs = {**{k: saved[k][i + 1] for k in self.image_keys}, **{k: saved["next_" + k][i] for k in self.vector_keys}}
-            self.add(obs, saved["act"][i], saved["rew"][i], next_obs, saved["terminated"][i], saved["truncated"][i],
-                     saved["intervened"][i], saved["grasp_penalty"][i])
+            next_obs = {k: saved[k][i + 1] if k in self.image_keys else saved["next_" + k][i] for k in obs}
+            self.add(obs, saved["act"][i], saved["rew"][i], next_obs, saved["terminated"][i],
+                     saved["truncated"][i], saved["intervened"][i], saved["grasp_penalty"][i])
 
 
 def load_episodes(folder, online, demo, at_least=0):
@@ -221,8 +223,8 @@ def read_npz(path):
 
 
 def save_npz(path, arrays):
-    """np.savez atomically: a temporary file in the same folder, on disk (fsync), then a rename, so a
-    crash, a kill or a power cut at any moment leaves either the old file or the new one, never half of one."""
+    """np.savez atomically: a temporary file in the same folder, on disk (fsync), then a rename, so a crash,
+    a kill or a power cut at any moment leaves either the old file or the new one, never half of one."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp.npz")

@@ -1,5 +1,5 @@
 """The reward classifier (hil-serl): on a real arm only the human knows when the task is done, so a classifier
-trained on frames labelled success or not (`python teleop.py label`) tells the env after every step (`--classifier`).
+trained on frames labelled success or not (`python teleop.py label`) tells the env each step (`--classifier`).
 
     python classifier.py --frames data/frames.npz --classifier data/classifier.pt
 """
@@ -19,8 +19,8 @@ from vision import ResNet10, load_resnet10, resnet10_weights
 
 
 class RewardClassifier(nn.Module):
-    """Success logit from the frames alone (hil-serl's reward_classifier.py): per camera the frozen ResNet-10 and an
-    ImageHead, then Linear(256), LayerNorm, ReLU, Linear(1). forward takes backbone features: made once per frame."""
+    """Success logit from frames alone (hil-serl reward_classifier.py): per camera the frozen ResNet-10 and an
+    ImageHead, then Linear(256), LayerNorm, ReLU, Linear(1). forward: backbone features, made once a frame."""
 
     def __init__(self, image_shapes, cfg):
         super().__init__()
@@ -50,9 +50,11 @@ def classifier_data(path):
     success frames (at least one of them) and every fifth of the others, so that recall can be measured."""
     data = read_npz(path)
     labels, episodes = data.pop("success", None), data.pop("episode", None)
-    if labels is None or episodes is None or not data or any(f.shape[1:] != (*f.shape[1:3], 3) or f.dtype != np.uint8
-                                                              or len(f) != len(labels) for f in data.values()):
-        raise ValueError(f"{path} holds no labelled frames; record them with python teleop.py label --frames {path}")
+    if labels is None or episodes is None or not data or any(
+            f.shape[1:] != (*f.shape[1:3], 3) or f.dtype != np.uint8 or len(f) != len(labels)
+            for f in data.values()):
+        raise ValueError(f"{path} holds no labelled frames; record them with python teleop.py label "
+                         f"--frames {path}")
     held_out = np.zeros(len(labels), bool)
     for with_success in (True, False):
         group = [e for e in np.unique(episodes) if labels[episodes == e].any() == with_success]
@@ -72,7 +74,7 @@ def backbone_features(backbone, frames, device, chunk=256):
 
 
 def fit_classifier(classifier, features, labels, train_idx, steps, rng, batch_size=256):
-    """BCE on batches half success, half not, Adam 1e-4 (hil-serl; not its random shifts: the features are cached)."""
+    """BCE on half-success batches, Adam 1e-4 (hil-serl; not its random shifts: the features are cached)."""
     positives, negatives = train_idx[labels[train_idx] == 1], train_idx[labels[train_idx] == 0]
     if not len(positives) or not len(negatives):
         raise SystemExit("error: the classifier needs positive (success) and negative frames to train on")
@@ -91,8 +93,9 @@ def fit_classifier(classifier, features, labels, train_idx, steps, rng, batch_si
 def precision_recall(classifier, features, labels, idx):
     """Counts over the frames in idx: (successes called success, frames called success, successes).
     Precision is the first over the second, recall the first over the third."""
-    called = (torch.sigmoid(classifier({k: f[idx] for k, f in features.items()})) > classifier.threshold).cpu().numpy()
-    actual = labels[idx] == 1                                                    # SYNC POINT above: the scores
+    logits = classifier({k: f[idx] for k, f in features.items()})
+    called = (torch.sigmoid(logits) > classifier.threshold).cpu().numpy()   # SYNC POINT: the scores
+    actual = labels[idx] == 1
     return int((called & actual).sum()), int(called.sum()), int(actual.sum())
 
 

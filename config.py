@@ -23,24 +23,24 @@ class Config:
     seed: int = 0                        # seeds numpy, torch and the sim's cube placement
     device: str = "auto"                 # "auto" = cuda when available, else cpu
     demos: str = "data/demos.npz"        # demo file (a saved ReplayBuffer); recorded in sim when missing
-    compile: bool = False                # the update through fast.py: torch.compile (CUDA graphs on a GPU), ~30 s to compile
+    compile: bool = False                # fast.py's update: torch.compile + CUDA graphs (GPU); ~30 s to build
     run_dir: str = ""                    # where logs, plots and checkpoints go; empty = runs/<date>-<time>
     resume: str = ""                     # a run folder to continue from its last checkpoint
-    eval: str = ""                       # a run folder whose policy to evaluate (no learning, no interventions)
+    eval: str = ""                       # run folder whose policy to evaluate (no learning, no interventions)
     eval_episodes: int = 20              # episodes per evaluation
     max_env_steps: int = 0               # stop training after this many control steps; 0 = until quit
     checkpoint_every: int = 10           # episodes between checkpoints (also written on exit)
-    plot: str = ""                       # "RUN_A,RUN_B,out.png": draw runs' learning curves side by side, then exit
-    diagnose_after_steps: int = 2000     # from then on, say which learning diagnostic is off (lessons; diagnostics.py)
-    video_every: int = 25                # film every this many training episodes into videos/ (--eval: each); 0 = none
+    plot: str = ""                       # "RUN_A,RUN_B,out.png": plot runs' curves side by side, then exit
+    diagnose_after_steps: int = 2000     # after this many steps, say which diagnostic is off (lessons)
+    video_every: int = 25                # film every Nth training episode to videos/ (--eval: each); 0 = none
 
     # --- SAC / RLPD learning ----------------------------------------------------------------
     utd_ratio: int = 20                  # critic updates per control step (RLPD; lessons: 2 is far too few)
     batch_size: int = 256                # transitions per update, half demo + half online (hil-serl)
     discount: float = 0.97               # gamma (hil-serl launcher)
     tau: float = 0.005                   # soft target update rate (hil-serl)
-    lr: float = 3e-4                     # Adam step size for actor, critics, grasp critic, temperature (hil-serl)
-    temperature_init: float = 0.01       # initial entropy temperature alpha (hil-serl launcher; lessons: 0.2 shakes)
+    lr: float = 3e-4                     # Adam step size: actor, critics, grasp critic, alpha (hil-serl)
+    temperature_init: float = 0.01       # initial temperature alpha (hil-serl launcher; lessons: 0.2 shakes)
     num_critics: int = 2                 # critic ensemble size, clipped-min target (hil-serl)
     hidden_dim: int = 256                # width of the two hidden layers of every MLP (hil-serl)
     state_latent_dim: int = 64           # state encoder output width (hil-serl proprio encoder)
@@ -53,23 +53,23 @@ class Config:
     # --- images (networks.py) ------------------------------------------------------------------
     encoder: str = "resnet10"            # cameras: resnet10 (pretrained, frozen; hil-serl); small (DrQ)
     augment: bool = True                 # frames shifted at random, pad 4 (DrQ; hil-serl crops every batch)
-    resnet_weights: str = ""             # ResNet-10 .safetensors (HF lerobot/resnet10 layout); empty = download once to ~/.cache/hilserl-so101
+    resnet_weights: str = ""             # ResNet-10 .safetensors (HF lerobot/resnet10); empty = download once
     image_latent_dim: int = 256          # features per camera after the image head (hil-serl)
-    classifier: str = ""                 # reward classifier file; when set, it too decides success from the frames (hil-serl)
+    classifier: str = ""                 # reward classifier file; if set, it too judges success (hil-serl)
     classifier_threshold: float = 0.7    # success when sigmoid(logit) > this (hil-serl USB task)
     classifier_steps: int = 150          # gradient steps of 128 positive + 128 negative frames (hil-serl)
     classifier_floor: str = "0.9,0.5"    # held-out precision,recall needed to save it (classifier.py; ours)
     classifier_force: bool = False       # classifier.py: save it below the floor all the same
-    frames: str = "data/frames.npz"      # camera frames labelled success or not: teleop.py label writes them, classifier.py trains on them
-    success_frames: int = 200            # label until the frames file holds this many successes (hil-serl: 200)
+    frames: str = "data/frames.npz"      # frames labelled success or not (teleop.py label -> classifier.py)
+    success_frames: int = 200            # label until the frames file holds this many successes (hil-serl)
 
     # --- reward and gripper -----------------------------------------------------------------
     reward_success: float = 10.0         # reward on success, which ends the episode (HIL-SERL; lessons)
     reward_step: float = -0.05           # reward on every other step (HIL-SERL; lessons: 0 lets it stall)
-    grasp_penalty: float = -0.02         # grasp-critic reward when a command flips the gripper (hil-serl USB task)
+    grasp_penalty: float = -0.02         # grasp critic's reward for flipping the gripper (hil-serl USB task)
 
     # --- demos ------------------------------------------------------------------------------
-    demo_episodes: int = 20              # demos recorded when the demo file is missing (hil-serl; lessons: 15 too few)
+    demo_episodes: int = 20              # demos recorded if no --demos file (hil-serl; lessons: 15 too few)
     demo_max_failures: int = 20          # failed episodes in a row after which recording gives up (ours)
 
     # --- robot (robot.py) ---------------------------------------------------------------------
@@ -78,66 +78,66 @@ class Config:
     calibration: str = "so101_calibration.json"  # calibration file (ours or LeRobot's follower JSON)
     control_hz: float = 10.0             # control rate (hil-serl, LeRobot)
     episode_steps: int = 100             # steps before an episode is truncated (gym-hil: 100 at 10 Hz)
-    ee_step_m: float = 0.01              # metres moved per unit of EE-delta action per step (hil-serl RAM task)
+    ee_step_m: float = 0.01              # metres per unit of EE-delta action per step (hil-serl RAM task)
     cameras: str = "front=0,wrist=2"     # name=index-or-path, comma separated
     image_size: int = 128                # camera frames are resized to image_size x image_size (hil-serl)
-    camera_roi: str = ""                 # crop before resizing, "front=x:y:w:h,wrist=x:y:w:h" in pixels; empty = whole frame (hil-serl crops per camera)
-    workspace_m: str = "0.15,0.30,-0.12,0.12,0.01,0.10"  # SAFETY: EE target box x0,x1,y0,y1,z0,z1, base frame (ours: the SO-101 reaches all of it pointing down, within 20 deg)
-    max_joint_step_rad: float = 0.1      # SAFETY: most an arm joint's goal may move in one control step (ours: 1 rad/s at 10 Hz)
-    read_retries: int = 2                # bus retries after a missed or corrupt reply before the error names the servo (LeRobot PR #4207)
-    bus_latency_s: float = 0.02          # added to a reply's wire time to make its timeout: USB + servo turnaround (raise for ESP32 boards: 17-28 ms)
-    max_temperature_c: float = 65.0      # SAFETY: stop when a servo is this hot (STS3215: cuts its own torque at 70 C, Max_Temperature_Limit)
-    min_voltage_v: float = 6.0           # SAFETY: stop when a servo's supply sags below this (the 7.4 V STS3215; about 10 for a 12 V arm)
-    overload_s: float = 1.5              # SAFETY: stop when an arm servo stays at >= 80 % load without moving this long (STS3215 latches after 2 s)
+    camera_roi: str = ""                 # "front=x:y:w:h,..." px crop before resize; empty = none (hil-serl)
+    # SAFETY: EE target box in the base frame (ours: the SO-101 reaches it all pointing down, within 20 deg)
+    workspace_m: str = "0.15,0.30,-0.12,0.12,0.01,0.10"
+    max_joint_step_rad: float = 0.1      # SAFETY: max arm-joint goal move per step (ours: 1 rad/s at 10 Hz)
+    read_retries: int = 2                # bus retries of a bad reply before naming the servo (LeRobot #4207)
+    bus_latency_s: float = 0.02          # USB + servo turnaround added to a reply's timeout (ESP32: 17-28 ms)
+    max_temperature_c: float = 65.0      # SAFETY: stop when a servo is this hot (STS3215 cuts torque at 70 C)
+    min_voltage_v: float = 6.0           # SAFETY: stop below this supply voltage (7.4 V STS3215; ~10 at 12 V)
+    overload_s: float = 1.5              # SAFETY: stop on a stall this long, >= 80 % load (STS3215 trip: 2 s)
 
     # --- sim (sim.py) -------------------------------------------------------------------------
     privileged_state: bool = True        # sim only: add the cube position to the state (never on a real arm)
     use_images: bool = False             # put camera frames in the observations
     cube_size_m: float = 0.03            # edge of the sim's cube; 25-40 mm grasp reliably (measured)
-    cube_area_m: str = "0.18,0.25,-0.08,0.08"  # x0,x1,y0,y1 where reset places the cube: all reachable with the gripper pointing down
-    success_lift_m: float = 0.03         # sim success: cube held by both jaws and this far above the table (HIL-SERL: "lifted")
+    cube_area_m: str = "0.18,0.25,-0.08,0.08"  # where reset puts the cube, all of it reachable pointing down
+    success_lift_m: float = 0.03         # sim success: cube in both jaws and this high (HIL-SERL: "lifted")
     sim_timestep_s: float = 0.002        # MuJoCo physics step; 50 per 10 Hz control step (SO-101 MJCF)
-    expert_noise: float = 0.2            # std of Gaussian noise on the scripted expert's EE action, so demos vary
-    expert_patience: int = 5             # steps the policy may move away from the cube or stall before the expert takes over
+    expert_noise: float = 0.2            # Gaussian std on the scripted expert's EE action, so demos vary
+    expert_patience: int = 5             # steps the policy may stray or stall before the expert takes over
     expert_holds_on: bool = True         # a takeover lasts to the episode's end (ours: README's A/B)
-    serve_fault_rate: float = 0.0        # sim.py serve: share of the virtual arm's replies dropped, corrupted, cut, garbled or late
-    serve_http_port: int = 8101          # sim.py serve: where its cameras and its scripted hand answer, on 127.0.0.1
+    serve_fault_rate: float = 0.0        # sim.py serve: share of arm replies dropped/corrupt/cut/garbled/late
+    serve_http_port: int = 8101          # sim.py serve: its cameras and scripted hand answer here, 127.0.0.1
 
     # --- teleop (teleop.py) -------------------------------------------------------------------
-    teleop: str = "auto"                 # who intervenes: gamepad, leader, expert (sim), virtual (sim.py serve's operator), or auto (teleop.make_teleop)
-    gamepad_layout: str = "auto"         # xbox or playstation button numbering (pygame 2 docs); auto picks from the pad's name
-    gamepad_map: str = ""                # remap pad controls, e.g. "intervene=10,success=3" (find numbers: python -m pygame.examples.joystick)
-    dead_zone: float = 0.1               # stick deflection that reads as zero, so a resting stick does not drift (LeRobot gamepad)
-    teleop_speed: float = 1.0            # full stick or a held key = this fraction of the largest action (ee_step_m per step)
+    teleop: str = "auto"                 # who intervenes: gamepad, leader, expert/virtual (sim), or auto
+    gamepad_layout: str = "auto"         # xbox or playstation buttons (pygame 2 docs); auto: by the pad name
+    gamepad_map: str = ""                # "intervene=10,..." remaps (see python -m pygame.examples.joystick)
+    dead_zone: float = 0.1               # deflection read as zero, so a resting stick won't drift (LeRobot)
+    teleop_speed: float = 1.0            # full stick or held key = this share of the full action (ee_step_m)
     leader_port: str = ""                # serial port of an SO-101 leader arm used to intervene; empty = none
-    leader_calibration: str = "so101_leader_calibration.json"  # the leader arm's calibration file (ours or LeRobot's)
-    demo_keep_failed: bool = False       # also keep demo episodes not marked successful (hil-serl keeps successes only)
-    lerobot_use_degrees: bool = True     # import-lerobot: the dataset's arm joints in degrees (LeRobot's use_degrees, default since Feb 2026), else -100..100
+    leader_calibration: str = "so101_leader_calibration.json"  # leader arm's calibration (ours or LeRobot's)
+    demo_keep_failed: bool = False       # also keep episodes not marked successful (hil-serl: successes only)
+    lerobot_use_degrees: bool = True     # import-lerobot: degrees, not -100..100 (LeRobot default since 2026)
 
 
 # What each setting must be, checked whenever settings are parsed: "OP BOUND", joined by "and".
-RANGES = {
-    "seed": ">= 0", "eval_episodes": ">= 1", "max_env_steps": ">= 0", "checkpoint_every": ">= 1",
-    "diagnose_after_steps": ">= 0",
-    "video_every": ">= 0", "utd_ratio": ">= 1", "batch_size": ">= 2", "discount": ">= 0 and <= 1", "tau": "> 0 and <= 1",
-    "lr": "> 0", "temperature_init": "> 0", "num_critics": ">= 1", "hidden_dim": ">= 1", "state_latent_dim": ">= 1",
-    "actor_std_min": "> 0", "actor_std_max": "> 0", "training_starts": ">= 1", "replay_capacity": ">= 2",
-    "demo_capacity": ">= 2", "image_latent_dim": ">= 1", "classifier_threshold": ">= 0 and <= 1",
-    "classifier_steps": ">= 1", "success_frames": ">= 1", "demo_episodes": ">= 1", "demo_max_failures": ">= 1", "baudrate": "> 0",
-    "control_hz": "> 0", "episode_steps": ">= 1", "ee_step_m": "> 0", "image_size": ">= 32",
-    "max_joint_step_rad": "> 0", "read_retries": ">= 0", "bus_latency_s": ">= 0",
-    "max_temperature_c": "> 0", "min_voltage_v": ">= 0", "overload_s": "> 0", "cube_size_m": "> 0",
-    "success_lift_m": "> 0", "sim_timestep_s": "> 0", "expert_noise": ">= 0", "expert_patience": ">= 1",
-    "serve_fault_rate": ">= 0 and <= 1", "serve_http_port": ">= 1",
-    "dead_zone": ">= 0 and < 1", "teleop_speed": "> 0 and <= 1",
-}
+RANGES = {"seed": ">= 0", "eval_episodes": ">= 1", "max_env_steps": ">= 0", "checkpoint_every": ">= 1",
+          "diagnose_after_steps": ">= 0", "video_every": ">= 0", "utd_ratio": ">= 1", "batch_size": ">= 2",
+          "discount": ">= 0 and <= 1", "tau": "> 0 and <= 1", "lr": "> 0", "temperature_init": "> 0",
+          "num_critics": ">= 1", "hidden_dim": ">= 1", "state_latent_dim": ">= 1", "actor_std_min": "> 0",
+          "actor_std_max": "> 0", "training_starts": ">= 1", "replay_capacity": ">= 2",
+          "demo_capacity": ">= 2", "image_latent_dim": ">= 1", "classifier_threshold": ">= 0 and <= 1",
+          "classifier_steps": ">= 1", "success_frames": ">= 1", "demo_episodes": ">= 1",
+          "demo_max_failures": ">= 1", "baudrate": "> 0", "control_hz": "> 0", "episode_steps": ">= 1",
+          "ee_step_m": "> 0", "image_size": ">= 32", "max_joint_step_rad": "> 0", "read_retries": ">= 0",
+          "bus_latency_s": ">= 0", "max_temperature_c": "> 0", "min_voltage_v": ">= 0", "overload_s": "> 0",
+          "cube_size_m": "> 0", "success_lift_m": "> 0", "sim_timestep_s": "> 0", "expert_noise": ">= 0",
+          "expert_patience": ">= 1", "serve_fault_rate": ">= 0 and <= 1", "serve_http_port": ">= 1",
+          "dead_zone": ">= 0 and < 1", "teleop_speed": "> 0 and <= 1"}
 CHOICES = {"encoder": ("resnet10", "small"), "teleop": ("auto", "gamepad", "leader", "expert", "virtual"),
            "gamepad_layout": ("auto", "xbox", "playstation")}
 BOXES = {"workspace_m": "x0,x1,y0,y1,z0,z1", "cube_area_m": "x0,x1,y0,y1"}   # each low < its high
 ROI = r"\w+=\d+:\d+:[1-9]\d*:[1-9]\d*"   # a regular expression for each format, and how to say it
 FORMATS = {"cameras": (r"\w+=[^,=]+(,\w+=[^,=]+)*", "name=index-or-path, comma separated"),
            "classifier_floor": (r"(0(\.\d+)?|1(\.0*)?),(0(\.\d+)?|1(\.0*)?)", "precision,recall, 0 to 1"),
-           "camera_roi": (rf"({ROI}(,{ROI})*)?", "name=x:y:w:h in pixels (w and h at least 1), comma separated")}
+           "camera_roi": (rf"({ROI}(,{ROI})*)?",
+                          "name=x:y:w:h in pixels (w and h at least 1), comma separated")}
 
 
 def check(cfg):
@@ -148,7 +148,8 @@ def check(cfg):
             raise ValueError(f"--{name} {getattr(cfg, name)}: must be a finite number")
     for name, rule in RANGES.items():
         value = getattr(cfg, name)
-        if not all(compare[op](float(value), float(bound)) for op, bound in (part.split() for part in rule.split(" and "))):
+        pairs = [part.split() for part in rule.split(" and ")]   # [[">=", "0"], ["<=", "1"]]
+        if not all(compare[op](float(value), float(bound)) for op, bound in pairs):
             raise ValueError(f"--{name} {value}: must be {rule}")
     for name, allowed in CHOICES.items():
         if getattr(cfg, name) not in allowed:
@@ -159,18 +160,21 @@ def check(cfg):
         except ValueError:
             values = []
         if len(values) != len(layout.split(",")) or any(lo >= hi for lo, hi in zip(values[0::2], values[1::2])):
-            raise ValueError(f"--{name} {getattr(cfg, name)!r}: must be {layout} in metres, each low below its high")
+            raise ValueError(f"--{name} {getattr(cfg, name)!r}: must be {layout} in metres, "
+                             "each low below its high")
     for name, (pattern, say) in FORMATS.items():
         if not re.fullmatch(pattern, getattr(cfg, name)):
             raise ValueError(f"--{name} {getattr(cfg, name)!r}: must be {say}")
-    unknown = {i.split("=")[0] for i in cfg.camera_roi.split(",") if i} - {i.split("=")[0] for i in cfg.cameras.split(",")}
+    names = [item.split("=")[0] for item in cfg.cameras.split(",")]
+    unknown = {i.split("=")[0] for i in cfg.camera_roi.split(",") if i} - set(names)
     if unknown:
-        raise ValueError(f"--camera_roi {cfg.camera_roi!r}: no camera {unknown.pop()!r} in --cameras {cfg.cameras!r}")
+        raise ValueError(f"--camera_roi {cfg.camera_roi!r}: no camera {unknown.pop()!r} in --cameras "
+                         f"{cfg.cameras!r}")
     if cfg.batch_size % 2:
         raise ValueError(f"--batch_size {cfg.batch_size}: must be even (half demo, half online)")
     if cfg.actor_std_min > cfg.actor_std_max:
-        raise ValueError(f"--actor_std_min {cfg.actor_std_min}: must be at most --actor_std_max {cfg.actor_std_max}")
-    names = [item.split("=")[0] for item in cfg.cameras.split(",")]
+        raise ValueError(f"--actor_std_min {cfg.actor_std_min}: must be at most --actor_std_max "
+                         f"{cfg.actor_std_max}")
     if len(set(names)) < len(names):   # a dict of cameras would keep only the last of each name
         raise ValueError(f"--cameras {cfg.cameras!r}: each camera needs a name of its own")
     if cfg.control_hz * cfg.sim_timestep_s > 0.5:   # the sim rounds the physics steps per control step to 0
@@ -218,7 +222,7 @@ def parse_overrides(args, cfg=None):
             if not args:
                 raise ValueError(f"--{name} needs a value")
             value = args.pop(0)
-        if not value and name in ("resume", "eval"):   # an empty shell variable must not start a new run instead
+        if not value and name in ("resume", "eval"):   # an empty shell variable must not start a new run
             raise ValueError(f"--{name} needs a run folder (runs/...), got ''")
         setattr(cfg, name, _parse_value(name, value, getattr(cfg, name)))
     return cfg, leftover
@@ -227,12 +231,14 @@ def parse_overrides(args, cfg=None):
 def warnings_for(cfg, num_demo_episodes=None):
     """One line per setting that the lessons file found to break learning on a real SO-101."""
     checks = [
-        (cfg.temperature_init > 0.05, f"temperature_init {cfg.temperature_init} is far above hil-serl's 0.01; "
-                                      "expect shaky exploration and wasted interventions"),
-        (cfg.utd_ratio < 10, f"utd_ratio {cfg.utd_ratio} is below 10; RLPD uses 20 and learning per sample will be slow"),
-        (cfg.reward_step >= 0, "reward_step is not negative; with no step penalty the policy has no reason not to "
-                               "stall (HIL-SERL uses -0.05)"),
-        (cfg.reward_success <= 1, f"reward_success {cfg.reward_success} is weak next to the step penalty (HIL-SERL uses +10)"),
+        (cfg.temperature_init > 0.05, f"temperature_init {cfg.temperature_init} is far above hil-serl's "
+                                      "0.01; expect shaky exploration and wasted interventions"),
+        (cfg.utd_ratio < 10, f"utd_ratio {cfg.utd_ratio} is below 10; RLPD uses 20 and learning per sample "
+                             "will be slow"),
+        (cfg.reward_step >= 0, "reward_step is not negative; with no step penalty the policy has no reason "
+                               "not to stall (HIL-SERL uses -0.05)"),
+        (cfg.reward_success <= 1, f"reward_success {cfg.reward_success} is weak next to the step penalty "
+                                  "(HIL-SERL uses +10)"),
         (num_demo_episodes is not None and num_demo_episodes < 20,
          f"only {num_demo_episodes} demo episodes; HIL-SERL uses 20-30"),
     ]
@@ -240,7 +246,7 @@ def warnings_for(cfg, num_demo_episodes=None):
 
 
 def load_config(args=None, cfg=None):
-    """Parse sys.argv (or `args`) onto cfg and check it; on a bad option or value print one line and exit with status 2."""
+    """Parse sys.argv (or `args`) onto cfg and check it; a bad option or value: print one line, exit 2."""
     try:
         cfg, words = parse_overrides(sys.argv[1:] if args is None else args, cfg)
         check(cfg)
@@ -255,7 +261,8 @@ def load_run_config(args):
     config.json) with the command line on top. It takes no positional words."""
     cfg, words = load_config(args)
     if words:
-        raise SystemExit(f"error: unexpected {words[0]!r}: hilserl.py takes only --setting value options (see config.py)")
+        raise SystemExit(f"error: unexpected {words[0]!r}: hilserl.py takes only --setting value options "
+                         "(see config.py)")
     folder = cfg.resume or cfg.eval
     if not folder:
         return cfg
@@ -272,6 +279,6 @@ def load_run_config(args):
         if any(type(getattr(saved, k)) is not type(getattr(Config, k)) for k in known):
             raise ValueError("a setting of the wrong type")
     except (OSError, ValueError, AttributeError, TypeError):
-        raise SystemExit(f"error: {path}: missing or not a config.json that hilserl.py wrote; pass a run folder "
-                         "(runs/...), or restore its config.json") from None
+        raise SystemExit(f"error: {path}: missing or not a config.json that hilserl.py wrote; pass a run "
+                         "folder (runs/...), or restore its config.json") from None
     return load_config(args, dataclasses.replace(saved, resume=cfg.resume, eval=cfg.eval))[0]

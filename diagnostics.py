@@ -30,12 +30,12 @@ class EpisodeVideo:
 
     def __init__(self, path, fps, render, height, width):
         import cv2
-        self.render = render   # picture -> RGB (height, width, 3), called in the thread (the sim's renderer lives there)
+        self.render = render   # picture -> RGB (H, W, 3), run in the thread: the sim's renderer lives there
         self.scale = max(1, 256 // width)   # at least 256 wide, for the text; no wider: encoding costs CPU
         size = (width * self.scale, height * self.scale + self.STRIP)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        stderr, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)   # OpenCV prints a line on every WebM it
-        os.dup2(devnull, 2)                                                   # opens (a codec tag it replaces)
+        stderr, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)   # OpenCV prints a line on every WebM
+        os.dup2(devnull, 2)                                             # it opens (a codec tag it replaces)
         os.close(devnull)
         try:
             self.writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"VP80"), fps, size)
@@ -101,7 +101,7 @@ class SimRender:
 
 
 def episode_video(path, env, obs, fps):
-    """(EpisodeVideo, obs -> its picture): the observation's frames, else the sim's; (None, None) on an arm without cameras."""
+    """(EpisodeVideo, obs -> picture): obs frames, else the sim's; (None, None) on an arm without cameras."""
     cameras = [k for k, v in obs.items() if v.dtype == np.uint8]
     if cameras:
         height, width = obs[cameras[0]].shape[0], sum(obs[k].shape[1] for k in cameras)
@@ -140,8 +140,8 @@ def episode_diagnostics(episode, policy_act, q, discount):
         mc_return[t] = future
     edges = np.diff(np.concatenate([[0], intervened.astype(int), [0]]))
     starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)   # the human's takeovers
-    command = np.sign(np.round(a["act"][:n, EE_DIM]))   # -1 close, 0 stay, +1 open, as SO101Env.step rounds it
-    held = np.concatenate([[1.0], command[command != 0]])   # the gripper's target: open at reset, then each command
+    command = np.sign(np.round(a["act"][:n, EE_DIM]))   # -1 close, 0 stay, +1 open, as SO101Env.step rounds
+    held = np.concatenate([[1.0], command[command != 0]])   # gripper target: open at reset, then each command
     return {"q/episode": float(q.mean()), "return/mc": float(mc_return.mean()),
             "action/saturated": float((np.abs(policy_act[:, :EE_DIM]) >= SATURATED).mean()),
             "gripper/flips": int(np.count_nonzero(np.diff(held))),   # counted even with --grasp_penalty 0
@@ -161,20 +161,23 @@ def diagnose(rows, cfg, entropy_target):
     succeeded = [r for r in recent if r.get("success")]   # only their Monte-Carlo return is the whole return
     gap = mean("q/episode", succeeded) - mean("return/mc", succeeded)
     checks = [
-        (rate >= 0.2 and rate > 0.9 * rate_before, f"the intervention rate is hardly falling ({rate_before:.0%} -> "
-         f"{rate:.0%}); usual causes: temperature_init above 0.01 (now {cfg.temperature_init}), utd_ratio below 10 "
-         f"(now {cfg.utd_ratio}), no step penalty (reward_step {cfg.reward_step}), too few demos"),
-        (gap > 0.25 * cfg.reward_success, f"the critics overestimate: Q {gap:+.1f} above the discounted return of "
-         f"successful episodes; usual causes: utd_ratio high for the data (now {cfg.utd_ratio}), too few demos, "
-         f"lr too high (now {cfg.lr})"),
-        (mean("entropy") > entropy_target + 1, f"the policy stays more random than its target (entropy "
-         f"{mean('entropy'):.1f} vs {entropy_target:.1f}, alpha {mean('alpha'):.3f}); usual cause: temperature_init "
-         f"too high (now {cfg.temperature_init}; hil-serl 0.01), which alpha takes thousands of steps to undo"),
-        (mean("action/saturated") > 0.3, f"{mean('action/saturated'):.0%} of the policy's motions are at the +-1 "
-         f"bound: it shakes; usual causes: too much entropy (temperature_init {cfg.temperature_init}), or a reward "
-         f"with no step penalty (reward_step {cfg.reward_step})"),
-        (mean("gripper/flips") > 6, f"the gripper flips {mean('gripper/flips'):.1f} times an episode (a grasp needs "
-         f"one); raise --grasp_penalty (now {cfg.grasp_penalty}) or record demos that close the gripper once"),
+        (rate >= 0.2 and rate > 0.9 * rate_before, "the intervention rate is hardly falling "
+         f"({rate_before:.0%} -> {rate:.0%}); usual causes: temperature_init above 0.01 (now "
+         f"{cfg.temperature_init}), utd_ratio below 10 (now {cfg.utd_ratio}), no step penalty (reward_step "
+         f"{cfg.reward_step}), too few demos"),
+        (gap > 0.25 * cfg.reward_success, f"the critics overestimate: Q {gap:+.1f} above the discounted "
+         f"return of successful episodes; usual causes: utd_ratio high for the data (now {cfg.utd_ratio}), "
+         f"too few demos, lr too high (now {cfg.lr})"),
+        (mean("entropy") > entropy_target + 1, "the policy stays more random than its target (entropy "
+         f"{mean('entropy'):.1f} vs {entropy_target:.1f}, alpha {mean('alpha'):.3f}); usual cause: "
+         f"temperature_init too high (now {cfg.temperature_init}; hil-serl 0.01), which alpha takes "
+         "thousands of steps to undo"),
+        (mean("action/saturated") > 0.3, f"{mean('action/saturated'):.0%} of the policy's motions are at the "
+         f"+-1 bound: it shakes; usual causes: too much entropy (temperature_init {cfg.temperature_init}), "
+         f"or a reward with no step penalty (reward_step {cfg.reward_step})"),
+        (mean("gripper/flips") > 6, f"the gripper flips {mean('gripper/flips'):.1f} times an episode (a "
+         f"grasp needs one); raise --grasp_penalty (now {cfg.grasp_penalty}) or record demos that close the "
+         "gripper once"),
     ]
     return [text for bad, text in checks if bad]
 

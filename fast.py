@@ -1,9 +1,9 @@
 """hilserl.py's update made fast: the same functions, compiled, and on a GPU one CUDA graph a step.
 
-With --compile, hilserl.py's set-up makes a Learner, then calls it where it would call `learn(agent, optimizers,
-cfg, batches)`: it runs hilserl.learn with compiled forms of its three functions, and is tested against it.
-  - each critic update, and the actor update, is one graph that torch.compile fuses into a few kernels: as
-    `.backward()` would cut it, gradients come from torch.func.grad, and Adam is written out on Adam's own state;
+With --compile, hilserl.py makes a Learner and calls it in place of `learn(agent, optimizers, cfg, batches)`:
+it runs hilserl.learn with compiled forms of its three functions, and is tested against it.
+  - each critic update, and the actor update, is one graph that torch.compile fuses into a few kernels; as
+    `.backward()` would cut it, torch.func.grad gives gradients, and Adam is written out on Adam's own state;
   - on a GPU, a control step is one CUDA graph (at this size a GPU waits on kernel launches); on a CPU:
     tanh as a sigmoid, glibc keeps freed memory, guards checked only while compiling.
 """
@@ -29,20 +29,21 @@ def keep_freed_memory():
 
 
 def check_compiler(device):
-    """torch.compile builds C++ kernels on a CPU: without a compiler, one line instead of Inductor's traceback."""
+    """On a CPU torch.compile builds C++ kernels: without a compiler, one line, not Inductor's traceback."""
     if device.type == "cpu" and not (os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++")):
-        raise SystemExit("error: --compile on a CPU needs a C++ compiler (g++ or clang++); install one or leave out --compile")
+        raise SystemExit("error: --compile on a CPU needs a C++ compiler (g++ or clang++); install one or "
+                         "leave out --compile")
 
 
 class SigmoidTanh(torch.nn.Module):
-    """tanh(x) = 2 sigmoid(2x) - 1: on a CPU torch's and Inductor's tanh are slower than this (figures in README)."""
+    """tanh(x) = 2 sigmoid(2x) - 1: on a CPU, torch's and Inductor's tanh are slower (figures in README)."""
 
     def forward(self, x):
         return torch.sigmoid(2 * x) * 2 - 1
 
 
 def swap_tanh(agent):
-    """Every nn.Tanh of the agent's networks becomes a SigmoidTanh (no parameters: checkpoints are unchanged)."""
+    """Every nn.Tanh in the agent becomes a SigmoidTanh (no parameters: checkpoints are unchanged)."""
     for module in list(agent.modules()):
         for name, child in module.named_children():
             if isinstance(child, torch.nn.Tanh):
@@ -50,11 +51,11 @@ def swap_tanh(agent):
 
 
 class AdamState:
-    """torch.optim.Adam's own state, in lists, as its first step makes it (so checkpoints match); `named`: by name."""
+    """torch.optim.Adam's state in lists, as its first step makes it (checkpoints match); `named`: by name."""
 
     def __init__(self, optimizer, agent):
         group = optimizer.param_groups[0]
-        self.params, self.lr, self.betas, self.eps = group["params"], group["lr"], group["betas"], group["eps"]
+        self.params, self.lr, self.betas, self.eps = (group[k] for k in ("params", "lr", "betas", "eps"))
         for p in self.params:
             if not optimizer.state[p]:
                 optimizer.state[p].update(step=torch.zeros((), device=p.device), exp_avg=torch.zeros_like(p),
@@ -79,7 +80,7 @@ class AdamState:
 
 
 class Losses(torch.nn.Module):
-    """A hilserl loss function as a module: torch.func.functional_call runs it on the parameters grad differentiates."""
+    """A hilserl loss as a module: functional_call runs it on the parameters that grad differentiates."""
 
     def __init__(self, agent, loss):
         super().__init__()
@@ -105,7 +106,8 @@ def critic_step(losses, adam, batch, next_act, discount, tau):
     # PAPER: soft target update thetabar <- (1 - tau) thetabar + tau theta (SAC; hil-serl averages all)
     torch._foreach_lerp_(losses.agent.target_params, adam.params, tau)
     half = len(q) // 2   # a batch's demo rows come first
-    return {"loss/critic": critic_loss, "loss/grasp_critic": grasp_loss, "q/demo": q[:half].mean(), "q/online": q[half:].mean()}
+    return {"loss/critic": critic_loss, "loss/grasp_critic": grasp_loss,
+            "q/demo": q[:half].mean(), "q/online": q[half:].mean()}
 
 
 def actor_step(losses, actor_adam, temperature_adam, obs, entropy_target):
@@ -129,7 +131,7 @@ def leaves(tree):   # the tensors of a nested dict, in order
 
 
 class Learner:
-    """hilserl.learn as `Learner(agent, optimizers, cfg, batches)(batches)`, compiled on the first `batches`."""
+    """hilserl.learn as `Learner(agent, optimizers, cfg, batches)(batches)`, compiled on the first batches."""
 
     def __init__(self, agent, optimizers, cfg, batches):
         device = batches["act"].device
@@ -144,7 +146,7 @@ class Learner:
             swap_tanh(agent)
         self.adams = {name: AdamState(o, agent) for name, o in optimizers.items()}
         self.critic_losses, self.actor_losses = Losses(agent, hilserl.critic_losses), Losses(agent, hilserl.actor_losses)
-        state = [*agent.state_dict().values(), *(t for a in self.adams.values() for t in (*a.m, *a.v, *a.steps))]
+        state = [*agent.state_dict().values(), *(t for a in self.adams.values() for t in a.m + a.v + a.steps)]
         before = [t.clone() for t in state]   # compiling runs real updates; the agent starts untouched
         print("compiling the update (about 30 s)...")
         if "cuda_graphs" in DEVICE_CAN[device.type]:
@@ -161,8 +163,8 @@ class Learner:
         return compiled_actor_step(self.actor_losses, self.adams["actor"], self.adams["temperature"], obs, entropy_target)
 
     def learn(self, batches):
-        return hilserl.learn(self.agent, self.optimizers, self.cfg, batches, self.critic_update, self.actor_update,
-                             compiled_next_actions)
+        return hilserl.learn(self.agent, self.optimizers, self.cfg, batches, self.critic_update,
+                             self.actor_update, compiled_next_actions)
 
     def capture(self, batches):
         """Record one control step's kernels as a CUDA graph, after warm-up runs on a side stream

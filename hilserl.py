@@ -140,9 +140,8 @@ def learn(agent, optimizers, cfg, batches, critic_update=critic_step, actor_upda
         batch = index_batch(batches, i)
         stats = critic_update(agent, optimizers["critic"], batch, None if next_act is None else next_act[i],
                               cfg.discount, cfg.tau)
-    actor_stats = actor_update(agent, optimizers["actor"], optimizers["temperature"], batch["obs"],
-                               TARGET_ENTROPY)
-    return {**stats, **actor_stats}
+    return {**stats, **actor_update(agent, optimizers["actor"], optimizers["temperature"], batch["obs"],
+                                    TARGET_ENTROPY)}
 
 
 # --- a control step's batches -------------------------------------------------------------------

@@ -33,29 +33,28 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from robot import EE_DIM   # the action's layout is the env's: act[:EE_DIM] moves the EE, act[EE_DIM] the gripper
+from robot import EE_DIM   # the env's action layout: act[:EE_DIM] moves the EE, act[EE_DIM] the gripper
 from vision import ResNet10, as_stored
 
 GRIPPER_CLASSES = 3  # the grasp critic's classes: close, stay, open (hil-serl's hybrid agent)
 
 
 # What each device can do, in one place: Adam's fused kernel (every parameter in one pass; torch has it for
-# CUDA, the CPU and, from torch 2.4, Apple's mps), --compile (fast.py: torch.compile, measured here on CUDA and
-# the CPU; on mps the eager update runs) and CUDA graphs (CUDA's alone). uint8 frames and features index and
-# convert on all three.
+# CUDA, the CPU and, from torch 2.4, Apple's mps), --compile (fast.py's torch.compile, timed on CUDA and the
+# CPU; mps runs the eager update), CUDA graphs (CUDA's alone). uint8 frames and features work on all three.
 DEVICE_CAN = {"cuda": {"fused_adam", "compile", "cuda_graphs"}, "cpu": {"fused_adam", "compile"},
               "mps": {"fused_adam"}}
 
 
 def pick_device(cfg):
-    """cfg.device, where "auto" is the CUDA GPU, else Apple's GPU (mps), else the CPU; one line when it is not there."""
+    """cfg.device; "auto" is the CUDA GPU, else Apple's GPU (mps), else the CPU; one line if it is missing."""
     cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
     if cfg.device == "auto":
         return torch.device("cuda" if cuda else "mps" if mps else "cpu")
     kind = cfg.device.split(":")[0]
     if kind == "mps" and not mps:
-        raise SystemExit("error: --device mps: mps is not available here (it needs Apple Silicon, macOS 12.3 or "
-                         "later and torch's macOS build); use auto or cpu")
+        raise SystemExit("error: --device mps: mps is not available here (it needs Apple Silicon, macOS 12.3 "
+                         "or later and torch's macOS build); use auto or cpu")
     if kind not in DEVICE_CAN or (kind == "cuda" and not cuda):
         raise SystemExit(f"error: --device {cfg.device!r}: not here; use auto, cpu, cuda or mps (torch sees "
                          f"{torch.cuda.device_count()} CUDA GPUs)")
@@ -117,7 +116,8 @@ class SpatialLearnedEmbeddings(nn.Module):
     def __init__(self, channels, height, width, num_features=NUM_SPATIAL_FEATURES):
         super().__init__()
         # lecun_normal over the fan-in H * W * C, as hil-serl's flax kernel (LeRobot's init is 8x larger)
-        self.kernel = nn.Parameter(torch.randn(channels, height * width, num_features) / math.sqrt(height * width * channels))
+        fan_in = height * width * channels
+        self.kernel = nn.Parameter(torch.randn(channels, height * width, num_features) / math.sqrt(fan_in))
 
     def forward(self, x):                                                          # (B, C, H, W)
         return torch.einsum("bcp,cpf->bcf", x.flatten(2), self.kernel).flatten(1)  # (B, C * F)
@@ -138,7 +138,8 @@ class ImageHead(nn.Module):
         with torch.no_grad():
             c, h, w = (self.cnn or backbone)(torch.zeros(1, *frame_shape, dtype=torch.uint8)).shape[1:]
         self.pool = SpatialLearnedEmbeddings(c, h, w)
-        self.proj = nn.Sequential(nn.Linear(c * NUM_SPATIAL_FEATURES, latent_dim), nn.LayerNorm(latent_dim), nn.Tanh())
+        self.proj = nn.Sequential(
+            nn.Linear(c * NUM_SPATIAL_FEATURES, latent_dim), nn.LayerNorm(latent_dim), nn.Tanh())
         self.out_dim = latent_dim
 
     def forward(self, x):          # the small CNN's: frames (B, H, W, 3) uint8; else (B, 512, h, w) features
@@ -194,16 +195,18 @@ class CriticEnsemble(nn.Module):
                 nn.init.xavier_uniform_(member)
             self.weights.append(nn.Parameter(w))
             self.biases.append(nn.Parameter(torch.zeros(num_critics, 1, d_out)))
-        self.ln_gains = nn.ParameterList([nn.Parameter(torch.ones(num_critics, 1, hidden_dim)) for _ in range(2)])
-        self.ln_shifts = nn.ParameterList([nn.Parameter(torch.zeros(num_critics, 1, hidden_dim)) for _ in range(2)])
+        ln_shape = (num_critics, 1, hidden_dim)   # each member's own LayerNorm gain and shift
+        self.ln_gains = nn.ParameterList([nn.Parameter(torch.ones(ln_shape)) for _ in range(2)])
+        self.ln_shifts = nn.ParameterList([nn.Parameter(torch.zeros(ln_shape)) for _ in range(2)])
         self.activation = nn.Tanh()
 
     def forward(self, z, act):
         x = torch.cat([z, act], dim=-1)                                     # (B, F + A)
-        h = x.expand(len(self.weights[0]), *x.shape)                        # (E, B, F + A): one input, E members
+        h = x.expand(len(self.weights[0]), *x.shape)                        # (E, B, F + A): E views of one x
         for layer in range(2):
             h = torch.baddbmm(self.biases[layer], h, self.weights[layer])   # (E, B, H)
-            h = self.activation(torch.addcmul(self.ln_shifts[layer], F.layer_norm(h, h.shape[-1:]), self.ln_gains[layer]))
+            h = F.layer_norm(h, h.shape[-1:])
+            h = self.activation(torch.addcmul(self.ln_shifts[layer], h, self.ln_gains[layer]))
         return torch.baddbmm(self.biases[2], h, self.weights[2]).squeeze(-1)   # (E, B)
 
 
@@ -234,7 +237,8 @@ class Agent(nn.Module):
         self.encoder = Encoder(state_dim, cfg.state_latent_dim, image_shapes, cfg, self.backbone)
         self.critic = CriticEnsemble(cfg.num_critics, self.encoder.out_dim + EE_DIM, cfg.hidden_dim)
         self.grasp_critic = GraspCritic(self.encoder.out_dim, cfg.hidden_dim)
-        self.target = nn.ModuleDict({"encoder": copy.deepcopy(self.encoder), "critic": copy.deepcopy(self.critic),
+        self.target = nn.ModuleDict({"encoder": copy.deepcopy(self.encoder),
+                                     "critic": copy.deepcopy(self.critic),
                                      "grasp_critic": copy.deepcopy(self.grasp_critic)}).requires_grad_(False)
         # alpha = exp(log_alpha) stays positive; initialised to temperature_init (hil-serl: 0.01)
         self.log_alpha = nn.Parameter(torch.tensor(math.log(cfg.temperature_init)))

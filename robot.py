@@ -1,7 +1,7 @@
 """The SO-101 follower arm: kinematics, Feetech bus, calibration, cameras, and the env.
 
-`SO101Env.step(act)`: EE delta -> workspace clip -> IK -> calibrated limits -> per-step jump limit -> one SYNC_WRITE,
-then the control tick, one SYNC_READ, the cameras. Start: `python robot.py --port PORT status`, then `calibrate`."""
+`SO101Env.step(act)`: EE delta -> workspace clip -> IK -> calibrated limits -> jump limit -> one SYNC_WRITE,
+then the tick, one SYNC_READ, the cameras. Start: `python robot.py --port PORT status`, then `calibrate`."""
 
 import dataclasses
 import json
@@ -42,11 +42,11 @@ SO101_CHAIN = (
     ("moving_jaw", "gripper", (0.0202, 0.0188, -0.0234), (0.707107, 0.707107, 0.0, 0.0), 0.012,
      "gripper", (-0.17453, 1.74533)),
 )
-# The tool point: the "gripperframe" site at the fixed jaw's tip; its x axis runs along the fingers (down: x = -z).
+# The tool point: the "gripperframe" site at the fixed jaw's tip; x axis along the fingers (down: x = -z).
 TOOL_POS = (-0.0079, -0.000218, -0.098127)
 TOOL_QUAT = (0.707107, 0.0, 0.707107, 0.0)
 ARM_LOW_RAD, ARM_HIGH_RAD = np.array([body[6] for body in SO101_CHAIN[1:6]]).T
-# Home (by inverse_kinematics): tool 20 cm out, 8 cm up, pointing down (possible only up to ~9 cm at 22 cm out).
+# Home (by inverse_kinematics): tool 20 cm out, 8 cm up, pointing down (at 22 cm out, only up to ~9 cm).
 HOME_RAD = np.array([0.0, -0.2108, 0.1997, 1.5818, 0.0])
 
 
@@ -71,7 +71,7 @@ def _joint_frames(q_rad):
         origins.append(pos)
         axes.append(rot[:, 2])
         c, s = math.cos(angle), math.sin(angle)
-        rot = rot @ np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])  # the joint turns about its local z
+        rot = rot @ np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])  # the joint turns about local z
     return np.array(origins), np.array(axes), pos + rot @ np.array(TOOL_POS), rot @ _TOOL_ROT
 
 
@@ -85,9 +85,9 @@ def _damped_pinv(jac, damping):
 
 
 def inverse_kinematics(q_rad, target_pos, iters=200, tol_m=1e-4, damping=0.02):
-    """Joint angles that put the tool at target_pos, pointing down as far as the 5-DoF arm can: damped least squares
-    on position, pointing down in its Jacobian's null space (position wins). wrist_roll keeps its value; joints stay
-    in the model's ranges; an unreachable target ends at the nearest pose found, without oscillating."""
+    """Joint angles that put the tool at target_pos, pointing down as far as a 5-DoF arm can: damped least
+    squares on position, pointing down in the Jacobian's null space (position wins). wrist_roll is kept,
+    joints stay in the model's ranges; an unreachable target ends at the nearest pose, without oscillating."""
     q = np.array(q_rad, dtype=float)
     for _ in range(iters):
         origins, axes, pos, rot = _joint_frames(q)
@@ -116,30 +116,32 @@ def inverse_kinematics(q_rad, target_pos, iters=200, tol_m=1e-4, damping=0.02):
 
 
 def parse_workspace(text):
-    """cfg.workspace_m "x0,x1,y0,y1,z0,z1" (or cfg.cube_area_m "x0,x1,y0,y1"), checked by config.py -> (low, high) m."""
+    """cfg.workspace_m "x0,x1,y0,y1,z0,z1" or cube_area_m "x0,x1,y0,y1" (config.py checks) -> (low, high)."""
     values = [float(v) for v in text.split(",")]
     return np.array(values[0::2]), np.array(values[1::2])
 
 
 # --- Feetech STS packets ------------------------------------------------------------------------
-# FF FF id len instr params.. chk, with len = params + 2 and chk = ~(id + len + instr + params) & 0xFF; a status
-# reply has an error byte for instr. Registers are little-endian, sign-magnitude (sign bit per register).
+# FF FF id len instr params.. chk: len = params + 2, chk = ~(id + len + instr + params) & 0xFF; a status reply
+# has an error byte for instr. Registers are little-endian, sign-magnitude (sign bit per register).
 PING, READ, WRITE, SYNC_READ, SYNC_WRITE = 0x01, 0x02, 0x03, 0x82, 0x83
 BROADCAST_ID = 0xFE
 # The STS3215 control table (LeRobot's names): name -> (address, bytes, sign bit or None).
 REGISTERS = {
-    "Firmware_Major_Version": (0, 1, None), "Firmware_Minor_Version": (1, 1, None), "Model_Number": (3, 2, None),
-    "ID": (5, 1, None), "Baud_Rate": (6, 1, None), "Return_Delay_Time": (7, 1, None),
-    "Response_Status_Level": (8, 1, None), "Min_Position_Limit": (9, 2, None), "Max_Position_Limit": (11, 2, None),
-    "Max_Temperature_Limit": (13, 1, None), "Max_Voltage_Limit": (14, 1, None), "Min_Voltage_Limit": (15, 1, None),
-    "Max_Torque_Limit": (16, 2, None), "Phase": (18, 1, None), "P_Coefficient": (21, 1, None),
-    "D_Coefficient": (22, 1, None), "I_Coefficient": (23, 1, None), "Protection_Current": (28, 2, None),
-    "Homing_Offset": (31, 2, 11), "Operating_Mode": (33, 1, None), "Overload_Torque": (36, 1, None),
-    "Torque_Enable": (40, 1, None), "Acceleration": (41, 1, None), "Goal_Position": (42, 2, 15),
-    "Goal_Velocity": (46, 2, 15), "Torque_Limit": (48, 2, None), "Lock": (55, 1, None),
-    "Present_Position": (56, 2, 15), "Present_Velocity": (58, 2, 15), "Present_Load": (60, 2, 10),
-    "Present_Voltage": (62, 1, None), "Present_Temperature": (63, 1, None), "Status": (65, 1, None),
-    "Moving": (66, 1, None), "Present_Current": (69, 2, 15), "Maximum_Acceleration": (85, 1, None),
+    "Firmware_Major_Version": (0, 1, None), "Firmware_Minor_Version": (1, 1, None),
+    "Model_Number": (3, 2, None), "ID": (5, 1, None), "Baud_Rate": (6, 1, None),
+    "Return_Delay_Time": (7, 1, None), "Response_Status_Level": (8, 1, None),
+    "Min_Position_Limit": (9, 2, None), "Max_Position_Limit": (11, 2, None),
+    "Max_Temperature_Limit": (13, 1, None), "Max_Voltage_Limit": (14, 1, None),
+    "Min_Voltage_Limit": (15, 1, None), "Max_Torque_Limit": (16, 2, None), "Phase": (18, 1, None),
+    "P_Coefficient": (21, 1, None), "D_Coefficient": (22, 1, None), "I_Coefficient": (23, 1, None),
+    "Protection_Current": (28, 2, None), "Homing_Offset": (31, 2, 11), "Operating_Mode": (33, 1, None),
+    "Overload_Torque": (36, 1, None), "Torque_Enable": (40, 1, None), "Acceleration": (41, 1, None),
+    "Goal_Position": (42, 2, 15), "Goal_Velocity": (46, 2, 15), "Torque_Limit": (48, 2, None),
+    "Lock": (55, 1, None), "Present_Position": (56, 2, 15), "Present_Velocity": (58, 2, 15),
+    "Present_Load": (60, 2, 10), "Present_Voltage": (62, 1, None), "Present_Temperature": (63, 1, None),
+    "Status": (65, 1, None), "Moving": (66, 1, None), "Present_Current": (69, 2, 15),
+    "Maximum_Acceleration": (85, 1, None),
     "Health": (60, 4, None),   # ours: Present_Load, Present_Voltage and Present_Temperature in one read
 }
 # Bits of a status packet's error byte (and of the Status register), as Feetech names them.
@@ -193,15 +195,15 @@ FACTORY_TABLE = {  # power-on values (ST3215 sheet, firmware 3.10)
     "Protection_Current": 500, "Overload_Torque": 80, "Torque_Limit": 1000, "Present_Position": 2048,
     "Goal_Position": 2048, "Present_Voltage": 74, "Present_Temperature": 25,
 }
-FAULTS = ("drop", "bad_checksum", "truncate", "garbage", "late")   # late: the reply comes LATE_S after the request
+FAULTS = ("drop", "bad_checksum", "truncate", "garbage", "late")   # late: it answers LATE_S after the request
 LATE_S = 0.03
 
 
 class ServoEmulator:
-    """Six (by default) STS3215 control tables behind pyserial's read/write, answering as Feetech's reference does
-    (silent on a bad checksum, no reply to broadcasts, SYNC_READ in list order). With torque on, a goal is reached at
-    once, within the limits (sim.py writes Present_Position from physics). Tests: inject(id, fault, times) spoils that
-    servo's next replies; a servo not in `ids` never answers; set(id, "Status", bits) latches errors."""
+    """Six (by default) STS3215 control tables as a pyserial port, answering as Feetech's reference does
+    (silent on a bad checksum, none to broadcasts, SYNC_READ in list order). With torque on, a goal is reached
+    at once, within limits (sim.py writes Present_Position from physics). Tests: inject(id, fault, times)
+    spoils a servo's next replies; an id not in `ids` is silent; set(id, "Status", bits) latches errors."""
 
     def __init__(self, ids=IDS):
         self.tables = {servo_id: bytearray(256) for servo_id in ids}
@@ -261,7 +263,7 @@ class ServoEmulator:
             for listed in params[2:] if code == SYNC_READ else [servo_id]:
                 if listed in self.tables:
                     self._reply(listed, self.tables[listed][params[0]:params[0] + params[1]])
-        elif servo_id in self.tables:  # a unicast PING or WRITE (a broadcast PING would be answered: unused here)
+        elif servo_id in self.tables:  # a unicast PING or WRITE (a broadcast PING would get replies: unused)
             if code == WRITE:
                 self._write_table(servo_id, params[0], params[1:])
             if code == PING or (code == WRITE and self.get(servo_id, "Response_Status_Level")):
@@ -308,9 +310,9 @@ def _joint_of(servo_id):
 
 
 class FeetechBus:
-    """PING, READ, WRITE, SYNC_READ and SYNC_WRITE over pyserial's read/write. A reply is hunted for in the byte
-    stream as Feetech's SDK does, for its wire time plus `latency_s`; a missing or corrupt one is retried `retries`
-    times, then BusError names the servo and what to check. Error bits raise ServoError: retrying cannot clear them."""
+    """PING, READ, WRITE, SYNC_READ, SYNC_WRITE over pyserial. A reply is sought in the byte stream as
+    Feetech's SDK does, for its wire time + `latency_s`; a missing or bad one is retried `retries` times, then
+    BusError names the servo and what to check. Error bits raise ServoError: no retry clears them."""
 
     def __init__(self, port, baudrate=1_000_000, retries=2, latency_s=0.02):
         self.port, self.baudrate, self.retries, self.latency_s = port, baudrate, retries, latency_s
@@ -332,7 +334,7 @@ class FeetechBus:
         """One request, one status packet per servo back to back; returns the values in ids order."""
         address, size, _ = REGISTERS[name]
         request = packet(BROADCAST_ID, SYNC_READ, bytes([address, size, *ids]))
-        return [register_value(name, data) for data in self._transact(request, ids, size, f"SYNC_READ {name}")]
+        return [register_value(name, raw) for raw in self._transact(request, ids, size, f"SYNC_READ {name}")]
 
     def sync_write(self, name, values):
         """One broadcast packet setting `name` on several servos ({id: value}); servos do not reply."""
@@ -361,7 +363,7 @@ class FeetechBus:
                 break
             except _BadReply as bad:
                 failure = bad
-                # Perhaps only late (a slow USB adapter): drain until latency_s of quiet, lest it answer the next try.
+                # Maybe late (slow USB adapter): drain until latency_s of quiet, lest it answer the next try.
                 while self._read(256, time.monotonic() + self.latency_s):
                     pass
         else:
@@ -437,8 +439,8 @@ def save_calibration(path, calibration):
 
 
 def load_calibration(path):
-    """A calibration JSON (ours or LeRobot's) -> {joint: JointCalibration}, checked joint by joint; any
-    problem is one line that names the file and the joint (SystemExit: the arm cannot be driven without it)."""
+    """A calibration JSON (ours or LeRobot's) -> {joint: JointCalibration}, checked joint by joint; a problem
+    is one line naming the file and the joint (SystemExit: the arm cannot be driven without it)."""
     def bad(problem):
         return SystemExit(f"error: calibration {path}: {problem} - recalibrate with python robot.py --port PORT calibrate")
     try:
@@ -450,11 +452,11 @@ def load_calibration(path):
     for name, servo_id in zip(JOINTS, IDS):
         try:
             c = calibration[name] = JointCalibration(**{k: int(data[name][k]) for k in JointCalibration.__annotations__})
-        except (KeyError, TypeError, ValueError, OverflowError) as error:   # a joint or field missing, null or not a number
+        except (KeyError, TypeError, ValueError, OverflowError) as error:   # missing, null or not a number
             raise bad(f"joint {name!r}: field {error} missing or not a number") from None
         if c.id != servo_id or not 0 <= c.range_min < c.range_max <= 4095 or abs(c.homing_offset) > 2047:
-            raise bad(f"joint {name!r} has id {c.id}, min {c.range_min}, max {c.range_max}, offset {c.homing_offset} "
-                      f"(want id {servo_id}, 0 <= min < max <= 4095, |offset| <= 2047)")
+            raise bad(f"joint {name!r} has id {c.id}, min {c.range_min}, max {c.range_max}, offset "
+                      f"{c.homing_offset} (want id {servo_id}, 0 <= min < max <= 4095, |offset| <= 2047)")
     return calibration
 
 
@@ -482,8 +484,8 @@ def joints_to_ticks(joints, calibration):
 
 # --- The arm ------------------------------------------------------------------------------------
 class SO101:
-    """The SO-101 follower on a FeetechBus. As a context manager, torque goes off when the block ends, whatever ends
-    it (an exception, Ctrl-C, or SIGTERM and SIGHUP, which are turned into SystemExit so that the block unwinds)."""
+    """The SO-101 follower on a FeetechBus. As a context manager, torque goes off when the block ends, however
+    it ends (an exception, Ctrl-C, or SIGTERM and SIGHUP, made SystemExit so the block unwinds)."""
 
     def __init__(self, bus, calibration, max_step_rad=0.1):
         self.bus, self.calibration = bus, calibration
@@ -514,9 +516,9 @@ class SO101:
             settings = [("Lock", 0),  # unlocked: EPROM writes persist across power cycles
                         ("Return_Delay_Time", 0), ("Maximum_Acceleration", 254), ("Acceleration", 254),
                         ("Phase", phase & ~0x10), ("Operating_Mode", 0),  # position control
-                        ("P_Coefficient", 16), ("I_Coefficient", 0), ("D_Coefficient", 32)]  # P 16: less shaking than 32
+                        ("P_Coefficient", 16), ("I_Coefficient", 0), ("D_Coefficient", 32)]  # P 16: steadier
             if name == "gripper":
-                # SAFETY: a gripper squeezing a cube at full torque trips a latched overload (LeRobot PR #1809).
+                # SAFETY: a gripper squeezing a cube at full torque trips a latched overload (LeRobot #1809).
                 settings += [("Max_Torque_Limit", 500), ("Protection_Current", 250), ("Overload_Torque", 25)]
             if self.calibration:
                 c = self.calibration[name]
@@ -528,7 +530,7 @@ class SO101:
 
     def torque(self, on):
         if on:
-            # SAFETY: goal := present position (held inside the calibrated range) first, so torque never jumps.
+            # SAFETY: goal := present position (held in the calibrated range) first, so torque never jumps.
             ticks = self.read_ticks()
             self.bus.sync_write("Goal_Position", dict(zip(IDS, self.within_range(ticks) if self.calibration else ticks)))
         self.bus.sync_write("Torque_Enable", {servo_id: int(on) for servo_id in IDS})
@@ -558,7 +560,7 @@ class SO101:
         # gripper is exempt so it can close in one step: its torque is limited in configure().
         last = self.read_ticks() if self.last_ticks is None else self.last_ticks
         ticks[:5] = np.clip(ticks[:5], last[:5] - self.max_step_ticks, last[:5] + self.max_step_ticks)
-        # SAFETY: the calibrated range is checked last: an arm starting outside it comes back, not further out.
+        # SAFETY: the calibrated range is checked last: an arm outside it comes back, not further out.
         return self.within_range(ticks)
 
     def within_range(self, ticks):
@@ -588,7 +590,7 @@ def _exit_on_signal(signum, frame):
 
 # --- Cameras ------------------------------------------------------------------------------------
 def parse_cameras(cameras, camera_roi):
-    """cfg.cameras "front=0,wrist=/dev/video2", cfg.camera_roi "front=x:y:w:h" -> {name: (source, roi or None)}."""
+    """cfg.cameras "front=0,wrist=/dev/video2", camera_roi "front=x:y:w:h" -> {name: (source, roi or None)}"""
     rois = dict(item.split("=") for item in camera_roi.split(",") if item)
     result = {}
     for item in cameras.split(","):
@@ -609,7 +611,7 @@ def process_frame(bgr, roi, size):
 
 
 class Camera:
-    """An OpenCV camera read in a thread that keeps only the newest frame: drivers queue frames, which go stale."""
+    """An OpenCV camera read by a thread that keeps only the newest frame: queued frames go stale."""
 
     def __init__(self, name, source, size, roi=None, timeout_s=2.0):
         import cv2
@@ -654,7 +656,7 @@ def make_cameras(cfg):
     try:
         for name, (source, roi) in parse_cameras(cfg.cameras, cfg.camera_roi).items():
             cameras[name] = Camera(name, source, cfg.image_size, roi)
-    except BaseException:   # those already open are released: a capture thread left at exit aborts the process
+    except BaseException:   # release those already open: a capture thread left at exit aborts the process
         for camera in cameras.values():
             camera.close()
         raise
@@ -699,8 +701,8 @@ ACT_DIM = EE_DIM + 1
 
 
 class SO101Env:
-    """reset() -> obs; step(act) -> (obs, rew, terminated, truncated, info); close() -> torque off. obs["state"],
-    float32: 5 arm joints (rad), gripper opening (0 closed, 1 open), EE minus EE at reset (m), world.extra_state()."""
+    """reset() -> obs; step(act) -> (obs, rew, terminated, truncated, info); close(): torque off. obs["state"]
+    (float32): 5 arm joints (rad), gripper (0 closed, 1 open), EE - EE at reset (m), world.extra_state()."""
 
     def __init__(self, cfg, arm, cameras, world):
         self.cfg, self.arm, self.cameras, self.world = cfg, arm, cameras, world
@@ -708,8 +710,8 @@ class SO101Env:
         self.torque_on = False
         self.joints = None  # latest measured joints (5 rad + gripper opening)
         self.classifier = None  # obs -> bool, a reward classifier (hilserl.py sets it from --classifier)
-        self.health = {}        # this episode's hottest servo, lowest supply and highest load (the watchdog's)
-        self.ee_start = self.ee_target = self.q_target = None  # set by reset(), as are gripper_target and steps
+        self.health = {}        # this episode's hottest servo, lowest supply and highest load (watchdog)
+        self.ee_start = self.ee_target = self.q_target = None  # set by reset(), like gripper_target and steps
 
     def reset(self, seed=None):
         self.world.reset_scene(seed)
@@ -725,7 +727,8 @@ class SO101Env:
             self.world.tick()
             self.joints = self.arm.read_joints()
         self.gripper_target, self.steps, self.q_target = 1.0, 0, self.joints[:5]
-        self.health, self.overloaded = {"servo/max_temperature_c": 0.0, "servo/min_voltage_v": 99.0, "servo/max_load": 0.0}, 0
+        self.health = {"servo/max_temperature_c": 0.0, "servo/min_voltage_v": 99.0, "servo/max_load": 0.0}
+        self.overloaded = 0
         self.ee_start = self.ee_target = forward_kinematics(self.joints[:5])[0]
         return self._observe()
 
@@ -760,20 +763,22 @@ class SO101Env:
         return obs, rew, success, truncated, info
 
     def watch(self, temperature, voltage, load, moved):
-        """SAFETY: the servo health watchdog: stops the run (the env's exit turns torque off) when a servo runs hot, its
-        supply sags, or an arm joint stays overloaded without moving (blocked; the gripper squeezes by design)."""
+        """SAFETY: the health watchdog stops the run (torque goes off on exit) when a servo runs hot, its
+        supply sags, or an arm joint stays overloaded, unmoving (blocked; the gripper squeezes by design)."""
         stalled = (load[:5] >= 0.8) & (moved < 0.01)   # rad this step
         self.overloaded = self.overloaded + 1 if stalled.any() else 0
         for name, value in zip(self.health, (temperature.max(), voltage.min(), load.max())):
             self.health[name] = (min if "min" in name else max)(self.health[name], float(value))
         hot, sag, worst = temperature.argmax(), voltage.argmin(), (load[:5] * stalled).argmax()
-        for bad, what, do in (
-                (temperature[hot] >= self.cfg.max_temperature_c, f"{JOINTS[hot]} is at {temperature[hot]:.0f} C "
-                 f"(--max_temperature_c {self.cfg.max_temperature_c})", "let it cool and lighten its work"),
-                (voltage[sag] < self.cfg.min_voltage_v, f"{JOINTS[sag]}'s supply sagged to {voltage[sag]:.1f} V "
-                 f"(--min_voltage_v {self.cfg.min_voltage_v})", "charge or check the power supply and its cable"),
-                (self.overloaded / self.cfg.control_hz >= self.cfg.overload_s, f"{JOINTS[worst]} has been at "
-                 f"{load[worst]:.0%} load without moving for {self.cfg.overload_s} s", "free the joint: it is blocked")):
+        checks = (
+            (temperature[hot] >= self.cfg.max_temperature_c, f"{JOINTS[hot]} is at {temperature[hot]:.0f} C "
+             f"(--max_temperature_c {self.cfg.max_temperature_c})", "let it cool and lighten its work"),
+            (voltage[sag] < self.cfg.min_voltage_v, f"{JOINTS[sag]}'s supply sagged to {voltage[sag]:.1f} V "
+             f"(--min_voltage_v {self.cfg.min_voltage_v})", "charge or check the power supply and its cable"),
+            (self.overloaded / self.cfg.control_hz >= self.cfg.overload_s, f"{JOINTS[worst]} has been at "
+             f"{load[worst]:.0%} load without moving for {self.cfg.overload_s} s",
+             "free the joint: it is blocked"))
+        for bad, what, do in checks:
             if bad:
                 raise RobotError(f"servo health: {what}: stopping with torque off; {do}")
 
@@ -854,7 +859,7 @@ def calibrate(arm, ask=input):
 
 
 def move_to(arm, joints, period_s=0.1, timeout_s=20.0):
-    """Resend the goal each period (the jump limit slows the move) until there or timed out -> where the joints are."""
+    """Resend the goal every period_s (jump-limited) until reached or timed out -> where the joints are."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and np.abs(arm.read_joints() - joints).max() > 0.02:
         arm.write_joints(joints)
@@ -863,10 +868,10 @@ def move_to(arm, joints, period_s=0.1, timeout_s=20.0):
 
 
 def check(arm, ask=input, distance_m=0.03, torque_limit=500, step_rad=0.03, short_rad=0.15):
-    """Bring-up check at reduced torque (Torque_Limit, 0.1 %) and speed (step_rad a tenth of a second): the tool moves
-    distance_m along +x, +y, +z from home and back, the gripper closes and opens. A joint short_rad or more short of
-    its goal (a weak one sags a little), or a motion not confirmed, is named with what to check -> the problems."""
-    strength = [arm.bus.read(servo_id, "Torque_Limit") for servo_id in IDS]   # RAM: it would outlast the check
+    """Bring-up check at reduced torque (Torque_Limit, 0.1 %) and speed (step_rad per 0.1 s): the tool moves
+    distance_m along +x, +y, +z from home and back, the gripper closes and opens. A joint >= short_rad short
+    of its goal (weak ones sag a little) or a motion not confirmed -> a problem naming what to check."""
+    strength = [arm.bus.read(servo_id, "Torque_Limit") for servo_id in IDS]   # RAM: would outlast the check
     for servo_id in IDS:
         arm.bus.write(servo_id, "Torque_Limit", torque_limit)   # SAFETY: weak and slow while unproven
     arm.max_step_ticks = step_rad * TICKS_PER_RAD
@@ -878,12 +883,12 @@ def check(arm, ask=input, distance_m=0.03, torque_limit=500, step_rad=0.03, shor
             target = forward_kinematics(home[:5])[0] + np.eye(3)[axis] * distance_m
             goal = np.append(inverse_kinematics(home[:5], target), home[5])
             short = np.abs(goal - move_to(arm, goal))[:5]
-            problems += [f"{JOINTS[j]} stopped {np.degrees(short[j]):.0f} deg short of its goal: its range or offset "
-                         "looks wrong, or it is blocked" for j in np.flatnonzero(short > short_rad)]
+            problems += [f"{JOINTS[j]} stopped {np.degrees(short[j]):.0f} deg short of its goal: its range "
+                         "or offset looks wrong, or it is blocked" for j in np.flatnonzero(short > short_rad)]
             if not ask(f"did the gripper move {distance_m * 100:.0f} cm {way}? [y/n] ").strip().lower().startswith("y"):
                 turned = [JOINTS[j] for j in np.argsort(-np.abs(goal - home)[:5])[:2]]
-                problems.append(f"+{'xyz'[axis]} went the wrong way: check the offset (the centred pose) and the "
-                                f"direction of {turned[0]} and {turned[1]}, the joints it turned most")
+                problems.append(f"+{'xyz'[axis]} went the wrong way: check the offset (the centred pose) and "
+                                f"the direction of {turned[0]} and {turned[1]}, the joints it turned most")
             move_to(arm, home)
         for opening, word in ((0.0, "close"), (1.0, "open")):
             move_to(arm, np.append(home[:5], opening))
@@ -917,8 +922,9 @@ def open_bus(port, cfg):
     try:
         link = serial.Serial(port, cfg.baudrate)
     except serial.SerialException as error:
-        raise SystemExit(f"error: cannot open {port} ({error.strerror or error}); check the USB cable and the "
-                         "port's name (ls /dev/ttyACM* /dev/ttyUSB*) and, on Linux, that you are in the dialout group")
+        raise SystemExit(f"error: cannot open {port} ({error.strerror or error}); check the USB cable and "
+                         "the port's name (ls /dev/ttyACM* /dev/ttyUSB*) and, on Linux, that you are in the "
+                         "dialout group")
     return FeetechBus(link, cfg.baudrate, cfg.read_retries, cfg.bus_latency_s)
 
 

@@ -1,7 +1,7 @@
 """The simulated SO-101: a MuJoCo arm, table and cube behind the real robot's interfaces.
 
-With no --port, hilserl.py and teleop.py run on this twin of the robot: robot.py's FeetechBus, SO101 and SO101Env
-run unchanged on it, as its ServoEmulator answers the Feetech packets a real servo would. One control step:
+With no --port, hilserl.py and teleop.py run on this twin of the robot: robot.py's FeetechBus, SO101 and
+SO101Env run unchanged, as its ServoEmulator answers the packets a real servo would. One control step:
 
   SO101Env.step: SYNC_WRITE goals -> emulator registers
   SimWorld.tick: registers -> MuJoCo ctrl -> 50 physics steps of 2 ms -> present registers
@@ -32,10 +32,10 @@ from robot import (FAULTS, HOME_RAD, IDS, JOINTS, SO101, SO101_CHAIN, TICKS_PER_
                    parse_workspace, quat_to_rot)
 
 # ------------------------------------------------------------------------------------------------
-# The scene, as MJCF text from robot.py's kinematic table, so the sim and the real arm's FK/IK share one set of
-# numbers. Primitives: capsules from each joint to the next, two jaws with collision pads. Simplifications: only
-# the pads, the cube and the table collide (the arm can pass through the table; the workspace box keeps it up),
-# and each link's inertia is a small sphere's (its mass is the published one).
+# The scene, as MJCF text from robot.py's kinematic table, so the sim and the real arm's FK/IK share one set
+# of numbers. Primitives: capsules from each joint to the next, two jaws with collision pads. Simplifications:
+# only the pads, the cube and the table collide (the arm can pass through the table; the workspace box keeps
+# it up), and each link's inertia is a small sphere's (its mass is the published one).
 SERVO_KP = 17.8        # STS3215 position gain, N m/rad, as the published SO-101 MJCF tunes it
 STALL_TORQUE_NM = 3.35  # STS3215 at 7.4 V: the actuators' force range at Torque_Limit 1000
 PAD_HALF_M = (0.004, 0.010, 0.014)  # fixed-jaw pad box: half thickness, width, length
@@ -66,7 +66,7 @@ def _link_geoms(i):
         top = np.asarray(SO101_CHAIN[1][2])
         return [f'<geom class="link" type="cylinder" size="0.045 {top[2] / 2:.4g}" '
                 f'pos="{top[0]:.4g} 0 {top[2] / 2:.4g}"/>']
-    if name == "gripper":  # fixed jaw: a finger to the tool point, a pad whose inner face is at the tool point
+    if name == "gripper":  # fixed jaw: a finger to the tool point, a pad with its inner face there
         return ['<geom class="link" type="box" size="0.022 0.028 0.02" pos="0 0 -0.02"/>',
                 f'<geom class="link" type="capsule" size="0.007" fromto="0 0 -0.02 {_v(tool + [-0.008, 0, 0.008])}"/>',
                 f'<geom name="fixed_pad" class="pad" type="box" size="{_v(PAD_HALF_M)}" '
@@ -178,7 +178,7 @@ class SimWorld:
             # Voltage and temperature stay at the emulator's 7.4 V / 25 C: the sim has no battery or heat.
 
     def reset_scene(self, seed=None):
-        """The arm placed (not driven) at HOME_RAD, gripper open, as a person resets the real scene; a fresh cube."""
+        """The arm put (not driven) at HOME_RAD, gripper open, as a person resets the scene; a new cube."""
         mujoco.mj_resetData(self.model, self.data)
         arm_q = np.append(HOME_RAD, SO101_CHAIN[-1][6][1])  # gripper fully open, as SO101Env.reset wants
         self.data.qpos[self.model.actuator_trnid[:, 0]] = arm_q
@@ -189,8 +189,8 @@ class SimWorld:
             self.emulator.set(servo_id, "Goal_Position", self.emulator.get(servo_id, "Present_Position"))
 
     def place_cube(self, rng):
-        """The cube at rest at a random place in cube_area_m. Its yaw is its bearing from the base +-0.2 rad, so
-        the radial jaws meet two faces, as a person would place it: the wrist cannot turn to meet any angle."""
+        """The cube at rest at a random place in cube_area_m. Its yaw is its bearing from the base +-0.2 rad,
+        so the radial jaws meet two faces, as a person would place it: the wrist cannot turn to any angle."""
         xy = rng.uniform(self.cube_low, self.cube_high)
         yaw = np.arctan2(xy[1], xy[0] - SO101_CHAIN[1][2][0]) + rng.uniform(-0.2, 0.2)
         self.data.qpos[self.cube_qpos:self.cube_qpos + 7] = [*xy, self.cfg.cube_size_m / 2,
@@ -340,8 +340,8 @@ class ScriptedExpert:
 # The virtual SO-101 (python sim.py serve): this twin in real time behind a pseudo-terminal that speaks the
 # STS3215 protocol at the wire's pace, its cameras MJPEG streams on 127.0.0.1, driven through --port and
 # --cameras as a real arm. It arrives uncalibrated: each encoder sits where the build left it. Where calibrate
-# asks you to move the joints, GET /hand?pose=centre holds each joint mid-range, sweep moves them through their
-# ranges, free lets go; GET /operator is a scripted you at the gamepad (--teleop virtual).
+# asks you to move the joints, GET /hand?pose=centre holds each joint mid-range, sweep moves them through
+# their ranges, free lets go; GET /operator is a scripted you at the gamepad (--teleop virtual).
 class VirtualArm:
     FPS, FRAME = 15, (320, 240)   # the camera streams: frames a second, width x height
     PERIOD_S = 0.01               # the physics thread advances this much time per step, on the clock
@@ -352,7 +352,7 @@ class VirtualArm:
         model.vis.global_.offwidth, model.vis.global_.offheight = self.FRAME
         self.emulator = ServoEmulator(IDS)   # factory settings: no offsets, no limits
         self.world = SimWorld(cfg, model, self.emulator, seed, self.rng.integers(-300, 300, len(IDS)))
-        self.lock = threading.Lock()         # the bus, the physics and the cameras share the emulator and MjData
+        self.lock = threading.Lock()         # bus, physics and cameras share the emulator and MjData
         self.hand, self.frames, self.running, self.faults = "free", {}, True, 0   # faults: injected so far
         self.holding = False   # the hand has the arm
         self.expert, self.start_reads = ScriptedExpert(cfg, self.world, seed), 0
@@ -383,9 +383,9 @@ class VirtualArm:
                 os.write(self.controller, replies)
 
     def _serve_physics(self):
-        """PERIOD_S of physics every PERIOD_S of the clock while any servo has torque. Otherwise the arm is held: by
-        the hand, or where it was left (a simplification: a limp arm would sink through the table). The hand moves
-        it without physics, through the table and the cube, so when told to let go it first brings it to the centre."""
+        """PERIOD_S of physics per PERIOD_S of clock while any servo has torque. Else the arm is held: by the
+        hand, or where it was left (simplified: a limp arm would sink through the table). The hand moves it
+        without physics, through table and cube, so, told to let go, it first brings it to the centre."""
         actuated = self.world.model.actuator_trnid[:, 0]
         qpos, qvel = self.world.model.jnt_qposadr[actuated], self.world.model.jnt_dofadr[actuated]
         low, high = self.world.model.jnt_range[actuated].T
@@ -398,7 +398,8 @@ class VirtualArm:
                     self.world.tick(round(self.PERIOD_S / self.world.model.opt.timestep))
                 else:
                     if self.holding:   # sweep: each joint end to end, at its own pace; at most 6 rad/s
-                        share = np.sin((time.monotonic() - start) / (0.4 + 0.1 * np.arange(len(low)))) * (self.hand == "sweep")
+                        elapsed = time.monotonic() - start
+                        share = np.sin(elapsed / (0.4 + 0.1 * np.arange(len(low)))) * (self.hand == "sweep")
                         error = (low + high) / 2 + share * (high - low) / 2 - self.world.data.qpos[qpos]
                         self.world.data.qpos[qpos] += np.clip(error, -0.06, 0.06)
                         self.holding = self.hand != "free" or np.abs(error).max() > 1e-3
@@ -410,8 +411,8 @@ class VirtualArm:
 
     def operate(self, state, reset):
         """The human at the gamepad, scripted -> (act, held): after a reset it puts the cube back, lets go of
-        intervene and presses it (the episode starts); then the expert drives, holding intervene while it wants
-        control, and success while the physics says the cube is lifted."""
+        intervene and presses it (the episode starts); then the expert drives, holding intervene while it
+        wants control, and success while the physics says the cube is lifted."""
         with self.lock:
             if reset:
                 self.world.place_cube(self.world.rng)
@@ -419,7 +420,8 @@ class VirtualArm:
                 self.start_reads = 0
             obs = {"state": np.asarray(state, np.float32)}
             act, self.start_reads = self.expert.act(obs), self.start_reads + 1
-            held = {"intervene"} if self.start_reads == 2 or (self.start_reads > 2 and self.expert.wants_control(obs)) else set()
+            pressed = self.start_reads == 2 or (self.start_reads > 2 and self.expert.wants_control(obs))
+            held = {"intervene"} if pressed else set()
             return act, held | ({"success"} if self.world.success() else set())
 
     def _serve_cameras(self):
@@ -458,8 +460,8 @@ class VirtualArm:
                 while arm.running:
                     jpeg = arm.frames[path]
                     try:
-                        self.wfile.write(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n%s\r\n"
-                                         % (len(jpeg), jpeg))
+                        self.wfile.write(b"--frame\r\nContent-Type: image/jpeg\r\n"
+                                         b"Content-Length: %d\r\n\r\n%s\r\n" % (len(jpeg), jpeg))
                     except (BrokenPipeError, ConnectionResetError):
                         return
                     time.sleep(1 / arm.FPS)
@@ -469,8 +471,8 @@ class VirtualArm:
         return Handler
 
     def close(self):
-        """Stop, as the serve process's end does: the camera streams end and the port's far end closes, which its
-        user sees as a pulled cable."""
+        """Stop, as the serve process's end does: the camera streams end and the port's far end closes, which
+        its user sees as a pulled cable."""
         self.running = False
         self.threads[0].join()   # the bus's thread first: it reads the port's far end, closed next
         os.close(self.controller)
@@ -486,9 +488,9 @@ if __name__ == "__main__":
     if words != ["serve"]:
         raise SystemExit("usage: python sim.py serve [--serve_fault_rate 0.05] [--serve_http_port 8101]")
     arm, url = VirtualArm(cfg, cfg.seed), f"http://127.0.0.1:{cfg.serve_http_port}"
-    print(f"a virtual SO-101, uncalibrated, on --port {arm.port} --cameras front={url}/front,wrist={url}/wrist\n"
-          f"its hand (calibrate asks you to move the joints): {url}/hand?pose=centre, sweep or free; Ctrl-C stops it",
-          flush=True)
+    print(f"a virtual SO-101, uncalibrated, on --port {arm.port} --cameras front={url}/front,"
+          f"wrist={url}/wrist\nits hand (calibrate asks you to move the joints): {url}/hand?pose=centre, "
+          f"sweep or free; Ctrl-C stops it", flush=True)
     try:
         while True:
             time.sleep(1)

@@ -1,14 +1,14 @@
 """The human in the loop: gamepad or leader arm -> intervention action and episode events.
 
-Before every env.step the loop asks `teleop.poll(policy_act, obs)`: while intervene is held (RB, as in LeRobot;
-hil-serl's SpaceMouse intervenes on any motion) the human's action replaces the policy's and is stored with
-intervened=True, so it goes to the demo buffer too. Presses are events: success, failure, re-record, emergency stop
-(torque off at once), quit. Every device gives act in the policy's action space (float32 (4,): EE delta x, y, z in
-[-1, 1], gripper -1 close / 0 stay / +1 open) and held, the controls held down now. Seen from behind the arm: left
-stick up = +x (away from the base), left stick left = +y, right stick up = +z.
+Before every env.step the loop asks `teleop.poll(policy_act, obs)`: while intervene is held (RB, as in
+LeRobot; hil-serl's SpaceMouse intervenes on any motion) the human's action replaces the policy's and is
+stored with intervened=True, so the demo buffer gets it too. Presses are events: success, failure, re-record,
+emergency stop (torque off at once), quit. Each device gives act in the policy's action space (float32 (4,):
+EE delta x, y, z in [-1, 1], gripper -1 close / 0 stay / +1 open) and held, the controls now held. From behind
+the arm: left stick up = +x (away from the base), left stick left = +y, right stick up = +z.
 
-Commands: `python teleop.py record` records demos (cfg.demos); `label` labels camera frames success or not for the
-reward classifier (cfg.frames); `import-lerobot DATASET_DIR` turns an SO-101 follower's LeRobot dataset into demos.
+Commands: `python teleop.py record` records demos (cfg.demos); `label` labels frames success or not for the
+reward classifier (cfg.frames); `import-lerobot DATASET_DIR` turns an SO-101 LeRobot dataset into demos.
 """
 
 import atexit
@@ -33,9 +33,9 @@ EVENTS = ("success", "failure", "rerecord", "estop", "quit")   # pressed once, a
 
 # --- gamepad: layouts and the pure mapping ---------------------------------------------------------
 # Numbers as pygame 2 documents them ("Common Controller Axis Mappings") for the "Xbox 360 Controller" and the
-# "PS4 Controller"; other pads may differ: `python -m pygame.examples.joystick` shows them, --gamepad_map remaps.
-# Triggers are axes that rest at -1. Controls as in LeRobot: hold RB (R1) to intervene, LT/RT close/open,
-# Y success, A failure, X re-record; we add B (circle) = emergency stop, Start (options) = quit.
+# "PS4 Controller"; other pads may differ: `python -m pygame.examples.joystick` shows them, --gamepad_map
+# remaps. Triggers are axes that rest at -1. Controls as in LeRobot: hold RB (R1) to intervene, LT/RT
+# close/open, Y success, A failure, X re-record; we add B (circle) = emergency stop, Start (options) = quit.
 LAYOUTS = {
     "xbox":        {"stick_x": 0, "stick_y": 1, "stick_z": 4, "close": 2, "open": 5,
                     "intervene": 5, "success": 3, "failure": 0, "rerecord": 2, "estop": 1, "quit": 7},
@@ -61,10 +61,10 @@ def gamepad_layout(pad_name, layout="auto", remap=""):
 def gamepad_action(axes, buttons, layout, zone, speed):
     """Raw pygame axes (-1..1) and buttons (0/1) -> (act, held). Pure: no device, no state."""
     sticks = np.array([-axes[layout["stick_y"]], -axes[layout["stick_x"]], -axes[layout["stick_z"]]])
-    sticks = np.sign(sticks) * np.maximum(np.abs(sticks) - zone, 0.0) / (1.0 - zone)   # dead zone: no jump at its edge
+    sticks = np.sign(sticks) * np.maximum(np.abs(sticks) - zone, 0.0) / (1.0 - zone)   # no jump at the edge
     held = {name for name, number in layout.items() if name not in AXES and buttons[number]}
     held |= {name for name in ("close", "open") if axes[layout[name]] > 0.5}   # past half-way
-    gripper = ("open" in held) - ("close" in held)   # -1 close, +1 open, 0 stay (hil-serl); both at once: stay
+    gripper = ("open" in held) - ("close" in held)   # -1 close, +1 open, 0 stay (hil-serl); both: stay
     return np.append(np.clip(speed * sticks, -1, 1), gripper).astype(np.float32), held
 
 
@@ -98,8 +98,9 @@ class Gamepad:
         for name, number in self.layout.items():
             kind = "axis" if name in AXES else "button"
             if number >= counts[kind]:
-                raise ValueError(f"gamepad '{self.name}' has {counts[kind]} {kind}s but '{name}' is {kind} {number}; "
-                                 f"remap with --gamepad_map {name}=N (python -m pygame.examples.joystick shows the numbers)")
+                raise ValueError(f"gamepad '{self.name}' has {counts[kind]} {kind}s but '{name}' is {kind} "
+                                 f"{number}; remap with --gamepad_map {name}=N "
+                                 "(python -m pygame.examples.joystick shows the numbers)")
 
     def read(self, obs):
         axes = [self.joystick.get_axis(i) for i in range(self.joystick.get_numaxes())]
@@ -108,7 +109,7 @@ class Gamepad:
 
 
 class Keys:
-    """The buttons on keys, through a small window that must have the focus: for a leader arm without a gamepad."""
+    """The buttons on keys, in a small window that needs the focus: for a leader arm without a gamepad."""
 
     KEYS = {"intervene": pygame.K_SPACE, "success": pygame.K_RETURN, "failure": pygame.K_BACKSPACE,
             "rerecord": pygame.K_r, "estop": pygame.K_ESCAPE, "quit": pygame.K_q}
@@ -123,8 +124,8 @@ class Keys:
 
 
 class VirtualOperator:
-    """The virtual arm's scripted operator (python sim.py serve) as the human, to rehearse without arm or gamepad:
-    asked over HTTP with the observed state at every read, it drives, presses the buttons and resets the scene."""
+    """The virtual arm's scripted operator (python sim.py serve) as the human, to rehearse without arm or pad:
+    asked over HTTP with the state at each read, it drives, presses buttons and resets the scene."""
 
     def __init__(self, cfg):
         self.url, self.reset_pending = f"http://127.0.0.1:{cfg.serve_http_port}/operator", True
@@ -141,10 +142,10 @@ class VirtualOperator:
 
 
 class LeaderArm:
-    """An SO-101 leader arm on a second bus. While intervene is held, the follower's tool follows the leader tool's
-    motion since the press, not its pose, so taking over never lurches: that motion, in EE-delta units clipped to
-    [-1, 1], goes through the policy's env.step, so it is exactly the stored action. Position only: the IK keeps the
-    gripper pointing down. While the policy acts, the leader, weakly torqued, tracks the follower: there when taken."""
+    """An SO-101 leader arm on a second bus. While intervene is held, the follower's tool follows the leader
+    tool's motion since the press, not its pose, so taking over never lurches: that motion, in EE-delta units
+    clipped to [-1, 1], is the action env.step runs and stores. Position only: the IK keeps the gripper down.
+    While the policy acts, the leader tracks the follower (weak torque): there when taken."""
 
     TRACKING_TORQUE = 150   # Torque_Limit (0.1 % of stall) while tracking: a hand overrides it easily
 
@@ -160,7 +161,7 @@ class LeaderArm:
         self.ee_step_m, self.anchor, self.tracking = cfg.ee_step_m, None, False
 
     def action(self, obs, intervening):
-        leader = self.arm.read_joints()   # 5 rad + gripper opening; also where the goals' jump limit counts from
+        leader = self.arm.read_joints()   # 5 rad + gripper; also where the goals' jump limit counts from
         tool, follower = forward_kinematics(leader[:5])[0], forward_kinematics(obs["state"][:5])[0]
         if not intervening:   # the policy acts: the leader follows the follower's joints
             if not self.tracking:
@@ -172,7 +173,7 @@ class LeaderArm:
             self.arm.torque(False)
             self.anchor, self.tracking = tool - follower, False
         moved = np.clip((tool - self.anchor - follower) / self.ee_step_m, -1, 1)
-        gripper = float(obs["state"][5] < 0.5) - float(leader[5] < 0.5)   # a change only: -1 close, +1 open, else 0
+        gripper = float(obs["state"][5] < 0.5) - float(leader[5] < 0.5)   # a change only: -1 close, +1 open
         return np.append(moved, gripper).astype(np.float32)
 
 
@@ -183,8 +184,8 @@ class EmergencyStop(Exception):
 
 class Teleop:
     """One question per step: is the human acting now, and with what action. `device` gives the action and the
-    buttons; a `leader` arm, when present, gives the action instead (the buttons still come from the gamepad or
-    keys). `torque_off` is called the moment emergency stop is pressed. Reads are at least `period_s` apart."""
+    buttons; a `leader` arm, if any, gives the action instead (the buttons still come from the gamepad or
+    keys). `torque_off` is called the moment emergency stop is pressed. Reads are >= `period_s` apart."""
 
     def __init__(self, device, leader=None, torque_off=None, period_s=0.0):
         start_pygame()   # SDL delivers the devices' input
@@ -201,7 +202,7 @@ class Teleop:
         """The human's action whether or not they intervene -> (act, intervene held, new events)."""
         time.sleep(max(0.0, self.next_s - time.perf_counter()))   # a human needs real time, in the sim too
         self.next_s = time.perf_counter() + self.period_s
-        window_closed = any(event.type == pygame.QUIT for event in pygame.event.get())   # SDL reads its devices here
+        window_closed = any(event.type == pygame.QUIT for event in pygame.event.get())  # SDL pumps input here
         act, held = self.device.read(obs)
         held |= {"quit"} if window_closed else set()   # closing the keys' window counts as quit
         events = {name for name in EVENTS if name in held and name not in self.held}
@@ -221,7 +222,7 @@ class Teleop:
 
 
 class StatusLine:
-    """The line the operator reads after each episode: its steps, return and interventions, and the recent rates."""
+    """The operator's line after each episode: its steps, return and interventions, and the recent rates."""
 
     def __init__(self, recent=20):
         self.successes, self.interventions = [], []   # one per episode ended: success, share of human steps
@@ -236,10 +237,10 @@ class StatusLine:
         rate = self.human_steps / max(self.steps, 1)
         self.successes.append(float(success))
         self.interventions.append(rate)
-        recent_success, recent_intervention = (np.mean(x[-self.recent:]) for x in (self.successes, self.interventions))
+        successes, interventions = self.successes[-self.recent:], self.interventions[-self.recent:]
         print(f"episode {self.episode:4d}  steps {self.steps:3d}  return {self.ret:7.2f}  success "
-              f"{'yes' if success else 'no '}  intervened {rate:4.0%}  |  last {len(self.successes[-self.recent:])}: "
-              f"success {recent_success:4.0%}  intervened {recent_intervention:4.0%}{extra}", flush=True)
+              f"{'yes' if success else 'no '}  intervened {rate:4.0%}  |  last {len(successes)}: success "
+              f"{np.mean(successes):4.0%}  intervened {np.mean(interventions):4.0%}{extra}", flush=True)
         self.episode, self.steps, self.ret, self.human_steps = self.episode + 1, 0, 0.0, 0
 
 
@@ -285,15 +286,15 @@ def make_teleop(cfg, env):
 
 # --- recording demos ---------------------------------------------------------------------------------------
 def record_episode(env, teleop, status, obs):
-    """One episode in which the human (or the expert) drives every step -> (transitions, outcome: success, failure,
-    rerecord or quit). On the real arm the success button makes the next step terminal; failure ends it there."""
+    """The human (or the expert) drives every step of one episode -> (transitions, outcome: success, failure,
+    rerecord or quit). On a real arm the success button makes the next step terminal; failure ends it now."""
     transitions = []
     while True:
         act, _, events = teleop.read(obs)
         if "quit" in events or "rerecord" in events:
             return transitions, "quit" if "quit" in events else "rerecord"
         if "failure" in events and transitions:
-            transitions[-1] = (*transitions[-1][:5], True, *transitions[-1][6:])   # truncated: the human ended it
+            transitions[-1] = (*transitions[-1][:5], True, *transitions[-1][6:])   # truncated by the human
             status.end_episode(False)
             return transitions, "failure"
         if "success" in events and isinstance(env.world, RealWorld):
@@ -308,7 +309,7 @@ def record_episode(env, teleop, status, obs):
 
 
 def wait_for_start(teleop, env, obs):
-    """Real arm: the human resets the scene, then presses intervene -> the episode's first observation (None: quit)."""
+    """Real arm: the human resets the scene, then presses intervene -> the first observation (None: quit)."""
     print("reset the scene, then press intervene (RB/R1, or space) to start the episode", flush=True)
     teleop.reset()
     released = False   # a press, not a button still held from the last episode
@@ -322,8 +323,8 @@ def wait_for_start(teleop, env, obs):
 
 
 def record_demos(cfg, path, episodes):
-    """Record until `path` holds `episodes` episodes (successes, unless cfg.demo_keep_failed) -> how many it holds.
-    Rewritten atomically after each, the file loses at most the episode in progress to a stop; a rerun continues."""
+    """Record until `path` holds `episodes` episodes (successes, unless cfg.demo_keep_failed) -> how many it
+    holds. Saved atomically after each: a stop loses at most the episode under way; a rerun continues."""
     writable(path)   # before the first episode: a human's demo must not be lost to a path
     with make_env(cfg, cfg.seed) as env:
         teleop, status = make_teleop(cfg, env), StatusLine()
@@ -347,27 +348,28 @@ def record_demos(cfg, path, episodes):
                 failures = 0
                 print(f"{path}: {demos.num_episodes}/{episodes} episodes", flush=True)
             elif (failures := failures + 1) >= cfg.demo_max_failures:
-                raise SystemExit(f"error: {failures} episodes in a row failed, so recording stopped; {path} keeps its "
-                                 f"{demos.num_episodes} episodes (too short an --episode_steps {cfg.episode_steps}?)")
+                raise SystemExit(f"error: {failures} episodes in a row failed, so recording stopped; {path} "
+                                 f"keeps its {demos.num_episodes} episodes (too short an --episode_steps "
+                                 f"{cfg.episode_steps}?)")
             obs = env.reset()
             teleop.reset()
     return demos.num_episodes
 
 
-# --- labelled frames for the reward classifier ---------------------------------------------------------------
+# --- labelled frames for the reward classifier --------------------------------------------------------------
 def label_frames(cfg, path, success_frames):
-    """Record camera frames labelled success or not until `path` holds `success_frames` successes (hil-serl's
-    record_success_fail.py) -> how many it holds. Frames while the human holds the success button (Y, Enter), the
-    scene showing success (the cube held up), are positives; show both kinds in many poses: the classifier learns only
-    what it sees. In the sim the expert drives and the physics labels. Episodes: cfg.episode_steps (failure ends one
-    early), 5 at least (classifier.py tests on every fifth), each saved atomically; a rerun adds to the file."""
+    """Record frames labelled success or not until `path` holds `success_frames` successes (hil-serl's
+    record_success_fail.py) -> how many it holds. Frames while the human holds success (Y, Enter), the scene
+    showing success (cube held up), are positives; show both kinds in many poses: the classifier learns only
+    what it sees. In the sim the expert drives and physics labels. Episodes: cfg.episode_steps (failure ends
+    one early), 5 at least (classifier.py tests every fifth), each saved atomically; a rerun adds more."""
     cfg.use_images = True
     writable(path)
     with make_env(cfg, cfg.seed) as env:
         teleop, status = make_teleop(cfg, env), StatusLine()
         obs = env.reset()
         cameras = [k for k, v in obs.items() if v.dtype == np.uint8]
-        recorded = {k: [] for k in cameras + ["success", "episode"]}   # a list of arrays each, the file's first
+        recorded = {k: [] for k in cameras + ["success", "episode"]}   # a list of arrays each, file's first
         if os.path.exists(path):
             saved = read_npz(path)
             if sorted(saved) != sorted(recorded) or any(saved[k].shape[1:] != obs[k].shape for k in cameras):
@@ -376,7 +378,7 @@ def label_frames(cfg, path, success_frames):
         positives = int(recorded["success"][0].sum()) if recorded["success"] else 0
         episode = int(recorded["episode"][0].max()) + 1 if recorded["episode"] else 0
         events, failures = set(), 0   # failures: episodes in a row without a success frame
-        while (positives < success_frames or episode < 5) and "quit" not in events:   # 5: one held out to test on
+        while (positives < success_frames or episode < 5) and "quit" not in events:  # 5: one to test
             if cfg.port and (obs := wait_for_start(teleop, env, obs)) is None:
                 break
             observed, labels = [], []
@@ -398,24 +400,25 @@ def label_frames(cfg, path, success_frames):
                 status.end_episode(any(labels), f"  |  {path}: {positives}/{success_frames} success frames")
                 episode += 1
             if (failures := 0 if any(labels) else failures + 1) >= cfg.demo_max_failures:
-                raise ValueError(f"{failures} episodes in a row showed no success, so labelling stopped; {path} keeps "
-                                 f"its {positives} success frames (too short an --episode_steps {cfg.episode_steps}?)")
+                raise ValueError(f"{failures} episodes in a row showed no success, so labelling stopped; "
+                                 f"{path} keeps its {positives} success frames (too short an --episode_steps "
+                                 f"{cfg.episode_steps}?)")
             obs = env.reset()
             teleop.reset()
     return positives
 
 
-# --- demos from a LeRobot dataset ------------------------------------------------------------------------------
-# A LeRobot dataset (v3.0 or v2.1) has the follower's joints and camera videos, no EE motion, no success. We take
-# every episode as a success and the EE action as the motion the arm made (FK), not its command (servos lag).
-LEROBOT_ROBOTS = ("so101", "so101_follower", "so_follower")   # so_follower (PR #2763): the SO-100 too, not told apart
-GRIPPER_MOVED = 0.02   # an opening (0..1) change past it is a command; below: encoder noise, a squeezing grip's creep
+# --- demos from a LeRobot dataset ---------------------------------------------------------------------------
+# A LeRobot dataset (v3.0 or v2.1) holds the follower's joints and videos, no EE motion, no success. We take
+# every episode as a success, the EE action as the motion the arm made (FK), not its command (servos lag).
+LEROBOT_ROBOTS = ("so101", "so101_follower", "so_follower")   # so_follower (#2763): SO-100 too; can't tell
+GRIPPER_MOVED = 0.02   # an opening (0..1) change past it is a command; less: encoder noise, a grip's creep
 
 
 def lerobot_to_ticks(values, calibration, use_degrees):
-    """LeRobot's so101_follower joint values (N, 6) -> servo ticks (N, 6), undoing its MotorsBus._normalize: arm
-    joints in degrees, (ticks - (min + max) / 2) * 360 / 4095, or without use_degrees -100 at range_min to +100 at
-    range_max; the gripper 0 to 100 over its range (drive_mode, which mirrors them, is 0 in LeRobot's SO-101 files)."""
+    """LeRobot's so101_follower joint values (N, 6) -> servo ticks (N, 6), undoing its MotorsBus._normalize:
+    arm joints in degrees, (ticks - (min + max) / 2) * 360 / 4095, or without use_degrees -100 at range_min to
+    +100 at range_max; the gripper 0 to 100 over its range (drive_mode, a mirror, is 0 for SO-101s)."""
     low, high = np.array([[calibration[name].range_min, calibration[name].range_max] for name in JOINTS], float).T
     ticks = (low + high) / 2 + values * 4095 / 360 if use_degrees else low + (values + 100) / 200 * (high - low)
     ticks[:, 5] = low[5] + values[:, 5] / 100 * (high[5] - low[5])
@@ -423,12 +426,12 @@ def lerobot_to_ticks(values, calibration, use_degrees):
 
 
 def lerobot_frames(video, times_s, roi, size, tolerance_s):
-    """The frames of a video file at times_s (s into the file, rising), cropped and resized as robot.py's cameras do."""
+    """The frames of `video` at times_s (seconds, rising), cropped and resized as robot.py's cameras do."""
     import av
     frames = []
     with av.open(str(video)) as container:
         stream = container.streams.video[0]
-        container.seek(int(times_s[0] / stream.time_base), stream=stream)   # the keyframe before: decoding starts there
+        container.seek(int(times_s[0] / stream.time_base), stream=stream)  # decode from the keyframe before
         for frame in container.decode(stream):
             if frame.time > times_s[len(frames)] - tolerance_s:
                 frames.append(process_frame(frame.to_ndarray(format="bgr24"), roi, size))
@@ -438,17 +441,17 @@ def lerobot_frames(video, times_s, roi, size, tolerance_s):
 
 
 def add_lerobot_episode(cfg, demos, index, joints, frames):
-    """Episode `index`'s kept joints (T + 1, 6) and frames {camera: (T + 1, H, W, 3)} -> `demos`, as a success."""
+    """Episode `index`'s kept joints (T + 1, 6), frames {camera: (T + 1, H, W, 3)} -> `demos` as a success."""
     ee = np.array([forward_kinematics(q[:5])[0] for q in joints])   # (T + 1, 3)
     moved = np.diff(ee, axis=0) / cfg.ee_step_m   # (T, 3)
     opening = np.diff(joints[:, 5])   # (T,)
     command = np.sign(opening) * (np.abs(opening) > GRIPPER_MOVED)   # -1 close, 0 stay, +1 open
-    act = np.column_stack([np.clip(moved, -1, 1), command]).astype(np.float32)   # clipped: what a policy can do
+    act = np.column_stack([np.clip(moved, -1, 1), command]).astype(np.float32)   # clipped: a policy's range
     state = np.column_stack([joints, ee - ee[0]]).astype(np.float32)   # (T + 1, 6 + 3), as SO101Env observes
     obs = [{"state": state[t], **{name: f[t] for name, f in frames.items()}} for t in range(len(joints))]
     target = float(joints[0, 5] >= 0.5)   # the gripper as the episode found it (SO101Env.reset would open it)
     for t in range(len(act)):
-        penalty = cfg.grasp_penalty if command[t] and (command[t] > 0) != target else 0.0   # a flip, as SO101Env.step
+        penalty = cfg.grasp_penalty if command[t] and (command[t] > 0) != target else 0.0  # as SO101Env.step
         target = float(command[t] > 0) if command[t] else target
         last = t == len(act) - 1   # every episode a success
         rew = cfg.reward_success if last else cfg.reward_step
@@ -460,9 +463,9 @@ def add_lerobot_episode(cfg, demos, index, joints, frames):
 
 
 def import_lerobot(cfg, folder, path):
-    """A LeRobot dataset of an SO-101 follower -> the demo file `path`, as record_demos writes it -> its episodes."""
+    """An SO-101 follower's LeRobot dataset -> demo file `path`, as record_demos writes it -> its episodes."""
     try:   # this command's extra: pip install -r requirements-lerobot.txt
-        importlib.import_module("av")   # here only to check it is there: lerobot_frames decodes with it, AV1 included
+        importlib.import_module("av")   # only to check it is there: lerobot_frames decodes with it (AV1 too)
         import pyarrow.parquet as pq
     except ImportError:
         raise ValueError("import-lerobot needs pyarrow and av: pip install -r requirements-lerobot.txt") from None
@@ -488,19 +491,20 @@ def import_lerobot(cfg, folder, path):
     videos = [key for key, feature in features.items() if feature.get("dtype") == "video"]
     missing = [f"observation.images.{name}" for name in cameras if f"observation.images.{name}" not in videos]
     data_files = sorted(root.glob("data/*/*.parquet"))
-    for refused, why in (
-            (info.get("robot_type") not in LEROBOT_ROBOTS, f"{info_path}: robot_type {info.get('robot_type')!r}: "
-             f"only an SO-101 follower's ({', '.join(LEROBOT_ROBOTS)}) fits this arm's kinematics"),
-            (step != round(step), f"{info_path}: fps {fps} is not a multiple of --control_hz {cfg.control_hz}: "
-             f"record at another fps, or import and train with a --control_hz that divides {fps}"),
-            (names != [f"{name}.pos" for name in JOINTS], f"{info_path}: observation.state's names are {names}, "
-             "not the SO-101's"),
-            (missing, f"{info_path}: no video {', '.join(missing)} (it has {', '.join(videos) or 'none'}): name "
-             "--cameras as the dataset does, or pass --use_images false"),
-            (not data_files, f"{root}: no data/*/*.parquet in it: the dataset is incomplete"),
-            (not os.path.exists(cfg.calibration), f"--calibration {cfg.calibration}: no such file; pass the recording "
-             "arm's (LeRobot keeps it in ~/.cache/huggingface/lerobot/calibration/robots/)"),
-            (os.path.exists(path), f"--demos {path} exists: import into another file")):
+    refusals = (
+        (info.get("robot_type") not in LEROBOT_ROBOTS, f"{info_path}: robot_type {info.get('robot_type')!r}: "
+         f"only an SO-101 follower's ({', '.join(LEROBOT_ROBOTS)}) fits this arm's kinematics"),
+        (step != round(step), f"{info_path}: fps {fps} is not a multiple of --control_hz {cfg.control_hz}: "
+         f"record at another fps, or import and train with a --control_hz that divides {fps}"),
+        (names != [f"{name}.pos" for name in JOINTS], f"{info_path}: observation.state's names are {names}, "
+         "not the SO-101's"),
+        (missing, f"{info_path}: no video {', '.join(missing)} (it has {', '.join(videos) or 'none'}): name "
+         "--cameras as the dataset does, or pass --use_images false"),
+        (not data_files, f"{root}: no data/*/*.parquet in it: the dataset is incomplete"),
+        (not os.path.exists(cfg.calibration), f"--calibration {cfg.calibration}: no such file; pass the "
+         "recording arm's (LeRobot keeps it in ~/.cache/huggingface/lerobot/calibration/robots/)"),
+        (os.path.exists(path), f"--demos {path} exists: import into another file"))
+    for refused, why in refusals:
         if refused:
             raise ValueError(why)
     calibration = load_calibration(cfg.calibration)
@@ -518,31 +522,33 @@ def import_lerobot(cfg, folder, path):
     ticks = lerobot_to_ticks(values, calibration, cfg.lerobot_use_degrees)
     bad = np.flatnonzero(~np.all((ticks >= 0) & (ticks <= 4095), axis=1))   # NaN is never in range
     if len(bad):   # no STS3215 encoder reads it: other units, another arm's calibration, or damage
-        raise ValueError(f"{root}/data: episode {episode[bad[0]]} at {time_s[bad[0]]:.2f} s (and {len(bad) - 1} "
-                         f"more frames): observation.state {values[bad[0]].tolist()} is off the servos' 0-4095 "
-                         f"ticks under {cfg.calibration}; check --calibration and --lerobot_use_degrees")
+        raise ValueError(f"{root}/data: episode {episode[bad[0]]} at {time_s[bad[0]]:.2f} s (and "
+                         f"{len(bad) - 1} more frames): observation.state {values[bad[0]].tolist()} is off "
+                         f"the servos' 0-4095 ticks under {cfg.calibration}; check --calibration and "
+                         "--lerobot_use_degrees")
     meta_files = sorted(root.glob("meta/episodes/*/*.parquet")) if cameras and not v2 else []
     where = {row["episode_index"]: row for row in pq.read_table(meta_files).to_pylist()} if meta_files else {}
     example = {"state": np.zeros(6 + EE_DIM, np.float32),
                **{name: np.zeros((cfg.image_size, cfg.image_size, 3), np.uint8) for name in cameras}}
     demos = ReplayBuffer(len(episode) + 1, example, ACT_DIM)   # a slot for every frame: it never wraps
     for index in np.unique(episode).tolist():
-        rows = np.flatnonzero(episode == index)[::round(step)]   # subsampled to control_hz, from the first frame
+        rows = np.flatnonzero(episode == index)[::round(step)]   # at control_hz, from the first frame
         if len(rows) < 2:
             print(f"episode {index}: shorter than a step at --control_hz {cfg.control_hz}, left out")
             continue
-        joints = np.array([ticks_to_joints(t, calibration) for t in ticks[rows]])   # (T + 1, 6): 5 rad + gripper
+        joints = np.array([ticks_to_joints(t, calibration) for t in ticks[rows]])  # (T + 1, 5 rad + gripper)
         frames = {}
-        for name, (_, roi) in cameras.items():   # v2.1: a video per episode; v3.0: meta/episodes says which, from when
+        for name, (_, roi) in cameras.items():   # v2.1: a video per episode; v3.0: meta/episodes locates it
             key, meta = f"observation.images.{name}", where.get(index, {})
-            video = info["video_path"].format(video_key=key, episode_index=index, episode_chunk=index // info.get(
-                "chunks_size", 1000), **{k: meta.get(f"videos/{key}/{k}") for k in ("chunk_index", "file_index")})
+            video = info["video_path"].format(
+                video_key=key, episode_index=index, episode_chunk=index // info.get("chunks_size", 1000),
+                **{k: meta.get(f"videos/{key}/{k}") for k in ("chunk_index", "file_index")})
             times_s = meta.get(f"videos/{key}/from_timestamp", 0.0) + time_s[rows]
             frames[name] = lerobot_frames(root / video, times_s, roi, cfg.image_size, 0.5 / fps)
         add_lerobot_episode(cfg, demos, index, joints, frames)
     if not demos.num_episodes:
-        raise ValueError(f"{root}: no episode is longer than a control step at --control_hz {cfg.control_hz}; "
-                         f"nothing written to {path}")
+        raise ValueError(f"{root}: no episode is longer than a control step at --control_hz "
+                         f"{cfg.control_hz}; nothing written to {path}")
     demos.save(path)
     return demos.num_episodes
 
@@ -559,8 +565,9 @@ def main():
             print(f"{cfg.demos}: {import_lerobot(cfg, words[1], cfg.demos)} episodes")
         else:
             raise SystemExit("usage: python teleop.py record [--demos PATH --demo_episodes N --port PORT] "
-                             "| label [--frames PATH --success_frames N --port PORT] | import-lerobot DATASET_DIR "
-                             "[--demos PATH --calibration FILE --lerobot_use_degrees false] (each episode: a success)")
+                             "| label [--frames PATH --success_frames N --port PORT] "
+                             "| import-lerobot DATASET_DIR [--demos PATH --calibration FILE "
+                             "--lerobot_use_degrees false] (each episode: a success)")
     except (ValueError, OSError, RobotError, EmergencyStop) as error:   # one line a user can act on
         raise SystemExit(f"error: {error}") from None
 
