@@ -786,7 +786,8 @@ class TestLoop:
         before_loop, status = [], hilserl.StatusLine                 # made as the loop starts
         monkeypatch.setattr(hilserl, "StatusLine", lambda: before_loop.append(graphs()) or status())
         small = ["--hidden_dim", "32", "--state_latent_dim", "16", "--batch_size", "16", "--utd_ratio", "2",
-                 "--training_starts", "20", "--demo_episodes", "2", "--episode_steps", "30", "--compile", "true"]
+                 "--training_starts", "20", "--demo_episodes", "2", "--episode_steps", "30", "--compile", "true",
+                 "--expert_holds_on", "false"]                       # the untrained policy times out: 3 episodes
         monkeypatch.setattr("sys.argv", ["hilserl.py", "--demos", str(tmp_path / "demos.npz"), "--run_dir",
                                          str(tmp_path / "run"), "--max_env_steps", "90", *small])
         hilserl.main()
@@ -906,7 +907,8 @@ class TestRunFolder:
     def test_a_resume_refuses_a_folder_with_missing_episode_files_and_a_folder_in_use(self, tmp_path, monkeypatch):
         run = tmp_path / "run"
         small = ["--hidden_dim", "16", "--state_latent_dim", "8", "--batch_size", "16", "--utd_ratio", "1",
-                 "--training_starts", "20", "--demo_episodes", "2", "--episode_steps", "30"]
+                 "--training_starts", "20", "--demo_episodes", "2", "--episode_steps", "30",
+                 "--expert_holds_on", "false"]                        # the untrained policy times out: 3 episodes
         monkeypatch.setattr("sys.argv", ["hilserl.py", "--demos", str(tmp_path / "d.npz"), "--run_dir", str(run),
                                          "--max_env_steps", "90", *small])
         hilserl.main()                                                                # 3 episodes, checkpoint at 3
@@ -2948,9 +2950,9 @@ class TestVirtualArm:
 
         virtual = VirtualArm(Config(serve_http_port=port))
         try:
-            process = start(virtual, "--demos", demos, "--run_dir", str(run))
+            process, deadline = start(virtual, "--demos", demos, "--run_dir", str(run)), time.monotonic() + 600
             while len(re.findall(r"updates/s$", out.read_text(), re.M)) < 2:                # two episodes trained
-                assert process.poll() is None, out.read_text()
+                assert process.poll() is None and time.monotonic() < deadline, out.read_text()
                 time.sleep(0.1)
         finally:
             virtual.close()                                                                 # the cable is pulled
@@ -2964,9 +2966,9 @@ class TestVirtualArm:
         assert torch.load(run / "checkpoint.pt")["progress"]["episode"] == printed
         virtual = VirtualArm(Config(serve_http_port=port))                                  # plugged in again
         try:
-            process = start(virtual, "--resume", str(run))
+            process, deadline = start(virtual, "--resume", str(run)), time.monotonic() + 600
             while "resumed" not in out.read_text():
-                assert process.poll() is None, out.read_text()
+                assert process.poll() is None and time.monotonic() < deadline, out.read_text()
                 time.sleep(0.1)
             process.send_signal(signal.SIGINT)
             process.wait()
