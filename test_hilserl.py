@@ -2970,8 +2970,8 @@ class TestVirtualArm:
             while "resumed" not in out.read_text():
                 assert process.poll() is None and time.monotonic() < deadline, out.read_text()
                 time.sleep(0.1)
-            process.send_signal(signal.SIGINT)
-            process.wait()
+            process.send_signal(signal.SIGTERM)      # not SIGINT: a process started in the background ignores it
+            process.wait(timeout=120)
         finally:
             virtual.close()
         assert f"resumed {run} at episode {printed}," in out.read_text(), out.read_text()
