@@ -2874,7 +2874,7 @@ class TestVirtualArm:
                          "true").wait() == 0 and torque_off(), out.read_text()
             assert np.load(demos)["front"].shape[1:] == (32, 32, 3)                  # the streamed cameras' frames
             assert start("teleop.py", "label", "--frames", str(tmp_path / "frames.npz"), "--success_frames",
-                         "30").wait() == 0 and torque_off(), out.read_text()
+                         "60").wait() == 0 and torque_off(), out.read_text()   # > 50 steps: two episodes at least
             assert start("classifier.py", "--frames", str(tmp_path / "frames.npz"), "--classifier",
                          str(tmp_path / "classifier.pt"), "--classifier_steps", "5", "--classifier_force",
                          "true").wait() == 0, out.read_text()                        # random weights: forced
