@@ -136,8 +136,7 @@ BOXES = {"workspace_m": "x0,x1,y0,y1,z0,z1", "cube_area_m": "x0,x1,y0,y1"}   # e
 ROI = r"\w+=\d+:\d+:[1-9]\d*:[1-9]\d*"   # a regular expression for each format, and how to say it
 FORMATS = {"cameras": (r"\w+=[^,=]+(,\w+=[^,=]+)*", "name=index-or-path, comma separated"),
            "classifier_floor": (r"(0(\.\d+)?|1(\.0*)?),(0(\.\d+)?|1(\.0*)?)", "precision,recall, 0 to 1"),
-           "camera_roi": (rf"({ROI}(,{ROI})*)?",
-                          "name=x:y:w:h in pixels (w and h at least 1), comma separated")}
+           "camera_roi": (rf"({ROI}(,{ROI})*)?", "name=x:y:w:h in pixels (w, h at least 1), comma separated")}
 
 
 def check(cfg):

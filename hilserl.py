@@ -402,8 +402,8 @@ def evaluate(cfg, env, folder, teleop=None):
             writer.close()
         episodes.append((terminated, length))
     success, length = np.mean(episodes, axis=0) if episodes else (0.0, 0.0)
-    print(f"eval {folder}: success {success:.0%} over {len(episodes)} episodes, mean length {length:.1f} "
-          "steps")
+    print(f"eval {folder}: success {success:.0%} over {len(episodes)} episodes, "
+          f"mean length {length:.1f} steps")
     return float(success), float(length)
 
 
