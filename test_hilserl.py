@@ -2681,9 +2681,10 @@ def bad_files(tmp_path_factory):
         np.save(f, np.zeros(3))
     frames = np.zeros((10, 32, 32, 3), np.uint8)
     np.savez(d / "frames.npz", front=frames, wrist=frames, success=np.arange(10) % 2 == 0, episode=np.arange(10))
-    for name, config, checkpoint in (("null_config", {"hidden_dim": None}, None), ("foreign_checkpoint", {}, {})):
+    for name, settings, checkpoint in (("null_config", {"hidden_dim": None}, None),
+                                       ("foreign_checkpoint", {}, {})):
         (d / name).mkdir()
-        (d / name / "config.json").write_text(json.dumps(config))
+        (d / name / "config.json").write_text(json.dumps(settings))
         if checkpoint is not None:
             torch.save(checkpoint, d / name / "checkpoint.pt")
     (d / "run").mkdir()
