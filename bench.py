@@ -40,7 +40,8 @@ class ReferenceLearner:
         self.cfg, self.device = cfg, device
         self.actor = Actor(state_dim, EE_DIM, cfg).to(device)
         self.encoder = Encoder(state_dim, cfg.state_latent_dim).to(device)
-        self.critics = [mlp(self.encoder.out_dim + EE_DIM, cfg.hidden_dim, 1).to(device) for _ in range(cfg.num_critics)]
+        self.critics = [mlp(self.encoder.out_dim + EE_DIM, cfg.hidden_dim, 1).to(device)
+                        for _ in range(cfg.num_critics)]
         self.grasp_critic = GraspCritic(self.encoder.out_dim, cfg.hidden_dim).to(device)
         self.online = torch.nn.ModuleList([self.encoder, *self.critics, self.grasp_critic])
         self.targets = copy.deepcopy(self.online)
@@ -53,7 +54,8 @@ class ReferenceLearner:
         with torch.no_grad():
             next_act, _ = self.actor(b["next_obs"])
             z_next = t_enc(b["next_obs"])
-            q_next = torch.min(torch.stack([c(torch.cat([z_next, next_act], -1)).squeeze(-1) for c in t_critics]), 0).values
+            q_next = torch.min(torch.stack([c(torch.cat([z_next, next_act], -1)).squeeze(-1)
+                                            for c in t_critics]), 0).values
             y = b["rew"] + cfg.discount * (1 - b["terminated"]) * q_next
             best = self.grasp_critic(self.encoder(b["next_obs"])).argmax(-1, keepdim=True)
             q_grasp_next = t_grasp(z_next).gather(-1, best).squeeze(-1)
@@ -134,7 +136,8 @@ def matmul_rate(device, n=256, seconds=0.5):
 
 def timed(fn, device, repeats=5):
     """Mean seconds per call of fn, from and to an idle device."""
-    sync = {"cuda": torch.cuda.synchronize, "mps": torch.mps.synchronize}.get(device.type, lambda: None)   # SYNC POINT
+    # SYNC POINT
+    sync = {"cuda": torch.cuda.synchronize, "mps": torch.mps.synchronize}.get(device.type, lambda: None)
     sync()
     start = time.perf_counter()
     for _ in range(repeats):
@@ -158,10 +161,12 @@ def setup(cfg, example, slots, rng, device):
     copies = hilserl.SHIFTED_COPIES if cfg.augment else 1
     features = [FrameFeatures(b, agent.backbone, device, copies) if agent.backbone else None
                 for b in (demo, online)]
-    pool = {k: rng.integers(0, 256, (16, *v.shape), dtype=np.uint8) for k, v in example.items() if v.dtype == np.uint8}
+    pool = {k: rng.integers(0, 256, (16, *v.shape), dtype=np.uint8)
+            for k, v in example.items() if v.dtype == np.uint8}
     for buf in (demo, online):
         for t in range(slots // 2):
-            obs, next_obs = ({k: pool[k][(t + i) % 16] if k in pool else rng.standard_normal(v.shape).astype(np.float32)
+            obs, next_obs = ({k: pool[k][(t + i) % 16] if k in pool
+                                 else rng.standard_normal(v.shape).astype(np.float32)
                               for k, v in example.items()} for i in (0, 1))
             act = np.append(rng.uniform(-1, 1, EE_DIM), rng.integers(-1, 2)).astype(np.float32)
             buf.add(obs, act, rng.normal(), next_obs, t % 100 == 99, False, False)
@@ -179,7 +184,8 @@ def bench_update(cfg, device, rounds=5):
     example = {"state": np.zeros(STATE_DIM, np.float32)}
     agent, optimizers, demo, online, _, batches = setup(cfg, example, 20_000, rng, device)
     reference = ReferenceLearner(STATE_DIM, cfg, device)
-    spine, ref = lambda: hilserl.learn(agent, optimizers, cfg, batches()), lambda: reference.learn(demo, online, rng)
+    spine, ref = (lambda: hilserl.learn(agent, optimizers, cfg, batches()),
+                  lambda: reference.learn(demo, online, rng))
     with torch.utils.flop_counter.FlopCounterMode(display=False) as counter:   # the matmuls learn runs
         spine()   # (a test checks them against the layers' sizes)
     flops = counter.get_total_flops()
@@ -195,7 +201,8 @@ def bench_update(cfg, device, rounds=5):
 
     def median_round(fn):   # (share of the floor, matmul rate, seconds, reference seconds, all shares)
         runs = [(matmul_rate(device), timed(fn, device), timed(ref, device)) for _ in range(rounds)]
-        rows = sorted((flops / rate / seconds, rate, seconds, ref_seconds) for rate, seconds, ref_seconds in runs)
+        rows = sorted((flops / rate / seconds, rate, seconds, ref_seconds)
+                      for rate, seconds, ref_seconds in runs)
         return (*rows[rounds // 2], [row[0] for row in rows])
 
     spine(), ref()
@@ -240,7 +247,8 @@ def bench_images(cfg, device, slots=2_000):
 def bench_bus(cfg, n=2000):
     """One SYNC_READ of six positions plus one SYNC_WRITE against the emulator, beside their wire time."""
     bus = FeetechBus(ServoEmulator(), cfg.baudrate)
-    round_trip = lambda: bus.sync_write("Goal_Position", dict(zip(IDS, bus.sync_read("Present_Position", IDS))))
+    round_trip = lambda: bus.sync_write("Goal_Position",
+                                        dict(zip(IDS, bus.sync_read("Present_Position", IDS))))
     driver_ms = timed(round_trip, torch.device("cpu"), repeats=n) * 1e3
     wire_bytes = (6 + 2 + 6) + 6 * (6 + 2) + (6 + 2 + 6 * 3)  # request, six replies, SYNC_WRITE
     print(f"bus: SYNC_READ x6 + SYNC_WRITE: driver + emulator {driver_ms:.3f} ms; wire time of the "
@@ -253,7 +261,8 @@ def bench_soak(cfg, n=10_000):
     from sim import VirtualArm
     arm = VirtualArm(dataclasses.replace(cfg, serve_fault_rate=cfg.serve_fault_rate or 0.05))
     bus = FeetechBus(serial.Serial(arm.port, cfg.baudrate), cfg.baudrate, cfg.read_retries, cfg.bus_latency_s)
-    known = {"Model_Number": 777, "Max_Position_Limit": 4095, "Protection_Current": 500, "Max_Torque_Limit": 1000}
+    known = {"Model_Number": 777, "Max_Position_Limit": 4095, "Protection_Current": 500,
+             "Max_Torque_Limit": 1000}
     wrong, errors, rng, start = 0, 0, np.random.default_rng(0), time.perf_counter()
     for _ in range(n):   # factory values, two bytes each: a late reply mistaken for another's shows as wrong
         servo_id, name = int(rng.integers(1, 7)), str(rng.choice(list(known)))
@@ -298,22 +307,26 @@ def bench_loop(cfg, rounds=3):
     teleop.record_demos(cfg, cfg.demos, cfg.demo_episodes)
     with teleop.make_env(cfg, cfg.seed) as env:
         obs = env.reset(seed=cfg.seed)
-        run, expert, status = hilserl.start_run(cfg, obs, folder), teleop.make_teleop(cfg, env), teleop.StatusLine()
+        run, expert, status = (hilserl.start_run(cfg, obs, folder), teleop.make_teleop(cfg, env),
+                               teleop.StatusLine())
         figures = {False: [], True: []}   # filmed -> [(act + robot ms, update ms, diagnostics ms) per step]
         for filmed in [False] + [False, True] * rounds:
             obs = env.reset()
             expert.reset()
-            video = diagnostics.episode_video(folder / "video.webm", env, obs, cfg.control_hz) if filmed else (None, None)
+            video = (diagnostics.episode_video(folder / "video.webm", env, obs, cfg.control_hz)
+                     if filmed else (None, None))
             row, _, episode = hilserl.run_episode(run, env, expert, obs, status, *video)
             begin = time.perf_counter()   # what run_episode spent on the diagnostics, once more
             diagnostics.episode_diagnostics(episode, episode.arrays["act"][:len(episode)],
                                             diagnostics.episode_q(run.agent, episode), cfg.discount)
             figures[filmed].append((row["time/act_ms"] + row["time/robot_ms"], row["time/update_ms"],
                                     1e3 * (time.perf_counter() - begin) / row["length"]))
-    (plain, plain_update, diag), (film, film_update, _) = (np.median(figures[f][-rounds:], axis=0) for f in (False, True))
+    (plain, plain_update, diag), (film, film_update, _) = (np.median(figures[f][-rounds:], axis=0)
+                                                           for f in (False, True))
     print(f"loop (sim, state, utd_ratio {cfg.utd_ratio}, {cfg.episode_steps}-step episodes; median of "
           f"{rounds} rounds, side by side):")
-    print(f"  act + robot per step   {plain:6.2f} ms unfilmed, {film:6.2f} ms filmed ({film - plain:+.2f} ms)")
+    print(f"  act + robot per step   {plain:6.2f} ms unfilmed, {film:6.2f} ms filmed "
+          f"({film - plain:+.2f} ms)")
     print(f"  diagnostics per step   {diag:6.3f} ms (once an episode, spread over its steps)")
     print(f"  updates per step       {plain_update:6.1f} ms unfilmed, {film_update:6.1f} ms filmed "
           "(the encoder thread shares the CPU)")
@@ -325,7 +338,8 @@ if __name__ == "__main__":
     cfg, words = load_config()
     sections = words or ["update", "images", "bus", "sim"]
     if set(sections) - {"update", "images", "bus", "sim", "soak", "loop"}:
-        raise SystemExit("usage: python bench.py [update] [images] [bus] [sim] [soak] [loop]   [--field value ...]")
+        raise SystemExit("usage: python bench.py [update] [images] [bus] [sim] [soak] [loop]   "
+                         "[--field value ...]")
     device = pick_device(cfg)
     torch.manual_seed(cfg.seed)
     for section in sections:

@@ -40,7 +40,8 @@ class RewardClassifier(nn.Module):
     def success(self, obs):
         """The env's success signal from one observation's frames: sigmoid(logit) > threshold (hil-serl)."""
         device = self.net[0].weight.device
-        features = {name: self.backbone(torch.as_tensor(obs[name], device=device)[None]) for name in self.heads}
+        features = {name: self.backbone(torch.as_tensor(obs[name], device=device)[None])
+                    for name in self.heads}
         return bool(torch.sigmoid(self(features)) > self.threshold)   # SYNC POINT: the env needs a bool
 
 
@@ -70,7 +71,8 @@ def classifier_data(path):
 
 def backbone_features(backbone, frames, device, chunk=256):
     """The frozen backbone once per frame, in chunks: (N, H, W, 3) uint8 -> (N, 512, h, w) on device."""
-    return torch.cat([backbone(torch.from_numpy(frames[i:i + chunk]).to(device)) for i in range(0, len(frames), chunk)])
+    return torch.cat([backbone(torch.from_numpy(frames[i:i + chunk]).to(device))
+                      for i in range(0, len(frames), chunk)])
 
 
 def fit_classifier(classifier, features, labels, train_idx, steps, rng, batch_size=256):
@@ -83,7 +85,8 @@ def fit_classifier(classifier, features, labels, train_idx, steps, rng, batch_si
     y = torch.cat([torch.ones(half), torch.zeros(half)]).to(next(iter(features.values())).device)
     for _ in range(steps):
         idx = np.concatenate([rng.choice(positives, half), rng.choice(negatives, half)])
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(classifier({k: f[idx] for k, f in features.items()}), y)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(
+            classifier({k: f[idx] for k, f in features.items()}), y)
         adam.zero_grad(set_to_none=True)
         loss.backward()
         adam.step()
@@ -110,7 +113,8 @@ def train_classifier(cfg):
     load_resnet10(classifier.backbone, resnet10_weights(cfg))
     features = {k: backbone_features(classifier.backbone, f, device) for k, f in frames.items()}
     train_idx, test_idx = np.flatnonzero(~held_out), np.flatnonzero(held_out)
-    fit_classifier(classifier, features, labels, train_idx, cfg.classifier_steps, np.random.default_rng(cfg.seed))
+    fit_classifier(classifier, features, labels, train_idx, cfg.classifier_steps,
+                   np.random.default_rng(cfg.seed))
     hits, called, actual = precision_recall(classifier, features, labels, test_idx)
     precision, recall = hits / max(called, 1), hits / max(actual, 1)
     held_out = (f"held out {len(test_idx)} frames of {len(labels)}: precision {precision:.0%} ({hits} of "
@@ -122,7 +126,8 @@ def train_classifier(cfg):
         raise ValueError(f"below --classifier_floor {cfg.classifier_floor} (precision,recall), so not saved: "
                          "it would decide rewards wrongly; label more frames, or pass --classifier_force "
                          "true")
-    torch.save({"image_shapes": shapes, "hidden_dim": cfg.hidden_dim, "image_latent_dim": cfg.image_latent_dim,
+    torch.save({"image_shapes": shapes, "hidden_dim": cfg.hidden_dim,
+                "image_latent_dim": cfg.image_latent_dim,
                 "held_out": held_out, "classifier": classifier.state_dict()}, cfg.classifier + ".tmp")
     os.replace(cfg.classifier + ".tmp", cfg.classifier)   # atomically
     print(f"wrote {cfg.classifier}; use it with --classifier {cfg.classifier} --use_images true")
@@ -138,7 +143,8 @@ def load_classifier(cfg, device):
         classifier = RewardClassifier(saved["image_shapes"], dataclasses.replace(cfg, **sizes)).to(device)
         classifier.load_state_dict(saved["classifier"])
     except (OSError, EOFError, RuntimeError, KeyError, TypeError, pickle.UnpicklingError):
-        raise ValueError(f"--classifier {cfg.classifier}: not a classifier that python classifier.py wrote") from None
+        raise ValueError(f"--classifier {cfg.classifier}: "
+                         "not a classifier that python classifier.py wrote") from None
     cameras = {item.split("=")[0]: (cfg.image_size, cfg.image_size, 3) for item in cfg.cameras.split(",")}
     if any(cameras.get(name) != tuple(shape) for name, shape in saved["image_shapes"].items()):
         raise ValueError(f"--classifier {cfg.classifier}: trained on frames {saved['image_shapes']}, these "
@@ -150,7 +156,8 @@ def load_classifier(cfg, device):
 if __name__ == "__main__":
     cfg, words = load_config()
     if words:
-        raise SystemExit("usage: python classifier.py --frames data/frames.npz --classifier data/classifier.pt")
+        raise SystemExit("usage: python classifier.py --frames data/frames.npz "
+                         "--classifier data/classifier.pt")
     try:
         train_classifier(cfg)
     except ValueError as error:   # a file that is not what it should be, or weights that do not fit

@@ -109,7 +109,8 @@ def episode_video(path, env, obs, fps):
         return video, lambda o: [o[k] for k in cameras]
     if hasattr(env.world, "model"):
         size = env.world.model.vis.global_.offwidth
-        return EpisodeVideo(path, fps, SimRender(env.world), size, 2 * size), lambda o: env.world.data.qpos.copy()
+        return (EpisodeVideo(path, fps, SimRender(env.world), size, 2 * size),
+                lambda o: env.world.data.qpos.copy())
     return None, None
 
 
@@ -189,9 +190,11 @@ def finite_mean(values):
 
 
 # --- curves -------------------------------------------------------------------------------------
-PANELS = [("success", "success rate"), ("intervention_rate", "intervention rate"), ("return", "episode return"),
+PANELS = [("success", "success rate"), ("intervention_rate", "intervention rate"),
+          ("return", "episode return"),
           ("length", "episode length"), (("q/online", "q/demo"), "Q: online (-), demo (--) batches"),
-          (("q/episode", "return/mc"), "Q(s,a) (-) vs discounted return (--)"), ("entropy", "actor entropy (target: black)"),
+          (("q/episode", "return/mc"), "Q(s,a) (-) vs discounted return (--)"),
+          ("entropy", "actor entropy (target: black)"),
           ("alpha", "temperature alpha"), ("action/saturated", "share of actions at the +-1 bound"),
           ("gripper/flips", "gripper flips per episode"),
           (("intervention/count", "intervention/mean_length"), "interventions: count (-), mean length (--)"),
@@ -210,7 +213,8 @@ def write_log(path, rows):
 def plot_command(spec, entropy_target):
     """hilserl.py --plot RUN_A,RUN_B,out.png: the runs' curves side by side in out.png."""
     *folders, out_path = spec.split(",")
-    if not folders or not out_path.endswith(".png") or not all(os.path.exists(f"{f}/log.csv") for f in folders):
+    if (not folders or not out_path.endswith(".png")
+            or not all(os.path.exists(f"{f}/log.csv") for f in folders)):
         raise ValueError(f"--plot {spec}: takes run folders with a log.csv, then the PNG to write: "
                          "runs/A,runs/B,out.png")
     plot_runs(folders, out_path, entropy_target)
@@ -237,7 +241,8 @@ def plot_runs(folders, out_path, entropy_target=None):
             for key, style in zip((keys,) if isinstance(keys, str) else keys, ("-", "--")):
                 values = [float(r.get(key) or "nan") for r in rows]
                 smooth = [finite_mean(values[max(0, i - RECENT + 1):i + 1]) for i in range(len(values))]
-                ax.plot(steps, smooth, style, color=f"C{colour}", label=pathlib.Path(folder).name if style == "-" else None)
+                ax.plot(steps, smooth, style, color=f"C{colour}",
+                        label=pathlib.Path(folder).name if style == "-" else None)
             ax.set(title=title, xlabel="environment steps")
     if entropy_target is not None:
         axes.flat[6].axhline(entropy_target, color="black", linewidth=1)

@@ -145,7 +145,8 @@ class Learner:
             keep_freed_memory()
             swap_tanh(agent)
         self.adams = {name: AdamState(o, agent) for name, o in optimizers.items()}
-        self.critic_losses, self.actor_losses = Losses(agent, hilserl.critic_losses), Losses(agent, hilserl.actor_losses)
+        self.critic_losses, self.actor_losses = (Losses(agent, hilserl.critic_losses),
+                                                 Losses(agent, hilserl.actor_losses))
         state = [*agent.state_dict().values(), *(t for a in self.adams.values() for t in a.m + a.v + a.steps)]
         before = [t.clone() for t in state]   # compiling runs real updates; the agent starts untouched
         print("compiling the update (about 30 s)...")
@@ -160,7 +161,8 @@ class Learner:
         return compiled_critic_step(self.critic_losses, self.adams["critic"], batch, next_act, discount, tau)
 
     def actor_update(self, agent, actor_optimizer, temperature_optimizer, obs, entropy_target):
-        return compiled_actor_step(self.actor_losses, self.adams["actor"], self.adams["temperature"], obs, entropy_target)
+        return compiled_actor_step(self.actor_losses, self.adams["actor"], self.adams["temperature"],
+                                   obs, entropy_target)
 
     def learn(self, batches):
         return hilserl.learn(self.agent, self.optimizers, self.cfg, batches, self.critic_update,

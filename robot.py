@@ -145,7 +145,8 @@ REGISTERS = {
     "Health": (60, 4, None),   # ours: Present_Load, Present_Voltage and Present_Temperature in one read
 }
 # Bits of a status packet's error byte (and of the Status register), as Feetech names them.
-ERROR_BITS = {0x01: "input voltage", 0x02: "angle sensor", 0x04: "overheat", 0x08: "over-current", 0x20: "overload"}
+ERROR_BITS = {0x01: "input voltage", 0x02: "angle sensor", 0x04: "overheat", 0x08: "over-current",
+              0x20: "overload"}
 
 
 def checksum(body):
@@ -190,7 +191,8 @@ def error_names(err):
 # --- The emulator: what a chain of STS3215s does with the bytes we send -------------------------
 FACTORY_TABLE = {  # power-on values (ST3215 sheet, firmware 3.10)
     "Firmware_Major_Version": 3, "Firmware_Minor_Version": 10, "Model_Number": STS3215_MODEL,
-    "Response_Status_Level": 1, "Max_Position_Limit": 4095, "Max_Temperature_Limit": 70, "Max_Voltage_Limit": 80,
+    "Response_Status_Level": 1, "Max_Position_Limit": 4095, "Max_Temperature_Limit": 70,
+    "Max_Voltage_Limit": 80,
     "Min_Voltage_Limit": 40, "Max_Torque_Limit": 1000, "Phase": 12, "P_Coefficient": 32, "D_Coefficient": 32,
     "Protection_Current": 500, "Overload_Torque": 80, "Torque_Limit": 1000, "Present_Position": 2048,
     "Goal_Position": 2048, "Present_Voltage": 74, "Present_Temperature": 25,
@@ -275,7 +277,8 @@ class ServoEmulator:
         # Present_Position = encoder - Homing_Offset (mod 4096): a new offset shifts the reading.
         shift = self.get(servo_id, "Homing_Offset") - offset_before
         self.set(servo_id, "Present_Position", (self.get(servo_id, "Present_Position") - shift) % 4096)
-        if self.get(servo_id, "Torque_Enable") and address <= REGISTERS["Goal_Position"][0] < address + len(data):
+        if (self.get(servo_id, "Torque_Enable")
+                and address <= REGISTERS["Goal_Position"][0] < address + len(data)):
             low, high = self.get(servo_id, "Min_Position_Limit"), self.get(servo_id, "Max_Position_Limit")
             goal = self.get(servo_id, "Goal_Position")
             self.set(servo_id, "Present_Position", goal if low == high == 0 else min(max(goal, low), high))
@@ -339,7 +342,8 @@ class FeetechBus:
     def sync_write(self, name, values):
         """One broadcast packet setting `name` on several servos ({id: value}); servos do not reply."""
         address, size, _ = REGISTERS[name]
-        params = bytes([address, size]) + b"".join(bytes([i]) + register_bytes(name, v) for i, v in values.items())
+        params = bytes([address, size]) + b"".join(bytes([i]) + register_bytes(name, v)
+                                                   for i, v in values.items())
         self._port(self.port.write, packet(BROADCAST_ID, SYNC_WRITE, params))
 
     def _port(self, call, *args):
@@ -352,7 +356,8 @@ class FeetechBus:
                            "check its USB cable and the arm's power") from None
 
     def _transact(self, request, ids, size, what):
-        timeout_s = (len(request) + len(ids) * (6 + size)) * 10 / self.baudrate + self.latency_s  # 10 bits a byte
+        # a byte is 10 bits on the wire: start, 8 data, stop
+        timeout_s = (len(request) + len(ids) * (6 + size)) * 10 / self.baudrate + self.latency_s
         for _ in range(1 + self.retries):
             self._port(self.port.reset_input_buffer)  # a late reply to an earlier try must not pass for this
             self._rx.clear()
@@ -442,7 +447,8 @@ def load_calibration(path):
     """A calibration JSON (ours or LeRobot's) -> {joint: JointCalibration}, checked joint by joint; a problem
     is one line naming the file and the joint (SystemExit: the arm cannot be driven without it)."""
     def bad(problem):
-        return SystemExit(f"error: calibration {path}: {problem} - recalibrate with python robot.py --port PORT calibrate")
+        return SystemExit(f"error: calibration {path}: {problem} - "
+                          "recalibrate with python robot.py --port PORT calibrate")
     try:
         with open(path) as f:
             data = json.load(f)
@@ -451,7 +457,8 @@ def load_calibration(path):
     calibration = {}
     for name, servo_id in zip(JOINTS, IDS):
         try:
-            c = calibration[name] = JointCalibration(**{k: int(data[name][k]) for k in JointCalibration.__annotations__})
+            c = calibration[name] = JointCalibration(**{k: int(data[name][k])
+                                                        for k in JointCalibration.__annotations__})
         except (KeyError, TypeError, ValueError, OverflowError) as error:   # missing, null or not a number
             raise bad(f"joint {name!r}: field {error} missing or not a number") from None
         if c.id != servo_id or not 0 <= c.range_min < c.range_max <= 4095 or abs(c.homing_offset) > 2047:
@@ -501,7 +508,8 @@ class SO101:
                 self.bus.ping(servo_id)
                 model = self.bus.read(servo_id, "Model_Number")
                 if model != STS3215_MODEL:
-                    problems.append(f"{name} (id {servo_id}) is model {model}, not an STS3215 ({STS3215_MODEL})")
+                    problems.append(f"{name} (id {servo_id}) is model {model}, "
+                                    f"not an STS3215 ({STS3215_MODEL})")
             except BusError:
                 problems.append(f"{name} (id {servo_id}) does not answer")
         if problems:
@@ -532,7 +540,8 @@ class SO101:
         if on:
             # SAFETY: goal := present position (held in the calibrated range) first, so torque never jumps.
             ticks = self.read_ticks()
-            self.bus.sync_write("Goal_Position", dict(zip(IDS, self.within_range(ticks) if self.calibration else ticks)))
+            self.bus.sync_write("Goal_Position",
+                                dict(zip(IDS, self.within_range(ticks) if self.calibration else ticks)))
         self.bus.sync_write("Torque_Enable", {servo_id: int(on) for servo_id in IDS})
 
     def read_ticks(self):
@@ -552,8 +561,10 @@ class SO101:
     def write_joints(self, joints):
         """Send goals (5 rad + gripper opening) in one SYNC_WRITE, after the safety clips."""
         if not np.isfinite(joints).all():   # SAFETY: NaN would become a goal at one end of a joint's range
-            raise RobotError(f"goal {np.round(joints, 3).tolist()} is not finite: nothing sent, torque goes off")
-        self.bus.sync_write("Goal_Position", dict(zip(IDS, self.safe_goal(joints_to_ticks(joints, self.calibration)))))
+            raise RobotError(f"goal {np.round(joints, 3).tolist()} is not finite: "
+                             "nothing sent, torque goes off")
+        self.bus.sync_write("Goal_Position",
+                            dict(zip(IDS, self.safe_goal(joints_to_ticks(joints, self.calibration)))))
 
     def safe_goal(self, ticks):
         # SAFETY: an arm joint moves at most max_step_rad per step from where it was last read. The
@@ -630,7 +641,8 @@ class Camera:
             time.sleep(0.005)
         height, width = self._frame.shape[:2]
         if roi and (roi[0] + roi[2] > width or roi[1] + roi[3] > height):
-            raise RobotError(f"--camera_roi {name}={':'.join(map(str, roi))} reaches outside its {width}x{height} frames")
+            raise RobotError(f"--camera_roi {name}={':'.join(map(str, roi))} "
+                             f"reaches outside its {width}x{height} frames")
 
     def _grab(self):
         while self._running:
@@ -789,7 +801,8 @@ class SO101Env:
 
     def _observe(self):
         ee = forward_kinematics(self.joints[:5])[0]
-        obs = {"state": np.concatenate([self.joints, ee - self.ee_start, self.world.extra_state()]).astype(np.float32)}
+        obs = {"state": np.concatenate([self.joints, ee - self.ee_start,
+                                        self.world.extra_state()]).astype(np.float32)}
         if self.cfg.use_images:
             obs.update({name: camera.read() for name, camera in self.cameras.items()})
         return obs
@@ -885,7 +898,8 @@ def check(arm, ask=input, distance_m=0.03, torque_limit=500, step_rad=0.03, shor
             short = np.abs(goal - move_to(arm, goal))[:5]
             problems += [f"{JOINTS[j]} stopped {np.degrees(short[j]):.0f} deg short of its goal: its range "
                          "or offset looks wrong, or it is blocked" for j in np.flatnonzero(short > short_rad)]
-            if not ask(f"did the gripper move {distance_m * 100:.0f} cm {way}? [y/n] ").strip().lower().startswith("y"):
+            if not (ask(f"did the gripper move {distance_m * 100:.0f} cm {way}? [y/n] ")
+                    .strip().lower().startswith("y")):
                 turned = [JOINTS[j] for j in np.argsort(-np.abs(goal - home)[:5])[:2]]
                 problems.append(f"+{'xyz'[axis]} went the wrong way: check the offset (the centred pose) and "
                                 f"the direction of {turned[0]} and {turned[1]}, the joints it turned most")
@@ -893,7 +907,8 @@ def check(arm, ask=input, distance_m=0.03, torque_limit=500, step_rad=0.03, shor
         for opening, word in ((0.0, "close"), (1.0, "open")):
             move_to(arm, np.append(home[:5], opening))
             if not ask(f"did the gripper {word}? [y/n] ").strip().lower().startswith("y"):
-                problems.append(f"gripper: did not {word}; check its range (range_min is closed, range_max open)")
+                problems.append(f"gripper: did not {word}; check its range "
+                                "(range_min is closed, range_max open)")
     finally:
         arm.torque(False)
         for servo_id, value in zip(IDS, strength):
@@ -944,7 +959,8 @@ def main():
             with SO101(bus, load_calibration(cfg.calibration)) as arm:
                 arm.connect()
                 arm.configure()
-                input("the arm moves to its home pose at half torque, then 3 cm each way: clear the area, press ENTER ")
+                input("the arm moves to its home pose at half torque, then 3 cm each way: "
+                      "clear the area, press ENTER ")
                 problems = check(arm)
         except (RobotError, EOFError) as error:
             raise SystemExit(f"error: check stopped: {error or 'no answer at the prompt'}") from None

@@ -68,7 +68,8 @@ def _link_geoms(i):
                 f'pos="{top[0]:.4g} 0 {top[2] / 2:.4g}"/>']
     if name == "gripper":  # fixed jaw: a finger to the tool point, a pad with its inner face there
         return ['<geom class="link" type="box" size="0.022 0.028 0.02" pos="0 0 -0.02"/>',
-                f'<geom class="link" type="capsule" size="0.007" fromto="0 0 -0.02 {_v(tool + [-0.008, 0, 0.008])}"/>',
+                f'<geom class="link" type="capsule" size="0.007" '
+                f'fromto="0 0 -0.02 {_v(tool + [-0.008, 0, 0.008])}"/>',
                 f'<geom name="fixed_pad" class="pad" type="box" size="{_v(PAD_HALF_M)}" '
                 f'pos="{_v(tool + [-PAD_HALF_M[0], 0, PAD_HALF_M[2] - 0.002])}"/>',
                 f'<site name="tool" pos="{_v(tool)}" quat="{_v(TOOL_QUAT)}"/>',
@@ -93,12 +94,14 @@ def scene_xml(cfg):
                f'<inertial pos="0 0 0" mass="{mass}" diaginertia="5e-5 5e-5 5e-5"/>'
                + "".join(_link_geoms(i)) + arm + "</body>")
     servos = "".join(f'<position name="{joint}" joint="{joint}" kp="{SERVO_KP}" ctrlrange="{r[0]} {r[1]}" '
-                     f'forcerange="{-STALL_TORQUE_NM} {STALL_TORQUE_NM}"/>' for (*_, joint, r) in SO101_CHAIN if joint)
+                     f'forcerange="{-STALL_TORQUE_NM} {STALL_TORQUE_NM}"/>'
+                     for (*_, joint, r) in SO101_CHAIN if joint)
     half = cfg.cube_size_m / 2
     return f"""<mujoco model="so101_cube">
   <compiler angle="radian"/>
   <!-- Grasping is reliable only with noslip, an elliptic cone and implicitfast (measured). -->
-  <option timestep="{cfg.sim_timestep_s}" integrator="implicitfast" cone="elliptic" impratio="10" noslip_iterations="5"/>
+  <option timestep="{cfg.sim_timestep_s}" integrator="implicitfast" cone="elliptic" impratio="10"
+          noslip_iterations="5"/>
   <!-- No shadows, no multisampling: default rendering is several times slower on a software renderer. -->
   <visual><global offwidth="{cfg.image_size}" offheight="{cfg.image_size}"/>
           <quality shadowsize="0" offsamples="0"/></visual>
@@ -135,7 +138,8 @@ class SimWorld:
     def __init__(self, cfg, model, emulator, seed=None, assembly_ticks=(0,) * 6):
         """assembly_ticks: where each servo's encoder sat when the arm was built, against the joint's
         zero (by servo); the sim's own arm has none, a virtual arm as it arrives has some."""
-        self.cfg, self.model, self.emulator, self.assembly_ticks = cfg, model, emulator, np.asarray(assembly_ticks)
+        self.cfg, self.model, self.emulator, self.assembly_ticks = (cfg, model, emulator,
+                                                                    np.asarray(assembly_ticks))
         self.data = mujoco.MjData(model)
         self.substeps = round(1.0 / (cfg.control_hz * model.opt.timestep))  # 50 x 2 ms at 10 Hz
         self.servo_ids = [JOINTS.index(model.actuator(i).name) + 1 for i in range(model.nu)]
@@ -154,7 +158,8 @@ class SimWorld:
             get = lambda name: self.emulator.get(servo_id, name)  # noqa: E731
             low, high = get("Min_Position_Limit"), get("Max_Position_Limit")
             goal = get("Goal_Position") if low == high == 0 else np.clip(get("Goal_Position"), low, high)
-            self.data.ctrl[i] = (goal + get("Homing_Offset") - self.assembly_ticks[servo_id - 1] - 2048) / TICKS_PER_RAD
+            self.data.ctrl[i] = ((goal + get("Homing_Offset") - self.assembly_ticks[servo_id - 1] - 2048)
+                                 / TICKS_PER_RAD)
             # Torque off makes the joint limp; Torque_Limit (0.1 %) scales the servo's stall torque.
             torque_nm = STALL_TORQUE_NM * get("Torque_Limit") / 1000 * (get("Torque_Enable") > 0)
             self.model.actuator_forcerange[i] = (-torque_nm, torque_nm)
@@ -172,7 +177,8 @@ class SimWorld:
             limit = max(self.model.actuator_forcerange[i, 1], 1e-9)
             encoder = round(2048 + joint_q[i] * TICKS_PER_RAD) + self.assembly_ticks[servo_id - 1]
             self.emulator.set(servo_id, "Present_Position", (encoder - offset) % 4096)
-            self.emulator.set(servo_id, "Present_Velocity", int(np.clip(joint_qd[i] * TICKS_PER_RAD, -32767, 32767)))
+            self.emulator.set(servo_id, "Present_Velocity",
+                              int(np.clip(joint_qd[i] * TICKS_PER_RAD, -32767, 32767)))
             self.emulator.set(servo_id, "Present_Load", int(round(np.clip(force / limit, -1, 1) * 1000)))
             self.emulator.set(servo_id, "Moving", int(abs(joint_qd[i]) * TICKS_PER_RAD > 20))
             # Voltage and temperature stay at the emulator's 7.4 V / 25 C: the sim has no battery or heat.
@@ -331,7 +337,8 @@ class ScriptedExpert:
         n = self.cfg.expert_patience
         if self.in_control and phase > self.takeover_phase and not self.cfg.expert_holds_on:
             self.history, self.in_control = [distance], False
-        elif not self.in_control and len(self.history) > n and distance > self.history[-1 - n] - self.PROGRESS_M:
+        elif (not self.in_control and len(self.history) > n
+              and distance > self.history[-1 - n] - self.PROGRESS_M):
             self.in_control, self.takeover_phase = True, phase
         return self.in_control
 
@@ -453,7 +460,8 @@ class VirtualArm:
                     self.end_headers()
                     return self.wfile.write(json.dumps({"act": act.tolist(), "held": sorted(held)}).encode())
                 if path not in arm.frames:
-                    return self.send_error(404, "/front, /wrist, /hand?pose=centre|sweep|free or /operator?state=..")
+                    return self.send_error(404, "/front, /wrist, /hand?pose=centre|sweep|free "
+                                                "or /operator?state=..")
                 self.send_response(200)
                 self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
                 self.end_headers()

@@ -26,8 +26,9 @@ import pygame
 
 from buffer import ReplayBuffer, read_npz, save_npz, writable
 from config import load_config
-from robot import (ACT_DIM, EE_DIM, IDS, JOINTS, SO101, FeetechBus, RealWorld, RobotError, SO101Env, forward_kinematics,
-                   load_calibration, make_cameras, open_bus, parse_cameras, process_frame, ticks_to_joints)
+from robot import (ACT_DIM, EE_DIM, IDS, JOINTS, SO101, FeetechBus, RealWorld, RobotError, SO101Env,
+                   forward_kinematics, load_calibration, make_cameras, open_bus, parse_cameras, process_frame,
+                   ticks_to_joints)
 
 EVENTS = ("success", "failure", "rerecord", "estop", "quit")   # pressed once, acted on once
 
@@ -53,7 +54,8 @@ def gamepad_layout(pad_name, layout="auto", remap=""):
     for item in filter(None, remap.split(",")):
         name, _, number = item.partition("=")
         if name.strip() not in controls or not number.strip().isdigit():
-            raise ValueError(f"--gamepad_map {item!r}: expected name=number with name one of {', '.join(controls)}")
+            raise ValueError(f"--gamepad_map {item!r}: expected name=number "
+                             f"with name one of {', '.join(controls)}")
         controls[name.strip()] = int(number)
     return controls
 
@@ -73,7 +75,8 @@ def has_display():
     """True where a window can open: Windows, macOS, or X11/Wayland with a display set."""
     if os.environ.get("SDL_VIDEODRIVER") in ("dummy", "offscreen"):
         return False
-    return sys.platform in ("win32", "darwin") or bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+    return (sys.platform in ("win32", "darwin")
+            or bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")))
 
 
 def start_pygame():
@@ -134,7 +137,8 @@ class VirtualOperator:
         self.reset_pending = True
 
     def read(self, obs):
-        query = "state=" + ",".join(f"{v:.6f}" for v in obs["state"]) + ("&reset=1" if self.reset_pending else "")
+        query = ("state=" + ",".join(f"{v:.6f}" for v in obs["state"])
+                 + ("&reset=1" if self.reset_pending else ""))
         self.reset_pending = False
         with urllib.request.urlopen(f"{self.url}?{query}") as reply:
             answer = json.loads(reply.read())
@@ -279,7 +283,8 @@ def make_teleop(cfg, env):
     elif choice == "leader" and has_display():
         device = Keys()
     else:
-        raise ValueError("no gamepad found: plug one in (a leader arm without one needs a display for its keys)")
+        raise ValueError("no gamepad found: plug one in "
+                         "(a leader arm without one needs a display for its keys)")
     leader = LeaderArm(cfg) if choice == "leader" else None
     return Teleop(device, leader, torque_off=env.arm.close, period_s=1.0 / cfg.control_hz)
 
@@ -373,7 +378,8 @@ def label_frames(cfg, path, success_frames):
         if os.path.exists(path):
             saved = read_npz(path)
             if sorted(saved) != sorted(recorded) or any(saved[k].shape[1:] != obs[k].shape for k in cameras):
-                raise ValueError(f"{path}: frames of other cameras or another size; label into another --frames file")
+                raise ValueError(f"{path}: frames of other cameras or another size; "
+                                 "label into another --frames file")
             recorded = {k: [v] for k, v in saved.items()}
         positives = int(recorded["success"][0].sum()) if recorded["success"] else 0
         episode = int(recorded["episode"][0].max()) + 1 if recorded["episode"] else 0
@@ -419,8 +425,10 @@ def lerobot_to_ticks(values, calibration, use_degrees):
     """LeRobot's so101_follower joint values (N, 6) -> servo ticks (N, 6), undoing its MotorsBus._normalize:
     arm joints in degrees, (ticks - (min + max) / 2) * 360 / 4095, or without use_degrees -100 at range_min to
     +100 at range_max; the gripper 0 to 100 over its range (drive_mode, a mirror, is 0 for SO-101s)."""
-    low, high = np.array([[calibration[name].range_min, calibration[name].range_max] for name in JOINTS], float).T
-    ticks = (low + high) / 2 + values * 4095 / 360 if use_degrees else low + (values + 100) / 200 * (high - low)
+    low, high = np.array([[calibration[name].range_min, calibration[name].range_max]
+                          for name in JOINTS], float).T
+    ticks = ((low + high) / 2 + values * 4095 / 360 if use_degrees
+             else low + (values + 100) / 200 * (high - low))
     ticks[:, 5] = low[5] + values[:, 5] / 100 * (high[5] - low[5])
     return ticks
 
@@ -437,7 +445,8 @@ def lerobot_frames(video, times_s, roi, size, tolerance_s):
                 frames.append(process_frame(frame.to_ndarray(format="bgr24"), roi, size))
                 if len(frames) == len(times_s):
                     return np.stack(frames)
-    raise ValueError(f"{video}: ends before {times_s[len(frames)]:.3f} s, a frame the dataset needs; it is incomplete")
+    raise ValueError(f"{video}: ends before {times_s[len(frames)]:.3f} s, "
+                     "a frame the dataset needs; it is incomplete")
 
 
 def add_lerobot_episode(cfg, demos, index, joints, frames):
@@ -468,7 +477,8 @@ def import_lerobot(cfg, folder, path):
         importlib.import_module("av")   # only to check it is there: lerobot_frames decodes with it (AV1 too)
         import pyarrow.parquet as pq
     except ImportError:
-        raise ValueError("import-lerobot needs pyarrow and av: pip install -r requirements-lerobot.txt") from None
+        raise ValueError("import-lerobot needs pyarrow and av: "
+                         "pip install -r requirements-lerobot.txt") from None
     root, info_path = pathlib.Path(folder), pathlib.Path(folder, "meta", "info.json")
     try:
         info = json.loads(info_path.read_text())
